@@ -1,0 +1,13 @@
+"""lightning-bif: Bayesian influence functions logged during PyTorch Lightning training."""
+
+from .config import SGLDConfig
+from .estimator import BIFResult, Diagnostics, estimate_bif
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BIFResult",
+    "Diagnostics",
+    "SGLDConfig",
+    "estimate_bif",
+]

@@ -1,0 +1,156 @@
+"""Streaming per-chain moments of the tracked losses, and the BIF statistics computed from them.
+
+Memory is fixed by the shapes, not by the number of draws: per chain, sums of the shifted
+losses, their squares and the probe × train cross products (float64). Losses are shifted by
+their value at w* before accumulating, which keeps the sums of products well conditioned even
+when the posterior spread of a loss is tiny compared to the loss itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_SUMS = ("count", "sum_train", "sum_probe", "sumsq_train", "sumsq_probe", "cross")
+
+
+@dataclass
+class BIFStatistics:
+    """What the accumulated moments say, for the healthy (non-diverged) chains.
+
+    Attributes:
+        influence: ``-Cov(φ_j, ℓ_i)`` over all pooled draws, ``[P, N]``.
+        correlation: The Pearson correlation of the same pair, ``[P, N]``.
+        stderr: Standard error of ``influence`` from the spread of per-chain estimates, ``[P, N]``.
+        split_half: Correlation between the influence matrices of two disjoint halves of the chains.
+        mean_shift_train: Posterior mean of ``ℓ_i(w) - ℓ_i(w*)``, ``[N]``.
+        healthy: Which chains entered the statistics, ``[C]``.
+    """
+
+    influence: torch.Tensor
+    correlation: torch.Tensor
+    stderr: torch.Tensor
+    split_half: float
+    mean_shift_train: torch.Tensor
+    healthy: torch.Tensor
+
+
+class CovarianceAccumulator:
+    """Per-chain sums of tracked losses over SGLD draws.
+
+    Args:
+        chains: Total number of chains C (a chain's row stays zero until it is added to).
+        train_center: Train losses at w*, ``[N]``; the shift applied before accumulating.
+        probe_center: Probe observables at w*, ``[P]``.
+        draws: Draws per chain D, for the per-draw traces.
+    """
+
+    def __init__(self, chains: int, train_center: torch.Tensor, probe_center: torch.Tensor, draws: int) -> None:
+        device = train_center.device
+        f64 = torch.float64
+        n, p = train_center.numel(), probe_center.numel()
+        self.train_center = train_center.to(f64)
+        self.probe_center = probe_center.to(f64)
+        self.count = torch.zeros(chains, dtype=f64, device=device)
+        self.sum_train = torch.zeros(chains, n, dtype=f64, device=device)
+        self.sum_probe = torch.zeros(chains, p, dtype=f64, device=device)
+        self.sumsq_train = torch.zeros(chains, n, dtype=f64, device=device)
+        self.sumsq_probe = torch.zeros(chains, p, dtype=f64, device=device)
+        self.cross = torch.zeros(chains, p, n, dtype=f64, device=device)
+        self.draw_loss = torch.zeros(chains, draws, dtype=f64, device=device)
+        self.sampling_loss = torch.zeros(chains, draws, dtype=f64, device=device)
+
+    def add(
+        self,
+        chains: torch.Tensor,
+        index: int,
+        train: torch.Tensor,
+        probe: torch.Tensor,
+        sampling_loss: torch.Tensor,
+    ) -> None:
+        """Add one draw of the chains ``chains [G]``: train losses ``[G, N]``, probes ``[G, P]``."""
+        t = train.to(torch.float64) - self.train_center
+        q = probe.to(torch.float64) - self.probe_center
+        self.count.index_add_(0, chains, torch.ones_like(chains, dtype=torch.float64))
+        self.sum_train.index_add_(0, chains, t)
+        self.sum_probe.index_add_(0, chains, q)
+        self.sumsq_train.index_add_(0, chains, t.square())
+        self.sumsq_probe.index_add_(0, chains, q.square())
+        self.cross.index_add_(0, chains, q.unsqueeze(2) * t.unsqueeze(1))
+        self.draw_loss[chains, index] = train.to(torch.float64).mean(dim=1)
+        self.sampling_loss[chains, index] = sampling_loss.to(torch.float64)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The accumulated state; chains are disjoint across ranks, so summing these merges runs."""
+        return [getattr(self, name) for name in _SUMS] + [self.draw_loss, self.sampling_loss]
+
+    def healthy_chains(self) -> torch.Tensor:
+        """Chains with at least two draws and only finite values, ``[C]`` bool."""
+        finite = torch.ones_like(self.count, dtype=torch.bool)
+        for tensor in self.tensors():
+            finite &= torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+        return finite & (self.count >= 2)
+
+    def _pooled(self, chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Covariance ``[P, N]``, variances and train mean shift of the draws pooled over ``chains``."""
+        n = self.count[chains].sum()
+        mean_t = self.sum_train[chains].sum(0) / n
+        mean_q = self.sum_probe[chains].sum(0) / n
+        cov = (self.cross[chains].sum(0) - n * mean_q[:, None] * mean_t[None, :]) / (n - 1)
+        var_t = (self.sumsq_train[chains].sum(0) - n * mean_t.square()) / (n - 1)
+        var_q = (self.sumsq_probe[chains].sum(0) - n * mean_q.square()) / (n - 1)
+        return cov, var_t.clamp_min(0), var_q.clamp_min(0), mean_t
+
+    def statistics(self) -> BIFStatistics:
+        """BIF, correlation, standard errors and split-half reliability over the healthy chains."""
+        healthy = self.healthy_chains()
+        ids = healthy.nonzero().flatten()
+        p, n = self.cross.shape[1:]
+        nan = torch.full((p, n), math.nan, dtype=torch.float64, device=self.count.device)
+        if ids.numel() == 0:
+            return BIFStatistics(nan, nan.clone(), nan.clone(), math.nan, nan[0].clone(), healthy)
+        cov, var_t, var_q, mean_t = self._pooled(ids)
+        scale = (var_q[:, None] * var_t[None, :]).sqrt()
+        correlation = torch.where(scale > 0, cov / scale.clamp_min(1e-300), torch.zeros_like(cov))
+        if ids.numel() >= 2:
+            per_chain = torch.stack([self._pooled(c.view(1))[0] for c in ids])
+            stderr = per_chain.std(dim=0, unbiased=True) / math.sqrt(ids.numel())
+            half_a, half_b = self._pooled(ids[0::2])[0], self._pooled(ids[1::2])[0]
+            split_half = _pearson(half_a.flatten(), half_b.flatten())
+        else:
+            stderr, split_half = nan, math.nan
+        return BIFStatistics(-cov, correlation, stderr, split_half, mean_t, healthy)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = (a.square().sum() * b.square().sum()).sqrt()
+    return float((a * b).sum() / denom) if denom > 0 else math.nan
+
+
+def effective_sample_size(trace: torch.Tensor) -> float:
+    """Effective number of independent draws in ``trace [C, D]`` (chains × draws).
+
+    The autocorrelation is averaged over chains and summed with Geyer's initial positive
+    sequence; ESS = C·D / τ. Returns NaN for fewer than 4 draws or a constant trace.
+    """
+    trace = trace[torch.isfinite(trace).all(dim=1)].to(torch.float64)
+    chains, draws = trace.shape
+    if chains == 0 or draws < 4:
+        return math.nan
+    centred = trace - trace.mean(dim=1, keepdim=True)
+    spectrum = torch.fft.rfft(centred, n=2 * draws, dim=1)
+    autocov = torch.fft.irfft(spectrum * spectrum.conj(), dim=1)[:, :draws] / draws
+    if float(autocov[:, 0].mean()) <= 0:
+        return math.nan
+    rho = (autocov / autocov[:, :1].clamp_min(1e-300)).mean(dim=0)
+    tau = -1.0
+    for lag in range(0, draws - 1, 2):
+        pair = float(rho[lag] + rho[lag + 1])
+        if pair <= 0:
+            break
+        tau += 2 * pair
+    return chains * draws / max(tau, 1e-12)

@@ -1,0 +1,131 @@
+"""Configuration of one BIF estimate: the SGLD sampler and the evaluation of tracked losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Preconditioner = Literal["none", "rmsprop"]
+
+
+@dataclass(frozen=True)
+class SGLDConfig:
+    """Hyperparameters of the localized SGLD chains behind a BIF estimate.
+
+    The chains sample the localized, tempered posterior
+
+        p(w) ∝ exp(-nβ·L(w) - nβ·λ/2·||w||² - γ/2·||w - w*||²)
+
+    from the current weights w*, with the update
+
+        w ← w - ε/2 · G ⊙ [nβ·∇L_batch(w) + nβ·λ·w + γ·(w - w*)] + √(ε·G) ⊙ N(0, I)
+
+    where G is 1 without a preconditioner and a frozen diagonal estimated in burn-in with one.
+
+    Args:
+        chains: Number of independent chains C. Two or more give per-entry standard errors.
+        draws: Draws D kept per chain after burn-in.
+        burn_in: SGLD steps discarded at the start of every chain.
+        thin: SGLD steps between two kept draws.
+        step_size: The SGLD step size ε.
+        nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
+            examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
+        localization: Strength γ of the pull towards w*.
+        weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
+            trained with so that w* is a stationary point of the posterior and chains do not drift.
+        preconditioner: ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
+            estimated from the mean squared drift over burn-in and then frozen.
+        batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch).
+        eval_batch_size: Batch size of the per-draw evaluation of tracked losses.
+        seed: Seed of the sampler's own random generators; chain c always gets the same stream.
+        sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay
+            frozen at w*. ``None`` samples every parameter that requires grad.
+        vectorize: Run chains together with ``torch.func.vmap`` (``True``), one after another
+            (``False``), or vectorized with a fallback to sequential when vmap fails (``"auto"``).
+        chains_per_batch: Largest number of chains vectorized at once (bounds memory); ``None``
+            vectorizes all chains together.
+    """
+
+    chains: int = 4
+    draws: int = 200
+    burn_in: int = 100
+    thin: int = 1
+    step_size: float = 1e-4
+    nbeta: float | None = None
+    localization: float = 100.0
+    weight_decay: float = 0.0
+    preconditioner: Preconditioner = "none"
+    batch_size: int | None = 64
+    eval_batch_size: int = 1024
+    seed: int = 0
+    sample_params: tuple[str, ...] | None = None
+    vectorize: bool | Literal["auto"] = "auto"
+    chains_per_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sample_params, (list, str)):
+            patterns = (self.sample_params,) if isinstance(self.sample_params, str) else self.sample_params
+            object.__setattr__(self, "sample_params", tuple(patterns))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is out of range."""
+        positive_ints = {"chains": self.chains, "draws": self.draws, "thin": self.thin,
+                         "eval_batch_size": self.eval_batch_size}
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SGLDConfig.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.burn_in, int) or self.burn_in < 0:
+            raise ValueError(f"SGLDConfig.burn_in must be an integer >= 0, got {self.burn_in!r}.")
+        if not self.step_size > 0:
+            raise ValueError(f"SGLDConfig.step_size must be > 0, got {self.step_size!r}.")
+        if self.nbeta is not None and not self.nbeta > 0:
+            raise ValueError(f"SGLDConfig.nbeta must be > 0 or None, got {self.nbeta!r}.")
+        if self.localization < 0 or self.weight_decay < 0:
+            raise ValueError("SGLDConfig.localization and SGLDConfig.weight_decay must be >= 0.")
+        if self.preconditioner not in ("none", "rmsprop"):
+            raise ValueError(
+                f"SGLDConfig.preconditioner must be 'none' or 'rmsprop', got {self.preconditioner!r}."
+            )
+        if self.preconditioner == "rmsprop" and self.burn_in < 1:
+            raise ValueError("SGLDConfig.preconditioner='rmsprop' is estimated during burn-in: set burn_in >= 1.")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"SGLDConfig.batch_size must be a positive integer or None, got {self.batch_size!r}.")
+        if self.vectorize not in (True, False, "auto"):
+            raise ValueError(f"SGLDConfig.vectorize must be True, False or 'auto', got {self.vectorize!r}.")
+        if self.chains_per_batch is not None and self.chains_per_batch < 1:
+            raise ValueError(f"SGLDConfig.chains_per_batch must be >= 1 or None, got {self.chains_per_batch!r}.")
+
+    def replace(self, **changes: Any) -> SGLDConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-compatible values."""
+        values = dataclasses.asdict(self)
+        if values["sample_params"] is not None:
+            values["sample_params"] = list(values["sample_params"])
+        return values
+
+    def to_json(self) -> str:
+        """The config serialized as JSON (stored next to the results it produced)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SGLDConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"Unknown SGLDConfig fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        values = dict(values)
+        if values.get("sample_params") is not None:
+            values["sample_params"] = tuple(values["sample_params"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> SGLDConfig:
+        """Rebuild a config from :meth:`to_json` output."""
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,109 @@
+"""Uniform access to the example sets a BIF estimate reads: tracked train, probes, SGLD data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+from torch.utils._pytree import tree_map
+
+Batch = Any
+ExampleSource = Dataset | DataLoader | Sequence[torch.Tensor]
+
+
+def move_to(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a (nested) batch to ``device``."""
+    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def _tensor_view(source: Any) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+    """The backing tensors (and index map) of a tensor-backed source, or None for other datasets."""
+    if isinstance(source, TensorDataset):
+        return list(source.tensors), None
+    if isinstance(source, Subset):
+        inner = _tensor_view(source.dataset)
+        if inner is None:
+            return None
+        tensors, index = inner
+        subset_index = torch.as_tensor(list(source.indices), dtype=torch.long)
+        return tensors, subset_index if index is None else index[subset_index]
+    return None
+
+
+class ExampleSet:
+    """A fixed, indexable set of examples that yields collated batches on a device.
+
+    Accepts a map-style ``Dataset`` (``TensorDataset`` and ``Subset`` of one take a fast path
+    that gathers rows directly), a ``DataLoader`` over one (its ``collate_fn`` is used), or a
+    tuple/list of tensors sharing their first dimension. Batches look like what a
+    ``DataLoader`` with the default collate function would yield: a list of tensors for
+    tensor sources.
+
+    Args:
+        source: The examples.
+        name: What the set is called in error messages (``"train"``, ``"probes"``, ``"data"``).
+    """
+
+    def __init__(self, source: ExampleSource, name: str) -> None:
+        self.name = name
+        self._collate: Callable[[list[Any]], Batch] = default_collate
+        self._tensors: list[torch.Tensor] | None = None
+        self._index: torch.Tensor | None = None
+        if isinstance(source, DataLoader):
+            self._collate = source.collate_fn or default_collate
+            source = source.dataset
+        if isinstance(source, (tuple, list)):
+            source = self._tensor_tuple(source, name)
+        if isinstance(source, IterableDataset):
+            raise TypeError(
+                f"{name}: an IterableDataset cannot be indexed; pass a map-style Dataset "
+                "(one with __len__ and __getitem__) or a tuple of tensors."
+            )
+        if not isinstance(source, Dataset) or not hasattr(source, "__len__"):
+            raise TypeError(
+                f"{name} must be a map-style torch Dataset, a DataLoader over one, or a tuple of "
+                f"tensors; got {type(source).__name__}."
+            )
+        self.dataset = source
+        view = _tensor_view(source)
+        if view is not None:
+            self._tensors, self._index = view
+        self._length = len(source)
+        if self._length == 0:
+            raise ValueError(f"{name} is empty: pass at least one example.")
+
+    @staticmethod
+    def _tensor_tuple(tensors: Sequence[Any], name: str) -> TensorDataset:
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError(f"{name}: a tuple/list source must hold tensors only (e.g. (inputs, targets)).")
+        lengths = {t.shape[0] if t.ndim else None for t in tensors}
+        if len(lengths) != 1 or None in lengths:
+            raise ValueError(
+                f"{name}: the tensors must share their first (example) dimension; got shapes "
+                f"{[tuple(t.shape) for t in tensors]}."
+            )
+        return TensorDataset(*tensors)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def ids(self) -> torch.Tensor:
+        """Dataset indices of the examples (positions in the underlying dataset for a ``Subset``)."""
+        if isinstance(self.dataset, Subset):
+            return torch.as_tensor(list(self.dataset.indices), dtype=torch.long)
+        return torch.arange(self._length)
+
+    def gather(self, index: torch.Tensor, device: torch.device) -> Batch:
+        """The batch of the examples at positions ``index`` (a CPU long tensor), on ``device``."""
+        if self._tensors is not None:
+            rows = index if self._index is None else self._index[index]
+            return [t[rows.to(t.device)].to(device, non_blocking=True) for t in self._tensors]
+        return move_to(self._collate([self.dataset[int(i)] for i in index]), device)
+
+    def batches(self, batch_size: int, device: torch.device) -> list[tuple[int, Batch]]:
+        """All examples in order, as ``(size, batch)`` pairs of at most ``batch_size`` examples."""
+        order = torch.arange(self._length)
+        return [(len(chunk), self.gather(chunk, device)) for chunk in order.split(batch_size)]

@@ -1,0 +1,294 @@
+"""``estimate_bif``: the local Bayesian influence of training examples on probes, at given weights."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .accumulator import CovarianceAccumulator, effective_sample_size
+from .config import SGLDConfig
+from .data import Batch, ExampleSet, ExampleSource
+from .functional import FunctionalModel, LossFn, preserved_state
+from .sampler import ProgressFn, SGLDSampler
+
+
+@dataclass
+class Diagnostics:
+    """How the sampling went.
+
+    Attributes:
+        sampling_loss: Mean SGLD minibatch loss per chain and draw, ``[C, D]``.
+        draw_loss: Mean loss of the tracked training examples per chain and draw, ``[C, D]``.
+        diverged: Chains that produced non-finite values and were left out, ``[C]``.
+        loss_rise: Mean over draws and tracked examples of ``ℓ_i(w) - ℓ_i(w*)``: how far the
+            chains climbed above w* (large values mean drift or too large a step size).
+        split_half: Correlation between the BIF of two disjoint halves of the chains (NaN with
+            fewer than two healthy chains); low values mean the estimate is mostly noise.
+        ess: Effective sample size of ``draw_loss`` over all chains.
+        vectorized: Whether chains ran batched with ``vmap``.
+        nbeta: The nβ actually used.
+        duration_s: Wall time of the estimate.
+    """
+
+    sampling_loss: torch.Tensor
+    draw_loss: torch.Tensor
+    diverged: torch.Tensor
+    loss_rise: float
+    split_half: float
+    ess: float
+    vectorized: bool
+    nbeta: float
+    duration_s: float
+
+    @property
+    def any_diverged(self) -> bool:
+        """Whether at least one chain diverged."""
+        return bool(self.diverged.any())
+
+
+@dataclass
+class BIFResult:
+    """A BIF snapshot. Every matrix is ``[probe, train]``.
+
+    Sign convention: ``influence = -Cov(ℓ_train, φ_probe)``; negative means up-weighting the
+    training example lowers the probe's loss (helpful), positive means harmful.
+
+    Attributes:
+        influence: The BIF, ``[P, N]``.
+        correlation: The posterior correlation of the same pair, ``[P, N]``.
+        stderr: Standard error of each ``influence`` entry from per-chain estimates, ``[P, N]``.
+        train_loss: Losses of the tracked training examples at w*, ``[N]``.
+        probe_loss: Probe observables at w*, ``[P]``.
+        diagnostics: Sampler diagnostics.
+        config: The configuration that produced this result.
+    """
+
+    influence: torch.Tensor
+    correlation: torch.Tensor
+    stderr: torch.Tensor
+    train_loss: torch.Tensor
+    probe_loss: torch.Tensor
+    diagnostics: Diagnostics
+    config: SGLDConfig
+
+    @property
+    def ok(self) -> bool:
+        """True when no chain diverged and the influence is finite."""
+        return not self.diagnostics.any_diverged and bool(torch.isfinite(self.influence).all())
+
+
+class BIFEstimator:
+    """The steps of one estimate, for callers that run chains in parts (DDP ranks).
+
+    ``estimate_bif`` is ``prepare`` → ``sample(all chains)`` → ``summarize``. A DDP caller runs
+    ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
+    ranks, and calls ``summarize`` on the merged result.
+
+    Args: as :func:`estimate_bif`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train: ExampleSource,
+        probes: ExampleSource,
+        *,
+        probe_fn: LossFn | None = None,
+        data: ExampleSource | None = None,
+        config: SGLDConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B]; got {loss_fn!r}.")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.probe_fn = probe_fn or loss_fn
+        self.config = config or SGLDConfig()
+        self.train = ExampleSet(train, "train")
+        self.probes = ExampleSet(probes, "probes")
+        self.data = self.train if data is None else ExampleSet(data, "data")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError("The model has no parameters: there is nothing to sample.")
+        self.device = torch.device(device) if device is not None else first.device
+        self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
+
+    def evaluate(
+        self, fmodel: FunctionalModel, params: torch.Tensor, vectorized: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train losses ``[G, N]`` and probe observables ``[G, P]`` at parameter vectors ``[G, D]``."""
+        buffers = self._buffers
+        outputs = []
+        for batches, fn, what in ((self._train_batches, self.loss_fn, "loss_fn"),
+                                  (self._probe_batches, self.probe_fn, "probe_fn")):
+            outputs.append(torch.cat([
+                fmodel.batched_losses(params, batch, size, fn, buffers, what, vectorized)
+                for size, batch in batches
+            ], dim=1))
+        return outputs[0], outputs[1]
+
+    def prepare(self) -> None:
+        """Build the functional model and evaluation batches; compute and check the losses at w*."""
+        cfg = self.config
+        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device)
+        self._buffers = self.fmodel.fresh_buffers()
+        self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
+        self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
+        train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
+        self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
+        _check_finite(self.train_loss0, "loss_fn", "training example")
+        _check_finite(self.probe_loss0, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
+        self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
+        self.vectorized = self._choose_vectorized()
+
+    def _choose_vectorized(self) -> bool:
+        """Resolve ``config.vectorize``; "auto" tries vmap once and falls back on failure."""
+        if self.config.vectorize != "auto":
+            return bool(self.config.vectorize)
+        probe = self.fmodel.center.expand(2, -1)
+        try:
+            batch, shared = self.sampler.example_minibatch(groups=2)
+            self.fmodel.batched_grads(probe, batch, self.sampler.minibatch, self.loss_fn, self._buffers,
+                                      vectorized=True, shared_batch=shared)
+            size, first = self._train_batches[0]
+            self.fmodel.batched_losses(probe, first, size, self.loss_fn, self._buffers, "loss_fn", True)
+        except Exception as error:  # noqa: BLE001 - any vmap failure means: run chains one by one
+            warnings.warn(
+                f"Chains run one after another because torch.func.vmap failed on this model/loss "
+                f"({type(error).__name__}: {error}). Set SGLDConfig(vectorize=False) to silence this.",
+                stacklevel=3,
+            )
+            return False
+        return True
+
+    def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
+        """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
+        cfg = self.config
+        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws)
+        size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
+        chains = list(chains)
+        total = len(chains) * self.sampler.steps_per_chain
+        for start in range(0, len(chains), size):
+            group = chains[start:start + size]
+            done_before = start * self.sampler.steps_per_chain
+            step_progress = None if progress is None else (
+                lambda done, _, base=done_before, g=len(group): progress(base + done * g, total)
+            )
+            for draw in self.sampler.run(group, self.vectorized, step_progress):
+                train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
+                accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss)
+        return accumulator
+
+    def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
+        """Turn (merged) accumulated draws into a :class:`BIFResult`."""
+        stats = accumulator.statistics()
+        healthy = stats.healthy
+        rise = float(stats.mean_shift_train.mean()) if healthy.any() else math.nan
+        diagnostics = Diagnostics(
+            sampling_loss=accumulator.sampling_loss.float().cpu(),
+            draw_loss=accumulator.draw_loss.float().cpu(),
+            diverged=(~healthy).cpu(),
+            loss_rise=rise,
+            split_half=stats.split_half,
+            ess=effective_sample_size(accumulator.draw_loss[healthy]),
+            vectorized=self.vectorized,
+            nbeta=self.nbeta,
+            duration_s=duration_s,
+        )
+        return BIFResult(
+            influence=stats.influence.float().cpu(),
+            correlation=stats.correlation.float().cpu(),
+            stderr=stats.stderr.float().cpu(),
+            train_loss=self.train_loss0.float().cpu(),
+            probe_loss=self.probe_loss0.float().cpu(),
+            diagnostics=diagnostics,
+            config=self.config,
+        )
+
+    def run(
+        self, chains: Sequence[int] | None = None, progress: ProgressFn | None = None,
+        merge: Callable[[CovarianceAccumulator], None] | None = None,
+    ) -> BIFResult:
+        """Prepare, sample ``chains`` (default: all), optionally ``merge`` across ranks, summarize.
+
+        The model's mode and the global RNG are restored afterwards.
+        """
+        start = time.perf_counter()
+        with preserved_state(self.model, [self.device]):
+            self.prepare()
+            accumulator = self.sample(range(self.config.chains) if chains is None else chains, progress)
+            if merge is not None:
+                merge(accumulator)
+            return self.summarize(accumulator, time.perf_counter() - start)
+
+
+def _check_finite(losses: torch.Tensor, fn_name: str, what: str) -> None:
+    bad = (~torch.isfinite(losses)).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(
+            f"{fn_name} gives non-finite values at the current weights for {bad.numel()} {what}(s) "
+            f"(positions {bad[:10].tolist()}); the BIF needs finite losses. Check the inputs and the model."
+        )
+
+
+def estimate_bif(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    train: ExampleSource,
+    probes: ExampleSource,
+    *,
+    probe_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+    data: ExampleSource | None = None,
+    config: SGLDConfig | None = None,
+    device: torch.device | str | None = None,
+    progress: ProgressFn | None = None,
+) -> BIFResult:
+    """Estimate the local Bayesian influence of each training example on each probe.
+
+    Runs ``config.chains`` localized SGLD chains from the model's current weights w* and
+    returns ``BIF(z_i → φ_j) = -Cov(ℓ_i(w), φ_j(w))`` over the draws, with correlations,
+    per-entry standard errors and sampler diagnostics. The model is left exactly as it was
+    (parameters, gradients, buffers, train/eval mode) and the global RNG is not advanced.
+
+    Args:
+        model: Any ``nn.Module`` at the weights to explain.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``: per-example losses (``[B, T]``
+            per-token losses are averaged over T). Drives SGLD and gives ℓ_i.
+        train: The training examples whose influence is measured (``Dataset``, ``Subset``,
+            ``DataLoader`` or tuple of tensors); N examples.
+        probes: The probe examples (same kinds); P examples.
+        probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j;
+            defaults to ``loss_fn``.
+        data: Where SGLD minibatches come from; defaults to ``train``.
+        config: Sampler settings; defaults to ``SGLDConfig()``.
+        device: Where to compute; defaults to the device of the model's parameters.
+        progress: Called as ``progress(done_steps, total_steps)`` during sampling.
+
+    Returns:
+        A :class:`BIFResult` with ``[P, N]`` matrices.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_bif import SGLDConfig, estimate_bif
+        >>> x, y = torch.randn(64, 3), torch.randn(64)
+        >>> model = nn.Linear(3, 1)
+        >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).square()
+        >>> result = estimate_bif(model, mse, (x, y), (x[:4], y[:4]),
+        ...                       config=SGLDConfig(chains=2, draws=20, burn_in=10))
+        >>> result.influence.shape
+        torch.Size([4, 64])
+
+    References:
+        Kreer et al. 2025, "Bayesian Influence Functions for Hessian-Free Data Attribution".
+    """
+    estimator = BIFEstimator(model, loss_fn, train, probes, probe_fn=probe_fn, data=data, config=config,
+                             device=device)
+    return estimator.run(progress=progress)

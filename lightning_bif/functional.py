@@ -1,0 +1,178 @@
+"""A functional view of a model: sampled parameters as one flat vector per chain, losses as pure functions.
+
+Nothing here writes to the user's module: parameters and buffers are passed to
+``torch.func.functional_call`` as separate tensors (buffers as private copies, so even a
+forward that updates a buffer in place leaves the model's own buffers alone).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .data import Batch
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+class _LossCall(nn.Module):
+    """Wraps ``fn(model, batch)`` as a module so ``functional_call`` can swap the model's tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.fn: LossFn | None = None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        assert self.fn is not None
+        return self.fn(self.model, batch)
+
+
+def check_losses(losses: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """Validate a loss function's output for a batch and reduce it to one loss per example.
+
+    Extra trailing dimensions (per-token losses ``[B, T]``) are averaged per example.
+    """
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"{what} must return a Tensor of per-example losses, got {type(losses).__name__}.")
+    if losses.ndim == 0:
+        raise ValueError(
+            f"{what} returned a scalar, but one loss per example is needed: a Tensor of shape "
+            f"[{batch_size}] for this batch. Compute the loss with reduction='none'."
+        )
+    if losses.shape[0] != batch_size:
+        raise ValueError(
+            f"{what} returned shape {tuple(losses.shape)} for a batch of {batch_size} examples; "
+            f"expected [{batch_size}] (or [{batch_size}, T] for per-token losses)."
+        )
+    return losses.reshape(batch_size, -1).mean(dim=1) if losses.ndim > 1 else losses
+
+
+def select_parameters(model: nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
+    """Names of the parameters to sample: those that require grad and match a pattern."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if patterns is not None:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+        if not names:
+            available = [n for n, _ in model.named_parameters()]
+            raise ValueError(
+                f"sample_params={list(patterns)} matches no trainable parameter; parameter names are "
+                f"{available[:20]}{' ...' if len(available) > 20 else ''}."
+            )
+    if not names:
+        raise ValueError("The model has no parameter that requires grad: there is nothing to sample.")
+    return names
+
+
+class FunctionalModel:
+    """The model seen as ``loss(flat_params, batch)``, with the sampled parameters flattened.
+
+    Args:
+        model: The module; never modified.
+        sample_params: Glob patterns of the parameters to sample (``None``: all trainable).
+        device: Where the flat parameters, frozen tensors and buffers live.
+    """
+
+    def __init__(self, model: nn.Module, sample_params: tuple[str, ...] | None, device: torch.device) -> None:
+        self._call = _LossCall(model)
+        self.device = device
+        self.names = select_parameters(model, sample_params)
+        params = dict(model.named_parameters())
+        sampled = [params[n].detach() for n in self.names]
+        self.shapes = [p.shape for p in sampled]
+        self.numels = [p.numel() for p in sampled]
+        dtypes = {p.dtype for p in sampled}
+        if len(dtypes) != 1:
+            raise ValueError(f"Sampled parameters must share one dtype; got {sorted(map(str, dtypes))}.")
+        self.center = torch.cat([p.reshape(-1) for p in sampled]).to(device=device, copy=True)
+        chosen = set(self.names)
+        self._frozen = {f"model.{n}": p.detach().to(device) for n, p in params.items() if n not in chosen}
+        self._buffer_source = {f"model.{n}": b for n, b in model.named_buffers()}
+
+    @property
+    def dim(self) -> int:
+        """Number of sampled scalars D."""
+        return self.center.numel()
+
+    def _tensors(self, flat: torch.Tensor, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        pieces = torch.split(flat, self.numels)
+        sampled = {f"model.{n}": x.view(s) for n, x, s in zip(self.names, pieces, self.shapes, strict=True)}
+        return {**self._frozen, **buffers, **sampled}
+
+    def fresh_buffers(self) -> dict[str, torch.Tensor]:
+        """Private copies of the model's buffers, on the working device."""
+        return {n: b.detach().to(self.device, copy=True) for n, b in self._buffer_source.items()}
+
+    def losses(
+        self, flat: torch.Tensor, batch: Batch, size: int, fn: LossFn, buffers: dict[str, torch.Tensor], what: str
+    ) -> torch.Tensor:
+        """Per-example losses ``[size]`` of ``batch`` at the sampled parameters ``flat [D]``."""
+        self._call.fn = fn
+        out = functional_call(self._call, self._tensors(flat, buffers), (batch,))
+        return check_losses(out, size, what)
+
+    def batched_losses(
+        self,
+        flat: torch.Tensor,
+        batch: Batch,
+        size: int,
+        fn: LossFn,
+        buffers: dict[str, torch.Tensor],
+        what: str,
+        vectorized: bool,
+    ) -> torch.Tensor:
+        """Per-example losses ``[G, size]`` for a group of parameter vectors ``flat [G, D]``, no grad."""
+        with torch.no_grad():
+            if vectorized:
+                return vmap(lambda f: self.losses(f, batch, size, fn, buffers, what))(flat)
+            return torch.stack([self.losses(f, batch, size, fn, buffers, what) for f in flat])
+
+    def batched_grads(
+        self,
+        flat: torch.Tensor,
+        batches: Batch,
+        size: int,
+        fn: LossFn,
+        buffers: dict[str, torch.Tensor],
+        vectorized: bool,
+        shared_batch: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients ``[G, D]`` and values ``[G]`` of the mean loss, one minibatch per chain.
+
+        ``batches`` is one batch for all chains when ``shared_batch``; otherwise it is stacked
+        along a leading chain axis when ``vectorized`` and a list of per-chain batches if not.
+        """
+
+        def mean_loss(f: torch.Tensor, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+            value = self.losses(f, b, size, fn, buffers, "loss_fn").mean()
+            return value, value.detach()
+
+        grad_fn = grad(mean_loss, has_aux=True)
+        if vectorized:
+            return vmap(grad_fn, in_dims=(0, None if shared_batch else 0))(flat, batches)
+        per_chain = [batches] * flat.shape[0] if shared_batch else batches
+        results = [grad_fn(f, b) for f, b in zip(flat, per_chain, strict=True)]
+        return torch.stack([g for g, _ in results]), torch.stack([v for _, v in results])
+
+
+@contextmanager
+def preserved_state(model: nn.Module, devices: list[torch.device]) -> Iterator[None]:
+    """Put ``model`` in eval mode and fork the global RNGs; restore both on exit.
+
+    Every submodule's own ``training`` flag is restored, so mixed train/eval models come back
+    exactly as they were.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = [d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            model.eval()
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training

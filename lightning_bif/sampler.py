@@ -1,0 +1,164 @@
+"""Localized SGLD chains from the current weights, batched over chains, with their own RNG.
+
+The sampler knows nothing of Lightning or of what is evaluated at a draw: it yields the
+parameter vectors of the kept draws and leaves their use to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_map
+
+from .config import SGLDConfig
+from .data import Batch, ExampleSet
+from .functional import FunctionalModel, LossFn
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Draw:
+    """One kept draw of a group of chains.
+
+    Attributes:
+        chains: Indices of the chains in this group, ``[G]``.
+        params: Their flat sampled parameters, ``[G, D]``.
+        sampling_loss: Mean SGLD minibatch loss over the steps since the previous draw, ``[G]``.
+        index: Position of the draw within each chain, ``0 .. draws - 1``.
+    """
+
+    chains: torch.Tensor
+    params: torch.Tensor
+    sampling_loss: torch.Tensor
+    index: int
+
+
+def chain_seed(seed: int, chain: int) -> int:
+    """Seed of chain ``chain``'s generators: fixed per (seed, chain), independent of grouping."""
+    return (seed * 1_000_003 + chain * 7_919 + 17) % (2**63 - 1)
+
+
+class _ChainRandomness:
+    """Per-chain generators: minibatch indices on the CPU, Gaussian noise on the device."""
+
+    def __init__(self, chains: list[int], seed: int, device: torch.device) -> None:
+        self.index_gens = [torch.Generator().manual_seed(chain_seed(seed, c)) for c in chains]
+        self.noise_gens = [torch.Generator(device=device).manual_seed(chain_seed(seed, c) + 1) for c in chains]
+        self.device = device
+
+    def indices(self, n: int, m: int) -> torch.Tensor:
+        return torch.cat([torch.randint(n, (m,), generator=g) for g in self.index_gens])
+
+    def noise(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.stack(
+            [torch.randn(dim, generator=g, device=self.device, dtype=dtype) for g in self.noise_gens]
+        )
+
+
+class SGLDSampler:
+    """Runs groups of localized SGLD chains from ``fmodel.center`` (w*).
+
+    Args:
+        fmodel: The functional view of the model; its ``center`` is w*.
+        data: Examples SGLD minibatches are drawn from.
+        loss_fn: ``(model, batch) -> Tensor[B]`` per-example training loss.
+        config: Sampler hyperparameters.
+        nbeta: The effective nβ (``config.nbeta`` or its default, resolved by the caller).
+    """
+
+    def __init__(
+        self, fmodel: FunctionalModel, data: ExampleSet, loss_fn: LossFn, config: SGLDConfig, nbeta: float
+    ) -> None:
+        self.fmodel = fmodel
+        self.data = data
+        self.loss_fn = loss_fn
+        self.config = config
+        self.nbeta = nbeta
+        full = config.batch_size is None or config.batch_size >= len(data)
+        self.minibatch = len(data) if full else int(config.batch_size)
+        self._full_batch = data.gather(torch.arange(len(data)), fmodel.device) if full else None
+
+    @property
+    def steps_per_chain(self) -> int:
+        """SGLD steps every chain takes: burn-in plus draws times thinning."""
+        return self.config.burn_in + self.config.draws * self.config.thin
+
+    def _minibatches(self, rng: _ChainRandomness, groups: int, vectorized: bool) -> tuple[Batch, bool]:
+        """Per-chain minibatches (stacked on a chain axis when vectorized), and whether one is shared."""
+        if self._full_batch is not None:
+            return self._full_batch, True
+        m = self.minibatch
+        flat = self.data.gather(rng.indices(len(self.data), m), self.fmodel.device)
+        if vectorized:
+            return tree_map(lambda t: t.view(groups, m, *t.shape[1:]) if isinstance(t, torch.Tensor) else t, flat), False
+        return [flat] if groups == 1 else self._split(flat, groups, m), False
+
+    def example_minibatch(self, groups: int) -> tuple[Batch, bool]:
+        """A vectorized minibatch for ``groups`` chains from throwaway generators (for checks)."""
+        return self._minibatches(_ChainRandomness(list(range(groups)), self.config.seed, self.fmodel.device),
+                                 groups, vectorized=True)
+
+    @staticmethod
+    def _split(flat: Batch, groups: int, m: int) -> list[Batch]:
+        return [tree_map(lambda t: t[g * m:(g + 1) * m] if isinstance(t, torch.Tensor) else t, flat)
+                for g in range(groups)]
+
+    def run(
+        self, chains: list[int], vectorized: bool, progress: ProgressFn | None = None
+    ) -> Iterator[Draw]:
+        """Run the chains ``chains`` together and yield every kept draw.
+
+        Chain c's trajectory depends only on (seed, c): the same chain gives the same draws
+        whether it runs alone, in a vectorized group, or on another DDP rank.
+        """
+        cfg = self.config
+        fmodel = self.fmodel
+        groups = len(chains)
+        center = fmodel.center
+        buffers = fmodel.fresh_buffers()
+        rng = _ChainRandomness(chains, cfg.seed, fmodel.device)
+        chain_index = torch.as_tensor(chains, dtype=torch.long, device=fmodel.device)
+        w = center.expand(groups, -1).clone()
+        precondition = torch.ones_like(w)
+        second_moment = torch.zeros_like(w) if cfg.preconditioner == "rmsprop" else None
+        half_step = cfg.step_size / 2
+        loss_since_draw = torch.zeros(groups, device=fmodel.device, dtype=w.dtype)
+        for step in range(self.steps_per_chain):
+            batch, shared = self._minibatches(rng, groups, vectorized)
+            grads, values = fmodel.batched_grads(
+                w, batch, self.minibatch, self.loss_fn, buffers, vectorized=vectorized, shared_batch=shared
+            )
+            drift = self.nbeta * grads + cfg.localization * (w - center)
+            if cfg.weight_decay:
+                drift = drift + (self.nbeta * cfg.weight_decay) * w
+            if second_moment is not None and step < cfg.burn_in:
+                second_moment += drift.square()
+                if step == cfg.burn_in - 1:
+                    precondition = self._frozen_preconditioner(second_moment / cfg.burn_in)
+            noise = rng.noise(fmodel.dim, w.dtype)
+            w = w - half_step * precondition * drift + (cfg.step_size * precondition).sqrt() * noise
+            if progress is not None:
+                progress(step + 1, self.steps_per_chain)
+            kept = step - cfg.burn_in + 1
+            if kept <= 0:
+                continue
+            loss_since_draw = loss_since_draw + values
+            if kept % cfg.thin == 0:
+                yield Draw(chain_index, w, loss_since_draw / cfg.thin, kept // cfg.thin - 1)
+                loss_since_draw = torch.zeros_like(loss_since_draw)
+
+    def _frozen_preconditioner(self, mean_square_drift: torch.Tensor) -> torch.Tensor:
+        """Diagonal preconditioner G_i = sqrt(max_j V_j / V_i) per chain.
+
+        The stiffest coordinate keeps G = 1, so a step size that is stable without the
+        preconditioner stays stable with it, while flat coordinates move up to
+        sqrt(curvature ratio) times faster. V_i is floored at the prior curvature γ + nβλ, the
+        least curvature any coordinate of the localized posterior can have.
+        """
+        floor = self.config.localization + self.nbeta * self.config.weight_decay
+        floor = max(floor, 1e-12)
+        v = mean_square_drift.clamp_min(floor)
+        return (v.amax(dim=1, keepdim=True) / v).sqrt()
