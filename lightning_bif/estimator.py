@@ -159,7 +159,7 @@ class BIFEstimator:
                                       vectorized=True, shared_batch=shared)
             size, first = self._train_batches[0]
             self.fmodel.batched_losses(probe, first, size, self.loss_fn, self._buffers, "loss_fn", True)
-        except Exception as error:  # noqa: BLE001 - any vmap failure means: run chains one by one
+        except Exception as error:
             warnings.warn(
                 f"Chains run one after another because torch.func.vmap failed on this model/loss "
                 f"({type(error).__name__}: {error}). Set SGLDConfig(vectorize=False) to silence this.",
@@ -177,9 +177,8 @@ class BIFEstimator:
         total = len(chains) * self.sampler.steps_per_chain
         for start in range(0, len(chains), size):
             group = chains[start:start + size]
-            done_before = start * self.sampler.steps_per_chain
-            step_progress = None if progress is None else (
-                lambda done, _, base=done_before, g=len(group): progress(base + done * g, total)
+            step_progress = None if progress is None else _group_progress(
+                progress, start * self.sampler.steps_per_chain, len(group), total
             )
             for draw in self.sampler.run(group, self.vectorized, step_progress):
                 train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
@@ -227,6 +226,11 @@ class BIFEstimator:
             if merge is not None:
                 merge(accumulator)
             return self.summarize(accumulator, time.perf_counter() - start)
+
+
+def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
+    """Report a group's per-chain step count as steps done over all chains."""
+    return lambda done, _: progress(done_before + done * group_size, total)
 
 
 def _check_finite(losses: torch.Tensor, fn_name: str, what: str) -> None:

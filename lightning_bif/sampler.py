@@ -36,6 +36,14 @@ class Draw:
     index: int
 
 
+def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Batch) -> Batch:
+    return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    return _map_tensors(lambda t: t[start:stop], batch)
+
+
 def chain_seed(seed: int, chain: int) -> int:
     """Seed of chain ``chain``'s generators: fixed per (seed, chain), independent of grouping."""
     return (seed * 1_000_003 + chain * 7_919 + 17) % (2**63 - 1)
@@ -93,18 +101,13 @@ class SGLDSampler:
         m = self.minibatch
         flat = self.data.gather(rng.indices(len(self.data), m), self.fmodel.device)
         if vectorized:
-            return tree_map(lambda t: t.view(groups, m, *t.shape[1:]) if isinstance(t, torch.Tensor) else t, flat), False
-        return [flat] if groups == 1 else self._split(flat, groups, m), False
+            return _map_tensors(lambda t: t.view(groups, m, *t.shape[1:]), flat), False
+        return [_rows(flat, g * m, (g + 1) * m) for g in range(groups)], False
 
     def example_minibatch(self, groups: int) -> tuple[Batch, bool]:
         """A vectorized minibatch for ``groups`` chains from throwaway generators (for checks)."""
         return self._minibatches(_ChainRandomness(list(range(groups)), self.config.seed, self.fmodel.device),
                                  groups, vectorized=True)
-
-    @staticmethod
-    def _split(flat: Batch, groups: int, m: int) -> list[Batch]:
-        return [tree_map(lambda t: t[g * m:(g + 1) * m] if isinstance(t, torch.Tensor) else t, flat)
-                for g in range(groups)]
 
     def run(
         self, chains: list[int], vectorized: bool, progress: ProgressFn | None = None
