@@ -1,0 +1,189 @@
+"""When to take a BIF snapshot: every n steps or epochs, at given steps, log-spaced, at fit start/end.
+
+Steps count optimizer steps (Lightning's ``trainer.global_step``): a snapshot "at step s" sees
+the weights after s optimizer steps, and step 0 is the untrained model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Event = Literal["fit_start", "step", "epoch_end", "fit_end"]
+
+
+def log_spaced_steps(num: int, first: int = 1, last: int = 1000) -> tuple[int, ...]:
+    """About ``num`` steps spaced evenly in log(step) from ``first`` to ``last`` (both included).
+
+    Rounding can make neighbouring steps equal early on; duplicates are dropped, so fewer than
+    ``num`` steps come back when ``last / first`` is small compared to ``num``.
+
+    Args:
+        num: Number of steps wanted.
+        first: First step (>= 1: the log of step 0 is undefined; use ``at_fit_start`` for it).
+        last: Last step (>= ``first``).
+
+    Returns:
+        The sorted, distinct steps.
+
+    Example:
+        >>> log_spaced_steps(5, first=1, last=10000)
+        (1, 10, 100, 1000, 10000)
+    """
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"log_spaced needs num >= 1 snapshots, got {num!r}.")
+    if first < 1 or last < first:
+        raise ValueError(f"log_spaced needs 1 <= first <= last, got first={first!r}, last={last!r}.")
+    if num == 1:
+        return (int(last),)
+    ratio = math.log(last / first) / (num - 1)
+    return tuple(sorted({round(first * math.exp(ratio * k)) for k in range(num)} | {int(first), int(last)}))
+
+
+@dataclass(frozen=True)
+class LogSpaced:
+    """A log-spaced schedule: ``num`` snapshots from step ``first`` to step ``last``.
+
+    Influence changes fastest early in training, so log spacing puts most snapshots there.
+
+    Args:
+        num: Number of snapshots.
+        first: First step (>= 1).
+        last: Last step; ``None`` means the end of training, read from the trainer's
+            ``estimated_stepping_batches`` when training starts.
+    """
+
+    num: int
+    first: int = 1
+    last: int | None = None
+
+    def steps(self, total_steps: int | float | None = None) -> tuple[int, ...]:
+        """The concrete steps, with ``total_steps`` standing in for ``last`` when it is ``None``."""
+        last = self.last if self.last is not None else total_steps
+        if last is None or not math.isfinite(last):
+            raise ValueError(
+                "log_spaced with last=None needs a training length, but the trainer's length is unknown "
+                "(max_steps=-1 and max_epochs=-1, or an iterable dataset of unknown length). "
+                "Pass LogSpaced(num, first, last=<step>) or set max_steps/max_epochs."
+            )
+        return log_spaced_steps(self.num, self.first, max(int(last), self.first))
+
+
+@dataclass(frozen=True)
+class SnapshotSchedule:
+    """Which training events get a snapshot. Any combination may be set; their union is used.
+
+    Args:
+        every_n_steps: A snapshot after every ``n``-th optimizer step (steps n, 2n, ...).
+        every_n_epochs: A snapshot at the end of every ``n``-th training epoch.
+        at_steps: Snapshots after exactly these optimizer steps.
+        log_spaced: A :class:`LogSpaced` schedule (or just its ``num``).
+        at_fit_start: A snapshot before the first training step (step 0, or the step resumed from).
+        at_fit_end: A snapshot when training ends.
+
+    Example:
+        >>> schedule = SnapshotSchedule(every_n_steps=100, at_fit_start=True)
+        >>> [s for s in range(0, 301) if schedule.due("step", step=s, epoch=0)]
+        [100, 200, 300]
+    """
+
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    at_steps: tuple[int, ...] = ()
+    log_spaced: LogSpaced | None = None
+    at_fit_start: bool = False
+    at_fit_end: bool = False
+    _log_steps: frozenset[int] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "at_steps", tuple(sorted({int(s) for s in self.at_steps})))
+        if isinstance(self.log_spaced, int):
+            object.__setattr__(self, "log_spaced", LogSpaced(self.log_spaced))
+        for name in ("every_n_steps", "every_n_epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+        if any(s < 1 for s in self.at_steps):
+            raise ValueError(
+                f"at_steps must hold optimizer steps >= 1, got {list(self.at_steps)}; "
+                "use at_fit_start=True for a snapshot before training."
+            )
+        if not self.is_set:
+            raise ValueError(
+                "The snapshot schedule is empty: set every_n_steps, every_n_epochs, at_steps, log_spaced, "
+                "at_fit_start or at_fit_end."
+            )
+        if self.log_spaced is not None and self.log_spaced.last is not None and self._log_steps is None:
+            object.__setattr__(self, "_log_steps", frozenset(self.log_spaced.steps()))
+
+    @classmethod
+    def from_args(
+        cls,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_steps: Iterable[int] | None = None,
+        log_spaced: LogSpaced | int | None = None,
+        at_fit_start: bool = False,
+        at_fit_end: bool = False,
+    ) -> SnapshotSchedule:
+        """Build a schedule from optional arguments (``None`` meaning "not used")."""
+        return cls(every_n_steps, every_n_epochs, tuple(at_steps or ()), log_spaced, at_fit_start, at_fit_end)
+
+    @property
+    def is_set(self) -> bool:
+        """Whether any event is scheduled."""
+        return bool(self.every_n_steps or self.every_n_epochs or self.at_steps or self.log_spaced
+                    or self.at_fit_start or self.at_fit_end)
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """Whether :meth:`bind` needs the training length (a log-spaced schedule without ``last``)."""
+        return self.log_spaced is not None and self.log_spaced.last is None
+
+    def bind(self, total_steps: int | float | None = None) -> SnapshotSchedule:
+        """A copy with the log-spaced steps made concrete for a run of ``total_steps`` optimizer steps."""
+        if not self.needs_total_steps:
+            return self
+        return replace(self, _log_steps=frozenset(self.log_spaced.steps(total_steps)))
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The explicit steps (``at_steps`` and, once bound, the log-spaced ones), sorted."""
+        return tuple(sorted(set(self.at_steps) | (self._log_steps or set())))
+
+    def due(self, event: Event, step: int, epoch: int) -> bool:
+        """Whether ``event`` at optimizer step ``step`` in epoch ``epoch`` (0-based) calls for a snapshot.
+
+        Args:
+            event: ``"fit_start"`` (before training), ``"step"`` (after an optimizer step),
+                ``"epoch_end"`` (end of a training epoch) or ``"fit_end"`` (training finished).
+            step: ``trainer.global_step``: optimizer steps taken so far.
+            epoch: ``trainer.current_epoch``.
+        """
+        if event == "fit_start":
+            return self.at_fit_start
+        if event == "fit_end":
+            return self.at_fit_end
+        if event == "epoch_end":
+            return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+        if event != "step":
+            raise ValueError(f"Unknown event {event!r}; expected 'fit_start', 'step', 'epoch_end' or 'fit_end'.")
+        if self.log_spaced is not None and self._log_steps is None:
+            raise RuntimeError("A log-spaced schedule without `last` must be bound to the training length first.")
+        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
+            return True
+        return step in self.at_steps or step in (self._log_steps or ())
+
+    def to_dict(self) -> dict:
+        """The schedule as JSON-compatible values (stored with the log for reference)."""
+        spaced = self.log_spaced
+        return {
+            "every_n_steps": self.every_n_steps,
+            "every_n_epochs": self.every_n_epochs,
+            "at_steps": list(self.at_steps),
+            "log_spaced": None if spaced is None else {"num": spaced.num, "first": spaced.first, "last": spaced.last},
+            "at_fit_start": self.at_fit_start,
+            "at_fit_end": self.at_fit_end,
+        }
