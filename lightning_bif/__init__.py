@@ -2,6 +2,7 @@
 
 from .config import SGLDConfig
 from .estimator import BIFResult, Diagnostics, estimate_bif
+from .log import open_log
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,5 @@ __all__ = [
     "Diagnostics",
     "SGLDConfig",
     "estimate_bif",
+    "open_log",
 ]
