@@ -635,11 +635,14 @@ class InfluenceLog:
         self.probe_ids = _read_labels(self._file["probe_ids"])
         self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
         self.probe_groups = _read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
-        self._layout = _file_layout(self._file)
+        # One handle per dataset for the reader's lifetime: a SWMR refresh applies to the handle it
+        # is called on, and a handle opened later can still see stale chunks.
+        names = ["step", *(name for name in _file_layout(self._file) if name != "step")]
+        self._datasets = {name: self._file[name] for name in names}
         self._load_rows()
 
     def _load_rows(self) -> None:
-        file = self._file
+        file = self._datasets
         self._rows = rows = len(file["step"])
         self.steps = file["step"][()].astype(np.int64)
         self.epochs = file["epoch"][:rows].astype(np.int64)
@@ -663,10 +666,8 @@ class InfluenceLog:
     def refresh(self) -> None:
         """Pick up snapshots that a live writer appended (or removed) since the last look."""
         # ``step`` first: the writer extends every other dataset before it, so they hold >= its rows.
-        self._file["step"].refresh()
-        for name in self._layout:
-            if name != "step":
-                self._file[name].refresh()
+        for dataset in self._datasets.values():
+            dataset.refresh()
         self._load_rows()
 
     def __len__(self) -> int:
