@@ -1,4 +1,4 @@
-"""Summaries of one influence matrix shared by the TensorBoard sink and the CLI."""
+"""Offline summaries shared by the log, the TensorBoard sink and the CLI: group means, extremes, configs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from typing import Any
 import numpy as np
 
 ALL = "all"
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b": value}``, to name config entries one per line or in a difference."""
+    if not isinstance(config, dict):
+        return {prefix: config}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
 
 
 @dataclass

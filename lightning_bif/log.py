@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .analysis import flatten_config
 from .estimator import BIFResult
 
 FORMAT = "lightning-bif"
@@ -376,7 +377,8 @@ class LogWriter:
     def _check_identity(self, stored: h5py.File) -> None:
         identity = self.identity
         differences = []
-        before, now = _flatten(json.loads(stored.attrs["config"])), _flatten(json.loads(identity.config_json))
+        before = flatten_config(json.loads(stored.attrs["config"]))
+        now = flatten_config(json.loads(identity.config_json))
         unset = "<unset>"
         changed = sorted(key for key in before.keys() | now.keys() if before.get(key, unset) != now.get(key, unset))
         if changed:
@@ -511,16 +513,6 @@ class LogWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{"a.b": value}`` so that a config difference can be named by its key."""
-    if not isinstance(config, dict):
-        return {prefix: config}
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _recover(path: Path) -> None:

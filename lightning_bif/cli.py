@@ -1,0 +1,131 @@
+"""``lightning-bif``: look at an influence log from the shell.
+
+    lightning-bif summary runs/exp/influence.h5             # config, snapshots, one line per snapshot
+    lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import TextIO
+
+import numpy as np
+
+from .analysis import extremes, flatten_config, group_means
+from .log import InfluenceLog, open_log
+
+
+def _pair(log: InfluenceLog, probe: int, train: int, value: float) -> str:
+    return f"probe {log.probe_ids[probe]} <- train {log.train_ids[train]}: {value:+.3g}"
+
+
+def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
+    """Print what a log holds: run config, snapshot counts, one line per snapshot, last group means."""
+    groups = lambda labels: "" if labels is None else f" in {len(np.unique(labels))} groups"  # noqa: E731
+    print(f"influence log {log.path}  (format {log.format_version}, lightning-bif {log.package_version}, "
+          f"created {log.created})", file=out)
+    print(f"probes: {len(log.probe_ids)}{groups(log.probe_groups)}   train examples: {len(log.train_ids)}"
+          f"{groups(log.train_groups)}   chains: {log.chains}   draws: {log.draws}", file=out)
+    print("config:", file=out)
+    for key, value in flatten_config(log.config).items():
+        print(f"  {key} = {value}", file=out)
+    counts = Counter(log.status.tolist())
+    steps = f", steps {log.steps[0]}..{log.steps[-1]}" if len(log) else ""
+    print(f"snapshots: {len(log)}{steps}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
+    if not len(log):
+        return
+    print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10}  "
+          "most helpful | most harmful (BIF: negative = helpful)", file=out)
+    rows = range(len(log)) if last is None else range(max(0, len(log) - last), len(log))
+    for row in rows:
+        line = (f"{log.steps[row]:>8} {log.epochs[row]:>5}  {log.status[row]:<8} {log.duration_s[row]:>7.2f}s "
+                f"{log.split_half[row]:>10.3f} {log.loss_rise[row]:>10.3g}  ")
+        pairs = extremes(log.influence[row])
+        if pairs is None:
+            line += log.message[row][:80] or "no estimate"
+        else:
+            helpful, harmful = pairs
+            line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
+                    f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
+        print(line, file=out)
+    usable = np.flatnonzero(log.status != "failed")
+    if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
+        row = int(usable[-1])
+        means = group_means(log.influence[row], log.probe_groups, log.train_groups)
+        print(f"\nmean BIF per probe group (rows) and train group (columns) at step {log.steps[row]}:", file=out)
+        width = max(10, *(len(str(label)) + 1 for label in means.train_groups.tolist()))
+        print(" " * 12 + "".join(f"{label!s:>{width}}" for label in means.train_groups.tolist()), file=out)
+        for label, values in zip(means.probe_groups.tolist(), means.means, strict=True):
+            print(f"{str(label)[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
+
+
+def export(log: InfluenceLog, out: TextIO, step: int | None = None) -> int:
+    """Write the snapshot nearest ``step`` (default: the last) as CSV, one row per (probe, train) pair.
+
+    Returns:
+        The step of the exported snapshot.
+    """
+    row = len(log) - 1 if step is None else log.nearest(step)
+    if row < 0:
+        raise ValueError(f"The influence log {log.path} has no snapshots yet.")
+    snapshot = log.snapshot(row)
+    writer = csv.writer(out)
+    writer.writerow(["step", "probe_id", "probe_group", "train_id", "train_group", "influence", "stderr",
+                     "correlation"])
+    no_groups = lambda size: np.full(size, "")  # noqa: E731
+    probe_groups = log.probe_groups if log.probe_groups is not None else no_groups(len(log.probe_ids))
+    train_groups = log.train_groups if log.train_groups is not None else no_groups(len(log.train_ids))
+    for probe in range(len(log.probe_ids)):
+        for train in range(len(log.train_ids)):
+            writer.writerow([snapshot.step, log.probe_ids[probe], probe_groups[probe], log.train_ids[train],
+                             train_groups[train], repr(float(snapshot.influence[probe, train])),
+                             repr(float(snapshot.stderr[probe, train])),
+                             repr(float(snapshot.correlation[probe, train]))])
+    return snapshot.step
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightning-bif", description="Inspect a lightning-bif influence log.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("summary", help="run config, snapshot counts and one line per snapshot")
+    show.add_argument("log", help="the .h5 influence log")
+    show.add_argument("--last", type=int, default=None, metavar="K", help="only the last K snapshot lines")
+    table = commands.add_parser("export", help="one snapshot as CSV: a row per (probe, train) pair")
+    table.add_argument("log", help="the .h5 influence log")
+    table.add_argument("--step", type=int, default=None, help="training step (nearest snapshot; default: last)")
+    table.add_argument("--csv", required=True, metavar="PATH", help="output file, '-' for stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-bif`` console script.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 when the log cannot be read or written out.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        with open_log(args.log) as log:
+            if args.command == "summary":
+                summary(log, sys.stdout, args.last)
+            elif args.csv == "-":
+                export(log, sys.stdout, args.step)
+            else:
+                with open(args.csv, "w", newline="") as out:
+                    step = export(log, out, args.step)
+                print(f"wrote step {step} ({len(log.probe_ids)} x {len(log.train_ids)} pairs) to {args.csv}")
+    except (OSError, ValueError) as error:
+        print(f"lightning-bif: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
