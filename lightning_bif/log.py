@@ -326,7 +326,7 @@ class LogWriter:
             self._file.swmr_mode = True
         except RuntimeError as error:
             self._file.close()
-            raise RuntimeError(
+            raise OSError(
                 f"Cannot write the influence log {self.path}: it is open elsewhere in this process "
                 "(close readers from open_log first)."
             ) from error
