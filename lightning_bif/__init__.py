@@ -1,15 +1,32 @@
 """lightning-bif: Bayesian influence functions logged during PyTorch Lightning training."""
 
+from typing import TYPE_CHECKING
+
 from .config import SGLDConfig
 from .estimator import BIFResult, Diagnostics, estimate_bif
 from .log import open_log
+from .schedule import LogSpaced
+
+if TYPE_CHECKING:
+    from .callback import BIFCallback
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BIFCallback",
     "BIFResult",
     "Diagnostics",
+    "LogSpaced",
     "SGLDConfig",
     "estimate_bif",
     "open_log",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # BIFCallback imports Lightning (seconds); open_log, the CLI and estimate_bif do not need it.
+    if name == "BIFCallback":
+        from .callback import BIFCallback
+
+        return BIFCallback
+    raise AttributeError(f"module 'lightning_bif' has no attribute {name!r}")

@@ -1,0 +1,558 @@
+"""``BIFCallback``: BIF snapshots during Lightning training, appended to an HDF5 log and TensorBoard."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from .accumulator import CovarianceAccumulator
+from .config import SGLDConfig
+from .data import Batch, ExampleSet, ExampleSource
+from .estimator import BIFEstimator, BIFResult
+from .functional import preserved_state
+from .log import LogWriter, RunIdentity, SnapshotRecord
+from .schedule import Event, LogSpaced, SnapshotSchedule
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
+
+#: Name of the LightningModule method used when no ``loss_fn`` is given.
+LOSS_HOOK = "per_example_loss"
+
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_PROGRESS_EVERY_S = 10.0
+
+
+def module_per_example_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The default ``loss_fn``: the LightningModule's own ``per_example_loss(batch) -> Tensor[B]``."""
+    return getattr(model, LOSS_HOOK)(batch)
+
+
+class BIFCallback(Callback):
+    r"""Take Bayesian-influence-function snapshots of the model while it trains.
+
+    On a schedule the callback pauses training, runs ``config.chains`` localized SGLD chains from
+    the current weights w* (see :func:`~lightning_bif.estimate_bif`), and appends the snapshot —
+    ``influence = -Cov(loss_train, probe)`` as ``[probe, train]``, its standard errors,
+    correlations, the losses at w* and the SGLD diagnostics — to an HDF5 log (global rank 0
+    writes it) and to the trainer's ``TensorBoardLogger`` when there is one. Sign convention:
+    negative = the training example helps the probe, positive = it hurts.
+
+    Training is left exactly as it would have been without the callback: parameters, gradients,
+    optimizer state, buffers, train/eval modes and the global RNG are untouched by a snapshot.
+
+    **Per-example loss.** Without ``loss_fn`` the LightningModule must define
+    ``per_example_loss(self, batch) -> Tensor[B]`` (one loss per example, e.g.
+    ``F.cross_entropy(self(x), y, reduction="none")``); ``batch`` is what a default-collate
+    ``DataLoader`` over the example sets yields.
+
+    **Weight decay.** The SGLD prior should match the weight decay the model is trained with, so
+    that w* is a stationary point of the sampled posterior. When ``config.weight_decay`` is 0 (its
+    default) and ``weight_decay_from_optimizer`` is true, the callback reads ``weight_decay`` from
+    the trainer's optimizer param groups at fit start (the largest group's value when they differ).
+    This is exact for SGD and Adam (L2-coupled decay) and an approximation for AdamW.
+
+    **DDP.** Every rank samples its share of the chains from the same w* (chain ``c`` runs on
+    rank ``c % world_size``) and the per-chain sums are added up with the strategy's ``reduce``,
+    so the result equals a single-process run with the same config. Global rank 0 alone writes
+    files. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused.
+
+    **Resume.** The callback's state (the last snapshot step and the log path) is saved in
+    checkpoints. ``trainer.fit(ckpt_path=...)`` continues the same log: rows written after the
+    checkpoint's last snapshot (an abandoned timeline) are removed, then new snapshots are appended.
+
+    **Failures.** A snapshot whose chains diverge is recorded with status ``"diverged"``; one that
+    raises is recorded as ``"failed"`` (with NaN arrays and the error message). A warning is shown
+    once per kind and training goes on. Bad input is rejected at fit start, before any training
+    step, with a :class:`MisconfigurationException`.
+
+    Args:
+        train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
+            or tuple of tensors); N examples. Their ids in the log are dataset indices.
+        probes: Probe examples whose behaviour is explained; P examples.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses; drives SGLD and gives the
+            training losses ℓ_i. Default: the module's ``per_example_loss`` method.
+        probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j; default ``loss_fn``.
+        train_groups: A label per tracked training example (e.g. its class), ``[N]``.
+        probe_groups: A label per probe, ``[P]``.
+        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
+        probe_group_names: Display names of probe groups.
+        every_n_steps: A snapshot after every n-th optimizer step.
+        every_n_epochs: A snapshot at the end of every n-th training epoch.
+        at_steps: Snapshots after exactly these optimizer steps.
+        log_spaced: ``LogSpaced(num, first=1, last=None)`` or just ``num``: log-spaced steps up to
+            ``last`` (default: the trainer's ``estimated_stepping_batches``).
+        at_fit_start: A snapshot before the first training step.
+        at_fit_end: A snapshot when training ends.
+        config: The estimator's :class:`SGLDConfig` (chains, draws, step size, nβ, γ, ...).
+        data: Where SGLD minibatches come from; default: the dataset of the trainer's training
+            ``DataLoader`` (indexed directly, so no sampler or shuffling RNG is involved).
+        weight_decay_from_optimizer: Read the L2 prior from the optimizer when
+            ``config.weight_decay`` is 0 (see above).
+        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5``.
+        if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
+            ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
+            config and ids). A fit resumed from a checkpoint always resumes its log.
+        tensorboard: Write curves, histograms and heatmaps to the trainer's ``TensorBoardLogger``.
+        progress: Show progress during a snapshot (in the progress bar, or as log lines).
+
+    Example::
+
+        import lightning as L
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from lightning_bif import BIFCallback, SGLDConfig
+
+        bif = BIFCallback(train=train_subset, probes=probe_set, log_spaced=12, at_fit_start=True,
+                          config=SGLDConfig(chains=4, draws=100, step_size=1e-4))
+        trainer = L.Trainer(max_epochs=10, callbacks=[bif], logger=TensorBoardLogger("runs", name="exp"))
+        trainer.fit(model, datamodule)  # model defines per_example_loss(self, batch) -> Tensor[B]
+    """
+
+    def __init__(
+        self,
+        train: ExampleSource,
+        probes: ExampleSource,
+        *,
+        loss_fn: LossFn | None = None,
+        probe_fn: LossFn | None = None,
+        train_groups: Groups | None = None,
+        probe_groups: Groups | None = None,
+        train_group_names: Mapping[Any, str] | None = None,
+        probe_group_names: Mapping[Any, str] | None = None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_steps: Iterable[int] | None = None,
+        log_spaced: LogSpaced | int | None = None,
+        at_fit_start: bool = False,
+        at_fit_end: bool = False,
+        config: SGLDConfig | None = None,
+        data: ExampleSource | None = None,
+        weight_decay_from_optimizer: bool = True,
+        log_path: str | Path | None = None,
+        if_exists: Literal["error", "overwrite", "resume"] = "error",
+        tensorboard: bool = True,
+        progress: bool = True,
+    ) -> None:
+        try:
+            self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
+                                                       at_fit_start, at_fit_end)
+            train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
+            if data is not None:
+                ExampleSet(data, "data")
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback: {error}") from error
+        if if_exists not in ("error", "overwrite", "resume"):
+            raise MisconfigurationException(
+                f"BIFCallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'resume'."
+            )
+        for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
+            if fn is not None and not callable(fn):
+                raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
+        self.train, self.probes, self.data = train, probes, data
+        self.train_ids = train_set.ids().numpy()
+        self.probe_ids = probe_set.ids().numpy()
+        self.train_groups = _groups(train_groups, len(train_set), "train_groups", "train")
+        self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
+        self.train_group_names = dict(train_group_names) if train_group_names else None
+        self.probe_group_names = dict(probe_group_names) if probe_group_names else None
+        self.loss_fn = loss_fn
+        self.probe_fn = probe_fn
+        self.config = config or SGLDConfig()
+        self.weight_decay_from_optimizer = weight_decay_from_optimizer
+        self.log_path = None if log_path is None else Path(log_path)
+        self.if_exists = if_exists
+        self.tensorboard = tensorboard
+        self.progress = progress
+
+        self._config = self.config
+        self._data_source = data
+        self._active_schedule = self.schedule
+        self._last_step = -1  # global step of the last snapshot (checkpointed)
+        self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
+        self._snapshots = 0
+        self._resumed_log_path: Path | None = None
+        self._resumed = False
+        self._resolved_log_path: Path | None = None
+        self._writer: LogWriter | None = None
+        self._sink: Any = None  # a TensorBoardSink when the trainer has a TensorBoardLogger
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(log_path=None if self.log_path is None else str(self.log_path),
+                                        train=len(self.train_ids), probes=len(self.probe_ids))
+
+    # ------------------------------------------------------------------ customisation point
+
+    def should_snapshot(self, event: Event, step: int, epoch: int) -> bool:
+        """Whether to take a snapshot now. Override to customise the schedule.
+
+        Called on every rank with the same arguments (the answer must not depend on the rank).
+        A step that already has a snapshot never gets a second one.
+
+        Args:
+            event: ``"fit_start"``, ``"step"`` (after an optimizer step), ``"epoch_end"`` or ``"fit_end"``.
+            step: Optimizer steps taken so far (``trainer.global_step``).
+            epoch: The current epoch (0-based).
+
+        Returns:
+            ``True`` to take a snapshot.
+        """
+        return self._active_schedule.due(event, step, epoch)
+
+    @property
+    def resolved_config(self) -> SGLDConfig:
+        """The config used for snapshots (``config`` with the optimizer's weight decay filled in at fit start)."""
+        return self._config
+
+    @property
+    def resolved_log_path(self) -> Path | None:
+        """Where the log is written (known from fit start on)."""
+        return self._resolved_log_path
+
+    # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_strategy(trainer)
+            self._check_loss_hook(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._config = self._resolve_config(trainer)
+        self._check_losses_at_start(pl_module)
+        self._open_log(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.data is None:
+            self._data_source = self._trainer_data(trainer)
+        self._active_schedule = self._bind_schedule(trainer)
+        self._last_seen_step = trainer.global_step
+        self._maybe_snapshot(trainer, pl_module, "fit_start")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+    ) -> None:
+        # With gradient accumulation most batches end without an optimizer step: global_step is unchanged.
+        if trainer.global_step == self._last_seen_step:
+            return
+        self._last_seen_step = trainer.global_step
+        self._maybe_snapshot(trainer, pl_module, "step")
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_snapshot(trainer, pl_module, "epoch_end")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_end rather than on_fit_end: the strategy (and its process group) is still up here.
+        self._maybe_snapshot(trainer, pl_module, "fit_end")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close_log()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_log()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        path = self._resolved_log_path or self._resumed_log_path
+        return {"last_step": self._last_step, "snapshots": self._snapshots,
+                "log_path": None if path is None else str(path)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict["last_step"])
+        self._snapshots = int(state_dict["snapshots"])
+        self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
+        self._resumed = True
+
+    # ------------------------------------------------------------------ fit-start checks
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        if isinstance(trainer.strategy, _SHARDED):
+            raise MisconfigurationException(
+                f"BIFCallback does not support the sharded strategy {type(trainer.strategy).__name__}: every rank "
+                "needs the full weights to sample from. Use strategy='ddp' (or a single device)."
+            )
+
+    def _check_loss_hook(self, pl_module: pl.LightningModule) -> None:
+        if self.loss_fn is None and not callable(getattr(pl_module, LOSS_HOOK, None)):
+            raise MisconfigurationException(
+                f"BIFCallback needs per-example losses: add a method `def {LOSS_HOOK}(self, batch) -> Tensor` "
+                f"to {type(pl_module).__name__} returning one loss per example (shape [B], e.g. "
+                "F.cross_entropy(self(x), y, reduction='none')), or pass BIFCallback(loss_fn=(model, batch) -> Tensor)."
+            )
+
+    def _resolve_config(self, trainer: pl.Trainer) -> SGLDConfig:
+        config = self.config
+        if config.weight_decay or not self.weight_decay_from_optimizer:
+            return config
+        decay = _optimizer_weight_decay(trainer)
+        if decay:
+            rank_zero_info(f"BIFCallback: SGLD prior weight_decay={decay:g}, read from the optimizer "
+                           "(set SGLDConfig(weight_decay=...) to choose another value).")
+            return config.replace(weight_decay=decay)
+        return config
+
+    def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:
+        """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
+        model = _float32_model(pl_module)
+        estimator = self._estimator(model, pl_module.device, data=self._data_source)
+        try:
+            with preserved_state(model, [pl_module.device]):
+                estimator.prepare()
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
+
+    def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise MisconfigurationException(
+                f"BIFCallback takes SGLD minibatches from the trainer's training DataLoader, but it is a "
+                f"{type(loader).__name__}; pass BIFCallback(data=...) with the examples to sample from."
+            )
+        try:
+            ExampleSet(loader, "data")
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(
+                f"BIFCallback cannot index the trainer's training data ({error}); pass BIFCallback(data=...)."
+            ) from error
+        return loader
+
+    def _bind_schedule(self, trainer: pl.Trainer) -> SnapshotSchedule:
+        if not self.schedule.needs_total_steps:
+            return self.schedule
+        try:
+            return self.schedule.bind(trainer.estimated_stepping_batches)
+        except ValueError as error:
+            raise MisconfigurationException(f"BIFCallback: {error}") from error
+
+    # ------------------------------------------------------------------ the log
+
+    def _identity(self) -> RunIdentity:
+        cfg = self._config
+        callback = {
+            "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
+            "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
+            "data": "trainer training data" if self.data is None else "data argument",
+        }
+        return RunIdentity(
+            config={"sgld": cfg.to_dict(), "callback": callback},
+            train_ids=self.train_ids,
+            probe_ids=self.probe_ids,
+            train_groups=self.train_groups,
+            probe_groups=self.probe_groups,
+            chains=cfg.chains,
+            draws=cfg.draws,
+        )
+
+    def _open_log(self, trainer: pl.Trainer) -> None:
+        """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
+        path = self.log_path or self._resumed_log_path
+        if path is None:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / "influence.h5"  # log_dir: call on all ranks
+        self._resolved_log_path = path
+        error = None
+        if trainer.is_global_zero:
+            error = self._open_writer(trainer, path)
+        error = trainer.strategy.broadcast(error)
+        if error is not None:
+            self._close_log()
+            raise MisconfigurationException(error)
+        rank_zero_info(f"BIFCallback: writing influence snapshots to {path}")
+
+    def _open_writer(self, trainer: pl.Trainer, path: Path) -> str | None:
+        """Open the log (rank 0); return an error message instead of raising so all ranks can stop together."""
+        if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
+        try:
+            self._writer = LogWriter(path, self._identity(), if_exists=if_exists)
+        except (OSError, ValueError) as error:
+            return f"BIFCallback cannot use log_path={str(path)!r}: {error}"
+        if self._resumed and if_exists == "resume":
+            dropped = self._writer.truncate_after(self._last_step)
+            if dropped:
+                rank_zero_info(f"BIFCallback: resumed; removed {dropped} snapshot(s) after step {self._last_step} "
+                               "written after the checkpoint.")
+        if self.tensorboard:
+            logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            if logger is not None:
+                from .tensorboard import TensorBoardSink  # imports tensorboard: only when a TensorBoardLogger is used
+
+                self._sink = TensorBoardSink(logger.experiment, self._identity(),
+                                             self.train_group_names, self.probe_group_names)
+        return None
+
+    def _close_log(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._sink = None
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _maybe_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
+        step = trainer.global_step
+        if step > self._last_step and self.should_snapshot(event, step, trainer.current_epoch):
+            self._snapshot(trainer, pl_module)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        start = time.perf_counter()
+        result, message = self._estimate(trainer, pl_module, step)
+        duration = time.perf_counter() - start
+        wall_time = time.time()
+        status = "failed" if result is None else ("ok" if result.ok else "diverged")
+        record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
+                                status=status, result=result, message=message)
+        self._last_step = step
+        self._snapshots += 1
+        if trainer.is_global_zero:
+            self._write(record)
+        self._report(record)
+
+    def _estimate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+    ) -> tuple[BIFResult | None, str]:
+        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere."""
+        device = pl_module.device
+        world = trainer.world_size
+        chains = [c for c in range(self._config.chains) if c % world == trainer.global_rank]
+        model = _float32_model(pl_module)
+        start = time.perf_counter()
+        error: Exception | None = None
+        try:
+            estimator = self._estimator(model, device, data=self._data_source)
+            with preserved_state(model, [device]):
+                estimator.prepare()
+                accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
+        except Exception as caught:  # a failed snapshot is recorded; training goes on
+            error = caught
+        failed = error is not None
+        if world > 1:
+            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+        if failed:
+            message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            return None, message
+        if world > 1:
+            _merge(trainer, accumulator)
+        return estimator.summarize(accumulator, time.perf_counter() - start), ""
+
+    def _estimator(self, model: nn.Module, device: torch.device, data: ExampleSource | None) -> BIFEstimator:
+        loss_fn = self.loss_fn or module_per_example_loss
+        return BIFEstimator(model, loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=data,
+                            config=self._config, device=device)
+
+    def _write(self, record: SnapshotRecord) -> None:
+        if self._writer is not None:
+            self._writer.append(record)
+        if self._sink is not None:
+            self._sink.write(record.step, record)
+
+    def _report(self, record: SnapshotRecord) -> None:
+        if record.status == "ok":
+            rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s.")
+            return
+        if record.status not in self._warned:
+            self._warned.add(record.status)
+            advice = ("Lower SGLDConfig.step_size or raise localization." if record.status == "diverged"
+                      else record.message)
+            rank_zero_warn(
+                f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
+                f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status column.)"
+            )
+
+    def _progress_fn(self, trainer: pl.Trainer, step: int) -> Callable[[int, int], None] | None:
+        if not self.progress or not trainer.is_global_zero:
+            return None
+        bar = _tqdm_train_bar(trainer)
+        last_line = [time.perf_counter()]
+
+        def report(done: int, total: int) -> None:
+            if bar is not None:
+                if done == total or done % max(total // 50, 1) == 0:
+                    bar.set_postfix_str(f"BIF snapshot {100 * done // total}%", refresh=True)
+            elif time.perf_counter() - last_line[0] > _PROGRESS_EVERY_S:
+                last_line[0] = time.perf_counter()
+                rank_zero_info(f"BIFCallback: snapshot at step {step}: {done}/{total} SGLD steps")
+
+        return report
+
+
+def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:
+    if groups is None:
+        return None
+    array = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    if array.ndim != 1 or array.shape[0] != size:
+        raise MisconfigurationException(
+            f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
+        )
+    return array if array.dtype.kind in "US" else array.astype(np.int64)
+
+
+def _qualname(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _optimizer_weight_decay(trainer: pl.Trainer) -> float:
+    groups = [(float(g.get("weight_decay", 0.0)), sum(p.numel() for p in g["params"]))
+              for optimizer in trainer.optimizers for g in optimizer.param_groups]
+    if not groups:
+        return 0.0
+    values = {decay for decay, _ in groups}
+    decay = max(groups, key=lambda g: g[1])[0]
+    if len(values) > 1:
+        rank_zero_warn(
+            f"BIFCallback: the optimizer's param groups use different weight decays {sorted(values)}; the SGLD "
+            f"prior uses {decay:g} (the largest group's). Set SGLDConfig(weight_decay=...) to choose."
+        )
+    return decay
+
+
+def _float32_model(module: nn.Module) -> nn.Module:
+    """The module itself, or a float32 copy when its parameters are half precision (bf16-true, 16-true).
+
+    SGLD steps of size ε·∇ vanish in bf16/fp16 rounding, so the estimate runs on float32 weights.
+    Mixed-precision trainers keep float32 parameters and need no copy.
+    """
+    if all(p.dtype not in (torch.float16, torch.bfloat16) for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
+def _merge(trainer: pl.Trainer, accumulator: CovarianceAccumulator) -> None:
+    """Sum the per-chain sums across ranks (chains are disjoint, so the sum is the union). Every rank calls this."""
+    for tensor in accumulator.tensors():
+        tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
+
+
+def _tqdm_train_bar(trainer: pl.Trainer) -> Any:
+    bar = trainer.progress_bar_callback
+    if not isinstance(bar, TQDMProgressBar) or not bar.is_enabled:
+        return None
+    try:
+        return bar.train_progress_bar
+    except TypeError:
+        return None

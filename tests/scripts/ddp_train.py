@@ -1,0 +1,51 @@
+"""Two-process DDP (gloo, CPU) training with BIFCallback, for the DDP test.
+
+Usage: python ddp_train.py OUT_DIR
+Every rank writes OUT_DIR/rank<r>.json (its global step, training losses, whether it opened the
+log); global rank 0 also saves the final weights to OUT_DIR/final.pt. The log is OUT_DIR/bif.h5.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
+
+from lightning_bif import BIFCallback
+
+CONFIG = FAST.replace(chains=4)
+
+
+class Report(Callback):
+    def __init__(self, out: Path, bif: BIFCallback) -> None:
+        self.out = out
+        self.bif = bif
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: ToyClassifier) -> None:
+        report = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "losses": [float(x) for x in pl_module.losses],
+            "opened_log": self.bif._writer is not None,
+            "tensorboard": self.bif._sink is not None,
+        }
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        if trainer.is_global_zero:
+            torch.save(pl_module.state_dict(), self.out / "final.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    train, probes = tracked_sets(toy_dataset())
+    bif = BIFCallback(train, probes, every_n_steps=2, at_fit_start=True, config=CONFIG, log_path=out / "bif.h5")
+    pl.seed_everything(0)
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4, callbacks=[bif, Report(out, bif)],
+                         logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(ToyClassifier(), loader(toy_dataset()))

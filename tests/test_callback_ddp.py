@@ -1,0 +1,48 @@
+"""BIFCallback under 2-process DDP (gloo on CPU), run as a subprocess with a timeout so nothing hangs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scripts.toy import ToyClassifier, toy_dataset, tracked_sets
+
+from lightning_bif import SGLDConfig, estimate_bif, open_log
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(SCRIPTS / "ddp_train.py"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert [r["global_step"] for r in reports] == [4, 4]
+    assert all(len(r["losses"]) == 4 and np.isfinite(r["losses"]).all() for r in reports)
+    assert reports[0]["losses"] != reports[1]["losses"]  # each rank trained on its own shard
+    assert [r["opened_log"] for r in reports] == [True, False]
+    assert [r["tensorboard"] for r in reports] == [True, False]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["bif.h5"]
+    assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
+
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist() == [0, 2, 4] and (log.status == "ok").all()
+        influence, stderr = log.influence[-1], log.stderr[-1]
+        config = SGLDConfig.from_dict(log.config["sgld"])
+    assert config.chains == 4
+
+    # The last snapshot, recomputed in this one process from the same weights with all chains.
+    model = ToyClassifier()
+    model.load_state_dict(torch.load(tmp_path / "final.pt"))
+    data = toy_dataset()
+    train, probes = tracked_sets(data)
+    single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, data=data, config=config)
+    np.testing.assert_allclose(influence, single.influence.numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(stderr, single.stderr.numpy(), rtol=1e-4, atol=1e-9)
