@@ -31,19 +31,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from .analysis import flatten_config
-from .estimator import BIFResult
+
+if TYPE_CHECKING:
+    from .estimator import BIFResult
 
 FORMAT = "lightning-bif"
 FORMAT_VERSION = 1
 STATUSES = ("ok", "diverged", "failed")
 
-# Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10).
+# Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
+# file locks (``locking=False``): a notebook holding the log open must not stop a training run from
+# resuming it. A second writer is kept out by ``_writer_lock`` instead.
 _LIBVER = ("v110", "latest")
 _MAX_ID_BYTES = 256
 _STATUS_BYTES = 16
@@ -313,29 +317,32 @@ class LogWriter:
                 f"The influence log {self.path} already exists. Pass if_exists='resume' to append to it "
                 "(same run), if_exists='overwrite' to replace it, or choose another path."
             )
-        if self.path.exists() and if_exists == "resume":
-            self._file = self._open_existing()
-        else:
-            if self.path.exists():
-                # Unlink rather than truncate: a reader that still has the old file open keeps a valid file.
-                self.path.unlink()
-            self._file = self._create()
+        guard = _writer_lock(self.path) if self.path.exists() else None
+        try:
+            if guard is not None and if_exists == "resume":
+                self._file = self._open_existing()
+            else:
+                if guard is not None:
+                    # Unlink rather than truncate: a reader that still has the old file open keeps a valid file.
+                    self.path.unlink()
+                self._file = self._create()
+        except BaseException:
+            _unlock(guard)
+            raise
+        if guard is not None and os.path.samestat(os.fstat(guard), os.stat(self.path)):
+            self._lock = guard
+        else:  # a new or recovered file: lock the file we will write
+            _unlock(guard)
+            self._lock = _writer_lock(self.path)
         self._layout = _file_layout(self._file)
         self._steps = self._file["step"][()].astype(np.int64)
-        try:
-            self._file.swmr_mode = True
-        except RuntimeError as error:
-            self._file.close()
-            raise OSError(
-                f"Cannot write the influence log {self.path}: it is open elsewhere in this process "
-                "(close readers from open_log first)."
-            ) from error
+        self._file.swmr_mode = True
 
     def _create(self) -> h5py.File:
         from . import __version__
 
         identity = self.identity
-        file = h5py.File(self.path, "w", libver=_LIBVER)
+        file = h5py.File(self.path, "w", libver=_LIBVER, locking=False)
         file.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -357,16 +364,21 @@ class LogWriter:
         return file
 
     def _open_existing(self) -> h5py.File:
-        with h5py.File(self.path, "r", swmr=True) as stored:
+        with h5py.File(self.path, "r", swmr=True, locking=False) as stored:
             _check_format(stored, self.path)
             self._check_identity(stored)
         try:
-            file = h5py.File(self.path, "r+", libver=_LIBVER)
-        except OSError:
-            # The previous writer was killed and left the file marked as open for writing; its
-            # completed snapshots are intact, so copy them into a clean file.
+            file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
+        except OSError as error:
+            if "already open for read-only" in str(error):
+                raise OSError(f"Cannot resume the influence log {self.path}: this process has it open for reading "
+                              "(open_log); close that reader first.") from error
+            if "already open for write" not in str(error):
+                raise
+            # The previous writer was killed (no live writer holds _writer_lock) and left the file
+            # marked as open for writing; its completed snapshots are intact: copy them to a clean file.
             _recover(self.path)
-            file = h5py.File(self.path, "r+", libver=_LIBVER)
+            file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
         # Drop a snapshot in flight when the previous writer died: rows past the last committed step.
         committed = len(file["step"])
         for name in _file_layout(file):
@@ -507,6 +519,7 @@ class LogWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+            _unlock(self._lock)
 
     def __enter__(self) -> LogWriter:
         return self
@@ -515,12 +528,38 @@ class LogWriter:
         self.close()
 
 
+def _writer_lock(path: Path) -> int | None:
+    """Take the advisory lock that one live writer holds on its log; ``None`` where fcntl is unavailable.
+
+    HDF5's own locks are off (see ``_LIBVER``) and a killed writer's file looks like a live one's,
+    so this lock, which the OS drops when its process dies, is what tells the two apart.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per log is up to the user
+        return None
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(descriptor)
+        raise OSError(f"The influence log {path} is being written by another LogWriter (another training run "
+                      "or process). Wait for it to finish, or choose another log path.") from error
+    return descriptor
+
+
+def _unlock(descriptor: int | None) -> None:
+    if descriptor is not None:
+        os.close(descriptor)  # closing the descriptor releases its flock
+
+
 def _recover(path: Path) -> None:
     """Rewrite a log whose writer died into a clean file with the same content."""
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".recover", delete=False) as tmp:
         target = Path(tmp.name)
     try:
-        with h5py.File(path, "r", swmr=True) as source, h5py.File(target, "w", libver=_LIBVER) as copy:
+        with h5py.File(path, "r", swmr=True, locking=False) as source, \
+                h5py.File(target, "w", libver=_LIBVER, locking=False) as copy:
             copy.attrs.update(dict(source.attrs))
             for name in source:
                 source.copy(source[name], copy, name=name)
@@ -608,7 +647,7 @@ class InfluenceLog:
         if not self.path.is_file():
             raise FileNotFoundError(f"No influence log at {self.path}.")
         try:
-            self._file = h5py.File(self.path, "r", swmr=True)
+            self._file = h5py.File(self.path, "r", swmr=True, locking=False)
         except OSError as error:
             raise OSError(f"Cannot open the influence log {self.path} as HDF5: {error}") from error
         try:

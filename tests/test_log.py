@@ -184,6 +184,24 @@ def test_if_exists_modes_and_identity_checks(tmp_path: Path) -> None:
     assert log.steps.tolist() == [5] and log.sampling_loss.shape == (1, 3, 4)
 
 
+def test_a_second_writer_is_refused_while_the_first_is_alive(tmp_path: Path) -> None:
+    path = tmp_path / "bif.h5"
+    first = LogWriter(path, make_identity())
+    first.append(record(10))
+    for if_exists in ("resume", "overwrite"):
+        with pytest.raises(OSError, match="being written by another LogWriter"):
+            LogWriter(path, make_identity(), if_exists=if_exists)
+    first.append(record(20))
+    first.close()
+    reader = open_log(path)  # HDF5 cannot open a file for writing that this process reads
+    with pytest.raises(OSError, match="has it open for reading"):
+        LogWriter(path, make_identity(), if_exists="resume")
+    reader.close()
+    with LogWriter(path, make_identity(), if_exists="resume") as second:
+        second.append(record(30))
+    assert open_log(path).steps.tolist() == [10, 20, 30]
+
+
 def test_truncate_after_removes_the_abandoned_timeline(tmp_path: Path) -> None:
     path = tmp_path / "bif.h5"
     with LogWriter(path, make_identity()) as writer:
@@ -230,7 +248,7 @@ _READER = textwrap.dedent("""
 """)
 
 
-def test_reader_in_another_process_sees_rows_appended_while_it_is_open(tmp_path: Path) -> None:
+def test_reader_in_another_process_sees_rows_appended_while_it_is_open_even_after_a_resume(tmp_path: Path) -> None:
     path = tmp_path / "bif.h5"
     writer = LogWriter(path, make_identity())
     writer.append(record(10))
@@ -239,6 +257,9 @@ def test_reader_in_another_process_sees_rows_appended_while_it_is_open(tmp_path:
     try:
         assert reader.stdout.readline().strip() == "1"
         for step in (20, 30):
+            if step == 30:  # a resumed run appends to the file the reader holds open
+                writer.close()
+                writer = LogWriter(path, make_identity(), if_exists="resume")
             writer.append(record(step, "diverged"))
             reader.stdin.write("refresh\n")
             reader.stdin.flush()
