@@ -695,7 +695,10 @@ class InfluenceLog:
         self.diverged = RowView(file["diagnostics/diverged"], rows)
 
     def refresh(self) -> None:
-        """Pick up snapshots that a live writer appended (or removed) since the last look."""
+        """Pick up snapshots that a live writer appended (or removed) since the last look.
+
+        A run resuming after a crash writes a recovered copy of the file; reopen the log to follow it.
+        """
         # ``step`` first: the writer extends every other dataset before it, so they hold >= its rows.
         for dataset in self._datasets.values():
             dataset.refresh()
