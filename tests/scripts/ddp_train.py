@@ -1,6 +1,7 @@
 """Two-process DDP (gloo, CPU) training with BIFCallback, for the DDP test.
 
 Usage: python ddp_train.py OUT_DIR
+Snapshots at steps 0, 2 and 4; the one at step 2 fails on rank 1 only.
 Every rank writes OUT_DIR/rank<r>.json (its global step, training losses, whether it opened the
 log); global rank 0 also saves the final weights to OUT_DIR/final.pt. The log is OUT_DIR/bif.h5.
 """
@@ -18,6 +19,13 @@ from toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from lightning_bif import BIFCallback
 
 CONFIG = FAST.replace(chains=4)
+
+
+def fails_on_rank_1_at_step_2(model: ToyClassifier, batch) -> torch.Tensor:
+    """The toy loss, except that rank 1's share of the step-2 snapshot raises (the other rank must not hang)."""
+    if model.trainer.global_rank == 1 and model.trainer.global_step == 2:
+        raise RuntimeError("simulated failure on rank 1")
+    return model.per_example_loss(batch)
 
 
 class Report(Callback):
@@ -43,7 +51,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
     train, probes = tracked_sets(toy_dataset())
-    bif = BIFCallback(train, probes, every_n_steps=2, at_fit_start=True, config=CONFIG, log_path=out / "bif.h5")
+    bif = BIFCallback(train, probes, loss_fn=fails_on_rank_1_at_step_2, every_n_steps=2, at_fit_start=True,
+                      config=CONFIG, log_path=out / "bif.h5")
     pl.seed_everything(0)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4, callbacks=[bif, Report(out, bif)],
                          logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False,
