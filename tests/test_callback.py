@@ -285,3 +285,23 @@ def test_fit_from_a_checkpoint_continues_the_log_and_drops_the_abandoned_timelin
         assert log.wall_time[0] < resumed_at < log.wall_time[1]  # 6 and 9 are the new timeline's
     with open_log(tmp_path / "second.h5") as log:
         assert log.steps.tolist() == [5, 10]
+
+
+def test_snapshots_reach_the_trainers_tensorboard_logger_with_the_logged_values(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing import event_accumulator
+
+    labels = DATA.tensors[1]
+    callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, train_groups=labels[TRAIN.indices],
+                           probe_groups=labels[PROBES.indices], probe_group_names={0: "zero", 1: "one", 2: "two"})
+    trainer, _ = fit(tmp_path, [callback], max_steps=4, logger=TensorBoardLogger(tmp_path, name="tb"))
+    events = event_accumulator.EventAccumulator(trainer.logger.log_dir, size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    with open_log(callback.resolved_log_path) as log:
+        assert callback.resolved_log_path.parent == Path(trainer.logger.log_dir)
+        durations = events.Scalars("bif_diag/duration_s")
+        assert [e.step for e in durations] == log.steps.tolist() == [2, 4]
+        np.testing.assert_allclose([e.value for e in durations], log.duration_s, rtol=1e-6)
+        pairs = np.ix_(log.probe_groups == 1, log.train_groups == 0)
+        expected = [log.influence[s][pairs].mean() for s in range(len(log))]
+        np.testing.assert_allclose([e.value for e in events.Scalars("bif/one/0")], expected, rtol=1e-5)
