@@ -86,12 +86,23 @@ class CovarianceAccumulator:
         """The accumulated state; chains are disjoint across ranks, so summing these merges runs."""
         return [getattr(self, name) for name in _SUMS] + [self.draw_loss, self.sampling_loss]
 
-    def healthy_chains(self) -> torch.Tensor:
-        """Chains with at least two draws and only finite values, ``[C]`` bool."""
+    def _finite_chains(self) -> torch.Tensor:
         finite = torch.ones_like(self.count, dtype=torch.bool)
         for tensor in self.tensors():
             finite &= torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
-        return finite & (self.count >= 2)
+        return finite
+
+    def healthy_chains(self) -> torch.Tensor:
+        """Chains with at least two draws and only finite values, ``[C]`` bool."""
+        return self._finite_chains() & (self.count >= 2)
+
+    def diverged_chains(self) -> torch.Tensor:
+        """Chains that have draws with non-finite values, ``[C]`` bool.
+
+        Chains that were not run here (another rank's share, before merging) have no draws and
+        are not counted as diverged.
+        """
+        return ~self._finite_chains() & (self.count > 0)
 
     def _pooled(self, chains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Covariance ``[P, N]``, variances and train mean shift of the draws pooled over ``chains``."""

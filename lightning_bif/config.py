@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Preconditioner = Literal["none", "rmsprop"]
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (``chains=True`` is a mistake, not one chain)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A real, finite number (rejects NaN and inf, which compare False with everything)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -75,28 +87,31 @@ class SGLDConfig:
         positive_ints = {"chains": self.chains, "draws": self.draws, "thin": self.thin,
                          "eval_batch_size": self.eval_batch_size}
         for name, value in positive_ints.items():
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"SGLDConfig.{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.burn_in, int) or self.burn_in < 0:
+        if not _is_int(self.burn_in) or self.burn_in < 0:
             raise ValueError(f"SGLDConfig.burn_in must be an integer >= 0, got {self.burn_in!r}.")
-        if not self.step_size > 0:
-            raise ValueError(f"SGLDConfig.step_size must be > 0, got {self.step_size!r}.")
-        if self.nbeta is not None and not self.nbeta > 0:
-            raise ValueError(f"SGLDConfig.nbeta must be > 0 or None, got {self.nbeta!r}.")
-        if self.localization < 0 or self.weight_decay < 0:
-            raise ValueError("SGLDConfig.localization and SGLDConfig.weight_decay must be >= 0.")
+        if not _is_finite(self.step_size) or not self.step_size > 0:
+            raise ValueError(f"SGLDConfig.step_size must be a finite number > 0, got {self.step_size!r}.")
+        if self.nbeta is not None and (not _is_finite(self.nbeta) or not self.nbeta > 0):
+            raise ValueError(f"SGLDConfig.nbeta must be a finite number > 0 or None, got {self.nbeta!r}.")
+        for name, value in {"localization": self.localization, "weight_decay": self.weight_decay}.items():
+            if not _is_finite(value) or value < 0:
+                raise ValueError(f"SGLDConfig.{name} must be a finite number >= 0, got {value!r}.")
         if self.preconditioner not in ("none", "rmsprop"):
             raise ValueError(
                 f"SGLDConfig.preconditioner must be 'none' or 'rmsprop', got {self.preconditioner!r}."
             )
         if self.preconditioner == "rmsprop" and self.burn_in < 1:
             raise ValueError("SGLDConfig.preconditioner='rmsprop' is estimated during burn-in: set burn_in >= 1.")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"SGLDConfig.batch_size must be a positive integer or None, got {self.batch_size!r}.")
         if self.vectorize not in (True, False, "auto"):
             raise ValueError(f"SGLDConfig.vectorize must be True, False or 'auto', got {self.vectorize!r}.")
-        if self.chains_per_batch is not None and self.chains_per_batch < 1:
-            raise ValueError(f"SGLDConfig.chains_per_batch must be >= 1 or None, got {self.chains_per_batch!r}.")
+        if self.chains_per_batch is not None and (not _is_int(self.chains_per_batch) or self.chains_per_batch < 1):
+            raise ValueError(
+                f"SGLDConfig.chains_per_batch must be a positive integer or None, got {self.chains_per_batch!r}."
+            )
 
     def replace(self, **changes: Any) -> SGLDConfig:
         """Return a copy with some fields changed (validated again)."""

@@ -91,10 +91,13 @@ class ExampleSet:
         return self._length
 
     def ids(self) -> torch.Tensor:
-        """Dataset indices of the examples (positions in the underlying dataset for a ``Subset``)."""
-        if isinstance(self.dataset, Subset):
-            return torch.as_tensor(list(self.dataset.indices), dtype=torch.long)
-        return torch.arange(self._length)
+        """Dataset indices of the examples: positions in the innermost dataset of (nested) ``Subset``s."""
+        positions = torch.arange(self._length)
+        source = self.dataset
+        while isinstance(source, Subset):
+            positions = torch.as_tensor(list(source.indices), dtype=torch.long)[positions]
+            source = source.dataset
+        return positions
 
     def gather(self, index: torch.Tensor, device: torch.device) -> Batch:
         """The batch of the examples at positions ``index`` (a CPU long tensor), on ``device``."""

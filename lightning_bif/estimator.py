@@ -193,7 +193,7 @@ class BIFEstimator:
         diagnostics = Diagnostics(
             sampling_loss=accumulator.sampling_loss.float().cpu(),
             draw_loss=accumulator.draw_loss.float().cpu(),
-            diverged=(~healthy).cpu(),
+            diverged=accumulator.diverged_chains().cpu(),
             loss_rise=rise,
             split_half=stats.split_half,
             ess=effective_sample_size(accumulator.draw_loss[healthy]),

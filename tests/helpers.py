@@ -1,0 +1,148 @@
+"""Shared test helpers: small models, per-example losses and the closed-form Gaussian BIF.
+
+Other test modules import these; keep the signatures stable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def mlp(inputs: int = 4, hidden: int = 16, outputs: int = 3, seed: int = 0) -> nn.Sequential:
+    """A small tanh MLP with deterministic initial weights."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
+
+
+def cross_entropy(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example cross-entropy of a ``[x, y]`` batch."""
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def half_squared_error(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example ``½ (f(x) - y)²`` of a ``[x, y]`` batch for a model with one output."""
+    return 0.5 * (model(batch[0]).squeeze(-1) - batch[1]).square()
+
+
+def classification_data(
+    n: int, inputs: int = 4, classes: int = 3, seed: int = 0, label_noise: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs with labels from a fixed random linear rule (learnable, slightly noisy)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inputs, generator=g)
+    rule = torch.randn(inputs, classes, generator=torch.Generator().manual_seed(1234))
+    logits = 2.0 * x @ rule + label_noise * torch.randn(n, classes, generator=g)
+    return x, logits.argmax(dim=1)
+
+
+def train_briefly(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, steps: int = 200,
+                  lr: float = 0.05, weight_decay: float = 0.0) -> nn.Module:
+    """Full-batch Adam for a few steps, so w* is near a minimum (restores the global RNG)."""
+    state = torch.get_rng_state()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model, [x, y]).mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.set_rng_state(state)
+    return model
+
+
+@dataclass
+class LinearProblem:
+    """A linear regression ``y = xᵀθ + b + noise`` fitted by ``nn.Linear(d, 1)`` (bias included).
+
+    Attributes:
+        model: ``nn.Linear(d, 1)`` in float64 at w* (the least-squares fit, perturbed a little so
+            that w* is not the posterior mean).
+        x, y: Training inputs ``[n, d]`` and targets ``[n]``.
+        xp, yp: Probe inputs ``[p, d]`` and targets ``[p]``.
+    """
+
+    model: nn.Linear
+    x: torch.Tensor
+    y: torch.Tensor
+    xp: torch.Tensor
+    yp: torch.Tensor
+
+    @property
+    def w_star(self) -> torch.Tensor:
+        """Flat parameters at w*, in the order the sampler uses (weight then bias)."""
+        return torch.cat([self.model.weight.detach().reshape(-1), self.model.bias.detach()])
+
+
+def with_bias(x: torch.Tensor) -> torch.Tensor:
+    """Design matrix ``[x, 1]`` matching ``nn.Linear``'s (weight, bias) parameter order."""
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def linear_problem(
+    n: int = 40, d: int = 3, probes: int = 8, seed: int = 0, smallest_scale: float = 0.8
+) -> LinearProblem:
+    """A small regression whose input columns have scales from 1 down to ``smallest_scale``.
+
+    Scales near 1 give a nearly isotropic posterior (plain SGLD mixes fast); small ones make it
+    anisotropic (where a preconditioner helps).
+    """
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(1.0, smallest_scale, d, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scales
+    xp = torch.randn(probes, d, generator=g, dtype=torch.float64) * scales
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+    y = x @ theta + 0.3 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    yp = xp @ theta + 0.3 + 0.5 * torch.randn(probes, generator=g, dtype=torch.float64)
+    fit = torch.linalg.lstsq(with_bias(x), y[:, None]).solution.squeeze(1)
+    fit = fit + 0.05 * torch.randn(d + 1, generator=g, dtype=torch.float64)
+    model = nn.Linear(d, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(fit[:d][None])
+        model.bias.copy_(fit[d:])
+    return LinearProblem(model, x, y, xp, yp)
+
+
+def gaussian_posterior(
+    x: torch.Tensor, y: torch.Tensor, w_star: torch.Tensor, nbeta: float, localization: float,
+    weight_decay: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the localized posterior of linear regression with ``ℓ = ½ (y - xᵀw)²``.
+
+    The log density is ``-nβ·mean_i ℓ_i(w) - nβλ/2·||w||² - γ/2·||w - w*||²``, a Gaussian with
+    precision ``A = (nβ/n)·XᵀX + (nβλ + γ)·I`` and mean ``A⁻¹ ((nβ/n)·Xᵀy + γ·w*)``; ``x``
+    already holds the bias column.
+    """
+    n, dim = x.shape
+    eye = torch.eye(dim, dtype=x.dtype)
+    precision = (nbeta / n) * x.T @ x + (nbeta * weight_decay + localization) * eye
+    mean = torch.linalg.solve(precision, (nbeta / n) * x.T @ y + localization * w_star)
+    return mean, torch.linalg.inv(precision)
+
+
+def exact_influence(
+    x_train: torch.Tensor, y_train: torch.Tensor, x_probe: torch.Tensor, y_probe: torch.Tensor,
+    mean: torch.Tensor, cov: torch.Tensor,
+) -> torch.Tensor:
+    """Exact ``BIF = -Cov(ℓ_train, ℓ_probe)`` ``[P, N]`` under ``w ~ N(mean, cov)``, ℓ = ½ squared error.
+
+    With residuals ``r = y - xᵀμ`` and ``S_ij = x_jᵀ Σ x_i``: ``Cov(ℓ_i, ℓ_j) = r_i r_j S_ij + ½ S_ij²``.
+    """
+    r_train = y_train - x_train @ mean
+    r_probe = y_probe - x_probe @ mean
+    s = x_probe @ cov @ x_train.T
+    return -(r_probe[:, None] * r_train[None, :] * s + 0.5 * s.square())
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two tensors' entries."""
+    a = a.flatten().double() - a.double().mean()
+    b = b.flatten().double() - b.double().mean()
+    return float((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt())
+
+
+def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
+    """Relative Frobenius error ``||estimate - exact|| / ||exact||``."""
+    return float((estimate.double() - exact.double()).norm() / exact.double().norm())
