@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Preconditioner = Literal["none", "rmsprop"]
+Autocast = Literal["bf16", "fp16"]
 
 
 def _is_int(value: Any) -> bool:
@@ -57,7 +58,13 @@ class SGLDConfig:
         vectorize: Run chains together with ``torch.func.vmap`` (``True``), one after another
             (``False``), or vectorized with a fallback to sequential when vmap fails (``"auto"``).
         chains_per_batch: Largest number of chains vectorized at once (bounds memory); ``None``
-            vectorizes all chains together.
+            vectorizes all chains together and, on CUDA, splits a group in halves and reruns it
+            when it runs out of memory (a chain's draws do not depend on its group).
+        autocast: Precision of the forward passes: ``"bf16"`` or ``"fp16"`` runs the per-draw
+            evaluation and the SGLD loss gradients under ``torch.autocast`` with that dtype (pass
+            the precision the model trains in); ``None`` runs them in the parameters' dtype. The
+            sampled parameters, the SGLD update and the accumulated statistics keep their own
+            precision either way. fp16 gradients are not loss-scaled: prefer ``"bf16"``.
     """
 
     chains: int = 4
@@ -75,6 +82,7 @@ class SGLDConfig:
     sample_params: tuple[str, ...] | None = None
     vectorize: bool | Literal["auto"] = "auto"
     chains_per_batch: int | None = None
+    autocast: Autocast | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -112,6 +120,8 @@ class SGLDConfig:
             raise ValueError(
                 f"SGLDConfig.chains_per_batch must be a positive integer or None, got {self.chains_per_batch!r}."
             )
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"SGLDConfig.autocast must be 'bf16', 'fp16' or None, got {self.autocast!r}.")
 
     def replace(self, **changes: Any) -> SGLDConfig:
         """Return a copy with some fields changed (validated again)."""

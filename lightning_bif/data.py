@@ -6,17 +6,30 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
-from torch.utils._pytree import tree_map
 
 Batch = Any
 ExampleSource = Dataset | DataLoader | Sequence[torch.Tensor]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait for the GPU.
+
+    A copy from ordinary (pageable) host memory to a GPU first waits for all queued GPU work,
+    which would stall the SGLD loop once per step; a copy from pinned memory is queued instead.
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def move_to(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor in a (nested) batch to ``device``."""
-    return tree_map(lambda x: x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x, batch)
+    return tree_map(lambda x: to_device(x, device) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _tensor_view(source: Any) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
@@ -103,7 +116,7 @@ class ExampleSet:
         """The batch of the examples at positions ``index`` (a CPU long tensor), on ``device``."""
         if self._tensors is not None:
             rows = index if self._index is None else self._index[index]
-            return [t[rows.to(t.device)].to(device, non_blocking=True) for t in self._tensors]
+            return [to_device(t[to_device(rows, t.device)], device) for t in self._tensors]
         return move_to(self._collate([self.dataset[int(i)] for i in index]), device)
 
     def batches(self, batch_size: int, device: torch.device) -> list[tuple[int, Batch]]:

@@ -137,7 +137,7 @@ class BIFEstimator:
     def prepare(self) -> None:
         """Build the functional model and evaluation batches; compute and check the losses at w*."""
         cfg = self.config
-        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device)
+        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device, autocast=cfg.autocast)
         self._buffers = self.fmodel.fresh_buffers()
         self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
         self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
@@ -173,16 +173,35 @@ class BIFEstimator:
         cfg = self.config
         accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
+        # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
+        # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
+        # (seed, chain), so the rerun yields exactly what a smaller group would have.
+        split_on_oom = self.vectorized and cfg.chains_per_batch is None
         chains = list(chains)
         total = len(chains) * self.sampler.steps_per_chain
-        for start in range(0, len(chains), size):
+        start = 0
+        while start < len(chains):
             group = chains[start:start + size]
             step_progress = None if progress is None else _group_progress(
                 progress, start * self.sampler.steps_per_chain, len(group), total
             )
-            for draw in self.sampler.run(group, self.vectorized, step_progress):
-                train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
-                accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss)
+            try:
+                for draw in self.sampler.run(group, self.vectorized, step_progress):
+                    train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
+                    accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss)
+            except torch.cuda.OutOfMemoryError:
+                if not split_on_oom or len(group) == 1:
+                    raise
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:  # outside the except block, so the failed group's tensors are freed
+                _forget_chains(accumulator, group)
+                size = len(group) // 2
+                warnings.warn(f"{len(group)} chains at once ran out of GPU memory; running {size} at a time.",
+                              stacklevel=2)
+                continue
+            start += len(group)
         return accumulator
 
     def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
@@ -231,6 +250,12 @@ class BIFEstimator:
 def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
     """Report a group's per-chain step count as steps done over all chains."""
     return lambda done, _: progress(done_before + done * group_size, total)
+
+
+def _forget_chains(accumulator: CovarianceAccumulator, chains: list[int]) -> None:
+    """Zero the accumulated draws of ``chains`` (every accumulator tensor has a leading chain axis)."""
+    for tensor in accumulator.tensors():
+        tensor[chains] = 0
 
 
 def _check_finite(losses: torch.Tensor, fn_name: str, what: str) -> None:

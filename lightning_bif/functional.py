@@ -76,11 +76,16 @@ class FunctionalModel:
         model: The module; never modified.
         sample_params: Glob patterns of the parameters to sample (``None``: all trainable).
         device: Where the flat parameters, frozen tensors and buffers live.
+        autocast: ``"bf16"`` or ``"fp16"`` to run every loss evaluation under ``torch.autocast``.
     """
 
-    def __init__(self, model: nn.Module, sample_params: tuple[str, ...] | None, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, sample_params: tuple[str, ...] | None, device: torch.device,
+        autocast: str | None = None,
+    ) -> None:
         self._call = _LossCall(model)
         self.device = device
+        self.autocast_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[autocast]
         self.names = select_parameters(model, sample_params)
         params = dict(model.named_parameters())
         sampled = [params[n].detach() for n in self.names]
@@ -113,7 +118,8 @@ class FunctionalModel:
     ) -> torch.Tensor:
         """Per-example losses ``[size]`` of ``batch`` at the sampled parameters ``flat [D]``."""
         self._call.fn = fn
-        out = functional_call(self._call, self._tensors(flat, buffers), (batch,))
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = functional_call(self._call, self._tensors(flat, buffers), (batch,))
         return check_losses(out, size, what)
 
     def batched_losses(
