@@ -246,6 +246,7 @@ class BIFCallback(Callback):
         if self.data is None:
             self._data_source = self._trainer_data(trainer)
         self._active_schedule = self._bind_schedule(trainer)
+        self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
 
@@ -271,6 +272,9 @@ class BIFCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_log()
+        if stage == "fit" and self._resolved_log_path is not None:
+            # A later fit with this callback (more epochs on the same trainer) continues the same log.
+            self._resumed, self._resumed_log_path = True, self._resolved_log_path
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -404,6 +408,19 @@ class BIFCallback(Callback):
                 self._sink = TensorBoardSink(logger.experiment, self._identity(),
                                              self.train_group_names, self.probe_group_names)
         return None
+
+    def _check_log_continues(self, trainer: pl.Trainer) -> None:
+        """Refuse to append to a log (``if_exists="resume"``) that already has snapshots at or after the start step."""
+        last = int(self._writer.steps[-1]) if self._writer is not None and len(self._writer.steps) else -1
+        last = trainer.strategy.broadcast(last)
+        if last > self._last_step and last >= trainer.global_step:
+            self._close_log()
+            raise MisconfigurationException(
+                f"BIFCallback: the log {self._resolved_log_path} already has snapshots up to step {last}, but "
+                f"training starts at step {trainer.global_step}. To continue that run, resume from its checkpoint "
+                "(trainer.fit(..., ckpt_path=...)); to start over, pass if_exists='overwrite' or another log_path."
+            )
+        self._last_step = max(self._last_step, last)
 
     def _close_log(self) -> None:
         if self._writer is not None:

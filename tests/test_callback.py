@@ -110,6 +110,15 @@ def test_log_spaced_schedule_ends_at_the_trainers_length(tmp_path):
         assert log.steps.tolist() == [2, 4, 8]
 
 
+def test_a_second_fit_on_the_same_trainer_continues_the_log(tmp_path):
+    callback = bif(tmp_path, every_n_steps=2)
+    trainer, model = fit(tmp_path, [callback], max_steps=4)
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    trainer.fit(model, loader(DATA))
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist() == [2, 4, 6, 8]
+
+
 def test_should_snapshot_is_the_customisation_point(tmp_path):
     class OddSteps(BIFCallback):
         def should_snapshot(self, event, step, epoch):
@@ -211,6 +220,12 @@ def test_an_existing_log_of_another_run_is_refused_unless_overwritten(tmp_path):
     fit(tmp_path, [bif(tmp_path, every_n_steps=2, if_exists="overwrite", config=FAST.replace(draws=12))], max_steps=4)
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [2, 4] and log.draws == 12
+    same_run = bif(tmp_path, every_n_steps=2, if_exists="resume", config=FAST.replace(draws=12))
+    with pytest.raises(MisconfigurationException, match=r"up to step 4, but training starts at step 0.*ckpt_path"):
+        make_trainer(tmp_path, [same_run]).fit(model, loader(DATA))
+    assert model.losses == []
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist() == [2, 4]
 
 
 def test_sharded_strategies_are_refused(tmp_path):
