@@ -62,7 +62,7 @@ def test_chosen_step_is_stable_and_nearly_unbiased() -> None:
                           vectorize=False)
     before = model.weight.detach().clone()
     ladder = [limit * 2.0**k for k in range(1, -5, -1)]
-    result = calibrate(model, half_squared_error, data, config, step_sizes=ladder, pilot_steps=200)
+    result = calibrate(model, half_squared_error, data, config, step_sizes=ladder, pilot_steps=100)
 
     assert result.ok
     assert torch.equal(model.weight, before)
