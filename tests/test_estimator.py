@@ -324,3 +324,12 @@ def test_per_token_losses_are_averaged_per_example(trained) -> None:
     tokens = estimate_bif(model, per_token, (x, y), (x[:3], y[:3]), config=FAST)
     plain = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST)
     torch.testing.assert_close(tokens.influence, plain.influence)
+
+
+def test_sampling_only_some_parameters(trained) -> None:
+    model, x, y = trained
+    head_only = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST.replace(sample_params="2.*"))
+    everything = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST)
+    assert head_only.ok and head_only.config.sample_params == ("2.*",)
+    assert not torch.allclose(head_only.influence, everything.influence)
+    torch.testing.assert_close(head_only.train_loss, everything.train_loss)
