@@ -102,7 +102,7 @@ class SGLDSampler:
         m = self.minibatch
         flat = self.data.gather(rng.indices(len(self.data), m), self.fmodel.device)
         if vectorized:
-            return _map_tensors(lambda t: t.reshape(groups, m, *t.shape[1:]), flat), False
+            return _map_tensors(lambda t: t.view(groups, m, *t.shape[1:]), flat), False
         return [_rows(flat, g * m, (g + 1) * m) for g in range(groups)], False
 
     def example_minibatch(self, groups: int) -> tuple[Batch, bool]:
