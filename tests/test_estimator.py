@@ -333,3 +333,21 @@ def test_sampling_only_some_parameters(trained) -> None:
     assert head_only.ok and head_only.config.sample_params == ("2.*",)
     assert not torch.allclose(head_only.influence, everything.influence)
     torch.testing.assert_close(head_only.train_loss, everything.train_loss)
+
+
+def _column_major_collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Same values as the default collate, but the inputs are a non-contiguous (column-major) view."""
+    inputs = torch.stack([x for x, _ in items]).t().contiguous().t()
+    return [inputs, torch.stack([y for _, y in items])]
+
+
+def test_sgld_data_through_a_loaders_own_collate_fn(trained) -> None:
+    """A generic (non-tensor) dataset's minibatches come from the DataLoader's collate_fn, vectorized."""
+    model, x, y = trained
+    config = FAST.replace(vectorize=True)
+    loader = DataLoader(_TupleDataset(x, y), batch_size=8, collate_fn=_column_major_collate)
+    assert not _column_major_collate([(x[0], y[0]), (x[1], y[1])])[0].is_contiguous()
+    result = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), data=loader, config=config)
+    reference = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    assert result.diagnostics.vectorized
+    torch.testing.assert_close(result.influence, reference.influence, rtol=1e-5, atol=1e-9)
