@@ -236,10 +236,12 @@ class BIFEstimator:
     ) -> BIFResult:
         """Prepare, sample ``chains`` (default: all), optionally ``merge`` across ranks, summarize.
 
-        The model's mode and the global RNG are restored afterwards.
+        The model's mode and the global RNG are restored afterwards. Works inside
+        ``torch.inference_mode()`` (e.g. a Lightning validation hook): SGLD needs gradients, so
+        inference mode is switched off for the estimate.
         """
         start = time.perf_counter()
-        with preserved_state(self.model, [self.device]):
+        with preserved_state(self.model, [self.device]), torch.inference_mode(False):
             self.prepare()
             accumulator = self.sample(range(self.config.chains) if chains is None else chains, progress)
             if merge is not None:

@@ -351,3 +351,15 @@ def test_sgld_data_through_a_loaders_own_collate_fn(trained) -> None:
     reference = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
     assert result.diagnostics.vectorized
     torch.testing.assert_close(result.influence, reference.influence, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_works_inside_inference_mode(trained, vectorize: bool) -> None:
+    """Lightning runs validation hooks under torch.inference_mode(); SGLD still needs gradients."""
+    model, x, y = trained
+    config = FAST.replace(vectorize=vectorize)
+    outside = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    with torch.inference_mode():
+        inside = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    assert inside.diagnostics.vectorized == vectorize
+    torch.testing.assert_close(inside.influence, outside.influence)
