@@ -219,7 +219,7 @@ def bench_workload(workload: Workload, device: torch.device, methods: list[str],
     outputs: dict[str, torch.Tensor] = {}
     for method in methods:
         if warmup:  # lazy initialisation (CUDA context, kernels, vmap) is not a snapshot's cost
-            runners[method](replace(workload, draws=2), model)
+            runners[method](replace(workload, draws=1), model)
         influence, seconds, memory = measure(lambda method=method: runners[method](workload, model), device)
         outputs[method] = influence
         rows[method] = {
@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--peak-flops", type=float, default=None,
                         help=f"device peak for MFU (default on CUDA: H100 bf16 dense {H100_BF16_DENSE_FLOPS:.3g})")
     parser.add_argument("--no-warmup", action="store_true", help="time the first call (default: warm up first)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: warn at every host synchronisation (torch.cuda.set_sync_debug_mode)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
 
@@ -304,6 +306,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     peak = args.peak_flops or (H100_BF16_DENSE_FLOPS if device.type == "cuda" else None)
     pretrain_steps = args.pretrain if args.pretrain is not None else (0 if args.smoke else 100)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sync_debug and device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
     reports = []
     for name in args.workload:
         workload = smoke(WORKLOADS[name]) if args.smoke else WORKLOADS[name]

@@ -158,9 +158,16 @@ class FunctionalModel:
             value = self.losses(f, b, size, fn, buffers, "loss_fn").mean()
             return value, value.detach()
 
-        grad_fn = grad(mean_loss, has_aux=True)
         if vectorized:
-            return vmap(grad_fn, in_dims=(0, None if shared_batch else 0))(flat, batches)
+            # vmap the forward only and let plain autograd run the batched backward: the chains
+            # are independent, so the gradient of the summed losses is each chain's own gradient,
+            # and the backward skips functorch's per-op wrapping (faster than vmap(grad(...))).
+            leaf = flat.detach().requires_grad_(True)
+            with torch.enable_grad():
+                values = vmap(lambda f, b: mean_loss(f, b)[0], in_dims=(0, None if shared_batch else 0))(leaf, batches)
+                (grads,) = torch.autograd.grad(values.sum(), leaf)
+            return grads, values.detach()
+        grad_fn = grad(mean_loss, has_aux=True)
         per_chain = [batches] * flat.shape[0] if shared_batch else batches
         results = [grad_fn(f, b) for f, b in zip(flat, per_chain, strict=True)]
         return torch.stack([g for g, _ in results]), torch.stack([v for _, v in results])
