@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .accumulator import CovarianceAccumulator, effective_sample_size
 from .config import SGLDConfig
@@ -125,6 +126,10 @@ class BIFEstimator:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train losses ``[G, N]`` and probe observables ``[G, P]`` at parameter vectors ``[G, D]``."""
         buffers = self._buffers
+        if self._joint_batch is not None:
+            size, batch = self._joint_batch
+            losses = fmodel.batched_losses(params, batch, size, self.loss_fn, buffers, "loss_fn", vectorized)
+            return losses[:, :len(self.train)], losses[:, len(self.train):]
         outputs = []
         for batches, fn, what in ((self._train_batches, self.loss_fn, "loss_fn"),
                                   (self._probe_batches, self.probe_fn, "probe_fn")):
@@ -141,10 +146,13 @@ class BIFEstimator:
         self._buffers = self.fmodel.fresh_buffers()
         self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
         self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
+        self._joint_batch: tuple[int, Batch] | None = None  # the losses at w* are checked set by set
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
         self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
         _check_finite(self.train_loss0, "loss_fn", "training example")
         _check_finite(self.probe_loss0, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
+        if self.probe_fn is self.loss_fn:
+            self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
         self.vectorized = self._choose_vectorized()
 
@@ -252,6 +260,29 @@ class BIFEstimator:
 def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
     """Report a group's per-chain step count as steps done over all chains."""
     return lambda done, _: progress(done_before + done * group_size, total)
+
+
+def _joint_batch(
+    train: list[tuple[int, Batch]], probes: list[tuple[int, Batch]], limit: int
+) -> tuple[int, Batch] | None:
+    """Tracked examples and probes as one batch, when one loss function serves both and they fit.
+
+    One forward pass per draw instead of two: for small models the per-call overhead, not the
+    arithmetic, is what a draw costs. ``None`` when the sets do not stack (other structure,
+    trailing shapes or dtypes) or exceed one evaluation batch.
+    """
+    if len(train) != 1 or len(probes) != 1 or train[0][0] + probes[0][0] > limit:
+        return None
+    (n, a), (p, b) = train[0], probes[0]
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b or not all(
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim > 0 and y.ndim > 0
+        and (x.shape[0], y.shape[0]) == (n, p) and x.shape[1:] == y.shape[1:] and x.dtype == y.dtype
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    ):
+        return None
+    return n + p, tree_unflatten([torch.cat([x, y]) for x, y in zip(leaves_a, leaves_b, strict=True)], spec_a)
 
 
 def _forget_chains(accumulator: CovarianceAccumulator, chains: list[int]) -> None:

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.data import ExampleSet
+from lightning_bif.estimator import BIFEstimator, _joint_batch
 from lightning_bif.functional import FunctionalModel
 from lightning_bif.sampler import SGLDSampler
 
@@ -105,3 +106,20 @@ def test_autocast_is_validated_and_round_trips_through_json() -> None:
         SGLDConfig(autocast="int8")
     config = SGLDConfig(autocast="bf16")
     assert SGLDConfig.from_json(config.to_json()) == config
+
+
+def test_train_and_probes_are_evaluated_in_one_pass_with_the_same_result_as_two() -> None:
+    model, train, probes = problem()
+    config = SGLDConfig(chains=2, draws=8, burn_in=2, step_size=1e-3)
+    joint = BIFEstimator(model, cross_entropy, train, probes, config=config)
+    separate = BIFEstimator(model, cross_entropy, train, probes, config=config,
+                            probe_fn=lambda m, b: cross_entropy(m, b))
+    one, two = joint.run(), separate.run()
+    assert joint._joint_batch is not None and separate._joint_batch is None
+    torch.testing.assert_close(one.influence, two.influence)
+    torch.testing.assert_close(one.probe_loss, two.probe_loss)
+    # Sets that do not stack (other trailing shape) or do not fit one evaluation batch stay apart.
+    assert _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5, 2)])], 8) is None
+    assert _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5)])], 2) is None
+    size, batch = _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.ones(1, 5)])], 3)
+    assert size == 3 and torch.equal(batch[0][2], torch.ones(5))
