@@ -70,6 +70,7 @@ def test_chosen_step_is_stable_and_nearly_unbiased() -> None:
     assert result.config == config.replace(step_size=result.step_size)
     # Every larger candidate was rejected for a stated reason; the chosen one is barely biased.
     assert [c.accepted for c in result.candidates] == [False] * (len(result.candidates) - 1) + [True]
+    assert result.step_size == result.candidates[-1].step_size / 2  # the default safety margin
     assert all(c.step_size > result.step_size for c in result.candidates[:-1])
     assert any(c.pilot.diverged or "bias" in c.reason for c in result.candidates[:-1])
     assert rise_inflation(result.step_size, curvature) < 1.25
@@ -102,5 +103,7 @@ def test_pilot_evidence_and_argument_checks() -> None:
     assert math.isfinite(candidate.bias)
     with pytest.raises(ValueError, match="step_sizes"):
         calibrate(model, half_squared_error, data, config, step_sizes=[-1.0])
+    with pytest.raises(ValueError, match="safety"):
+        calibrate(model, half_squared_error, data, config, safety=0.5)
     with pytest.raises(ValueError, match="pilot_steps"):
         calibrate(model, half_squared_error, data, config, pilot_steps=3)
