@@ -13,14 +13,6 @@ from lightning_bif.calibration import calibrate
 N, NBETA, GAMMA = 200, 200.0, 1.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Pilot chains of a 4-parameter model are all overhead: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def half_squared_error(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     x, y = batch

@@ -21,13 +21,6 @@ _SPEC.loader.exec_module(lds_digits)
 TINY = lds_digits.Setup(n_train=60, n_probes=6, subsets=8, seeds=2, train_steps=60, hidden=6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_spearman_matches_scipy() -> None:
     gen = torch.Generator().manual_seed(0)
