@@ -13,7 +13,6 @@ from lightning_bif.calibration import calibrate
 N, NBETA, GAMMA = 200, 200.0, 1.0
 
 
-
 def half_squared_error(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     x, y = batch
     return 0.5 * (model(x).squeeze(-1) - y).square()

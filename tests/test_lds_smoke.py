@@ -21,7 +21,6 @@ _SPEC.loader.exec_module(lds_digits)
 TINY = lds_digits.Setup(n_train=60, n_probes=6, subsets=8, seeds=2, train_steps=60, hidden=6)
 
 
-
 def test_spearman_matches_scipy() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 20, generator=gen), torch.randn(3, 20, generator=gen)
