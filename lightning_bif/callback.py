@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .accumulator import CovarianceAccumulator
+from .calibration import calibrate as calibrate_step_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
@@ -36,6 +39,12 @@ Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 LOSS_HOOK = "per_example_loss"
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+# calibrate()'s settings a user may pass through BIFCallback(calibrate={...}); the rest comes from the callback.
+_CALIBRATION_OPTIONS = tuple(
+    name for name, parameter in inspect.signature(calibrate_step_size).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "device"
+)
+_MAX_ERROR_CHARS = 500
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -77,6 +86,19 @@ class BIFCallback(Callback):
     checkpoints. ``trainer.fit(ckpt_path=...)`` continues the same log: rows written after the
     checkpoint's last snapshot (an abandoned timeline) are removed, then new snapshots are appended.
 
+    **Step-size calibration.** With ``calibrate`` set, the first scheduled snapshot first runs
+    :func:`~lightning_bif.calibration.calibrate` from the current weights (short pilot chains
+    with the snapshot's model, loss, data and config; training is left untouched as for a
+    snapshot). An accepted step size is used for that snapshot and every later one. When none is
+    accepted — typical near initialisation, where the weights are not yet a stationary point —
+    a warning is shown once, the configured step size is kept, and calibration is tried again at
+    the next snapshot until it succeeds. The log records each snapshot's ``step_size`` and each
+    calibration's evidence (``open_log(...).calibration``); its stored config stays the
+    configured one. Under DDP global rank 0 calibrates and broadcasts its answer.
+
+    **Reliability.** After an ``ok`` snapshot whose split-half reliability is below
+    ``min_split_half`` (or NaN with two or more chains) a warning is shown once per fit.
+
     **Failures.** A snapshot whose chains diverge is recorded with status ``"diverged"``; one that
     raises is recorded as ``"failed"`` (with NaN arrays and the error message). A warning is shown
     once per kind and training goes on. Bad input is rejected at fit start, before any training
@@ -111,6 +133,18 @@ class BIFCallback(Callback):
             config and ids). A fit resumed from a checkpoint always resumes its log.
         tensorboard: Write curves, histograms and heatmaps to the trainer's ``TensorBoardLogger``.
         progress: Show progress during a snapshot (in the progress bar, or as log lines).
+        calibrate: Choose the SGLD step size from pilot chains at the first snapshot (see
+            above): ``True`` for :func:`~lightning_bif.calibration.calibrate`'s defaults, or a
+            dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
+            "step_sizes": [...]}`` (keys: ``step_sizes``, ``pilot_steps``, ``pilot_chains``,
+            ``tracked``, ``tolerance``, ``drift_tolerance``, ``safety``). The default ladder is
+            ``config.step_size`` times 16, 8, ..., 1/16, tried from the largest down; a
+            candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
+            half-step reference runs too. The time is not part of the snapshot's ``duration_s``
+            (it is in the calibration evidence).
+        min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
+            this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
+            warning off.
 
     Example::
 
@@ -148,6 +182,8 @@ class BIFCallback(Callback):
         if_exists: Literal["error", "overwrite", "resume"] = "error",
         tensorboard: bool = True,
         progress: bool = True,
+        calibrate: bool | Mapping[str, Any] = False,
+        min_split_half: float | None = 0.3,
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
@@ -161,6 +197,15 @@ class BIFCallback(Callback):
             raise MisconfigurationException(
                 f"BIFCallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'resume'."
             )
+        self.calibrate = _calibration_options(calibrate)
+        if min_split_half is not None and not (
+            isinstance(min_split_half, (int, float)) and not isinstance(min_split_half, bool)
+            and -1 <= min_split_half <= 1
+        ):
+            raise MisconfigurationException(
+                f"BIFCallback(min_split_half={min_split_half!r}) must be a correlation in [-1, 1] or None."
+            )
+        self.min_split_half = min_split_half
         for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
@@ -180,7 +225,8 @@ class BIFCallback(Callback):
         self.tensorboard = tensorboard
         self.progress = progress
 
-        self._config = self.config
+        self._config = self.config  # the configured config, resolved at fit start; it identifies the run in the log
+        self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
         self._data_source = data
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
@@ -219,8 +265,14 @@ class BIFCallback(Callback):
 
     @property
     def resolved_config(self) -> SGLDConfig:
-        """The config used for snapshots (``config`` with the optimizer's weight decay filled in at fit start)."""
-        return self._config
+        """The config used for snapshots.
+
+        ``config`` with the optimizer's weight decay filled in at fit start and, once
+        calibration accepted one, the calibrated step size.
+        """
+        if self._calibrated_step_size is None:
+            return self._config
+        return self._config.replace(step_size=self._calibrated_step_size)
 
     @property
     def resolved_log_path(self) -> Path | None:
@@ -237,6 +289,7 @@ class BIFCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
         self._check_losses_at_start(pl_module)
         self._open_log(trainer)
@@ -284,13 +337,14 @@ class BIFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         path = self._resolved_log_path or self._resumed_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
-                "log_path": None if path is None else str(path)}
+                "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict["last_step"])
         self._snapshots = int(state_dict["snapshots"])
         self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
+        self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
         self._resumed = True
 
     # ------------------------------------------------------------------ fit-start checks
@@ -437,31 +491,73 @@ class BIFCallback(Callback):
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
+        calibration = None
+        if self.calibrate is not None and self._calibrated_step_size is None:
+            calibration = self._calibrate(trainer, pl_module, step)
+        config = self.resolved_config
         start = time.perf_counter()
-        result, message = self._estimate(trainer, pl_module, step)
+        result, message = self._estimate(trainer, pl_module, step, config)
         duration = time.perf_counter() - start
         wall_time = time.time()
         status = "failed" if result is None else ("ok" if result.ok else "diverged")
         record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
-                                status=status, result=result, message=message)
+                                status=status, result=result, message=message, step_size=config.step_size,
+                                calibration=calibration)
         self._last_step = step
         self._snapshots += 1
         if trainer.is_global_zero:
             self._write(record)
         self._report(record)
 
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
+        """Calibrate the step size on global rank 0 and broadcast the evidence; adopt an accepted step size.
+
+        Rank 0 alone runs the pilots, so every rank gets the same answer even where GPU kernels
+        are not bitwise reproducible across devices. Returns the evidence for the log.
+        """
+        evidence: dict[str, Any] | None = None
+        if trainer.is_global_zero:
+            device = pl_module.device
+            model = _float32_model(pl_module)
+            try:
+                with preserved_state(model, [device]):
+                    found = calibrate_step_size(model, self.loss_fn or module_per_example_loss, self._data_source,
+                                                self._config, device=device, **self.calibrate)
+                evidence = {**found.summary(), "duration_s": found.duration_s}
+            except Exception as caught:  # a failed calibration keeps the configured step size; training goes on
+                error = f"{type(caught).__name__}: {caught}"[:_MAX_ERROR_CHARS]
+                evidence = {"step_size": self._config.step_size, "ok": False, "error": error, "candidates": []}
+        evidence = trainer.strategy.broadcast(evidence)
+        if evidence["ok"]:
+            self._calibrated_step_size = float(evidence["step_size"])
+            rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
+                           f"(configured {self._config.step_size:.3g}); used from this snapshot on.")
+        elif "calibration" not in self._warned:
+            self._warned.add("calibration")
+            reasons = evidence.get("error") or "; ".join(
+                f"{c['step_size']:.3g}: {c['reason']}" for c in evidence["candidates"][-3:]
+            )
+            rank_zero_warn(
+                f"BIFCallback: step-size calibration at step {step} accepted no step size ({reasons}). This is "
+                "typical early in training, where the weights are not yet a stationary point of the sampled "
+                f"posterior. Keeping the configured step_size={self._config.step_size:.3g} and calibrating again at "
+                "the next snapshot until one is accepted; every attempt is in the log's calibration column. "
+                "(Shown once.)"
+            )
+        return evidence
+
     def _estimate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, config: SGLDConfig
     ) -> tuple[BIFResult | None, str]:
         """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere."""
         device = pl_module.device
         world = trainer.world_size
-        chains = [c for c in range(self._config.chains) if c % world == trainer.global_rank]
+        chains = [c for c in range(config.chains) if c % world == trainer.global_rank]
         model = _float32_model(pl_module)
         start = time.perf_counter()
         error: Exception | None = None
         try:
-            estimator = self._estimator(model, device, data=self._data_source)
+            estimator = self._estimator(model, device, data=self._data_source, config=config)
             with preserved_state(model, [device]):
                 estimator.prepare()
                 accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
@@ -477,10 +573,12 @@ class BIFCallback(Callback):
             _merge(trainer, accumulator)
         return estimator.summarize(accumulator, time.perf_counter() - start), ""
 
-    def _estimator(self, model: nn.Module, device: torch.device, data: ExampleSource | None) -> BIFEstimator:
+    def _estimator(
+        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None
+    ) -> BIFEstimator:
         loss_fn = self.loss_fn or module_per_example_loss
         return BIFEstimator(model, loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=data,
-                            config=self._config, device=device)
+                            config=config or self._config, device=device)
 
     def _write(self, record: SnapshotRecord) -> None:
         if self._writer is not None:
@@ -491,6 +589,7 @@ class BIFCallback(Callback):
     def _report(self, record: SnapshotRecord) -> None:
         if record.status == "ok":
             rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s.")
+            self._check_reliability(record)
             return
         if record.status not in self._warned:
             self._warned.add(record.status)
@@ -500,6 +599,23 @@ class BIFCallback(Callback):
                 f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
                 f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status column.)"
             )
+
+    def _check_reliability(self, record: SnapshotRecord) -> None:
+        """Warn once per fit about a snapshot whose two halves of the chains disagree."""
+        if self.min_split_half is None or record.result is None or "split_half" in self._warned:
+            return
+        split_half = record.result.diagnostics.split_half
+        low = split_half < self.min_split_half if math.isfinite(split_half) else record.result.config.chains >= 2
+        if not low:
+            return
+        self._warned.add("split_half")
+        rank_zero_warn(
+            f"BIFCallback: the snapshot at step {record.step} has split-half reliability {split_half:.2f}, below "
+            f"min_split_half={self.min_split_half:g}: the BIF of two halves of the chains disagree, so single "
+            "entries are mostly Monte-Carlo noise (group means may still be usable). Raise SGLDConfig.chains "
+            "(most effective) or draws; see the README section 'How much to trust a curve'. (Shown once per fit; "
+            "the log's split_half column has every snapshot's value.)"
+        )
 
     def _progress_fn(self, trainer: pl.Trainer, step: int) -> Callable[[int, int], None] | None:
         if not self.progress or not trainer.is_global_zero:
@@ -516,6 +632,23 @@ class BIFCallback(Callback):
                 rank_zero_info(f"BIFCallback: snapshot at step {step}: {done}/{total} SGLD steps")
 
         return report
+
+
+def _calibration_options(calibrate: bool | Mapping[str, Any]) -> dict[str, Any] | None:
+    """``calibrate(...)``'s keyword arguments from ``BIFCallback(calibrate=...)``; ``None`` when off."""
+    if isinstance(calibrate, bool):
+        return {} if calibrate else None
+    if not isinstance(calibrate, Mapping):
+        raise MisconfigurationException(
+            "BIFCallback(calibrate=...) takes True/False or a dict of calibrate() settings, got "
+            f"{type(calibrate).__name__}."
+        )
+    unknown = sorted(set(calibrate) - set(_CALIBRATION_OPTIONS))
+    if unknown:
+        raise MisconfigurationException(
+            f"BIFCallback(calibrate=...): unknown setting(s) {unknown}; use {list(_CALIBRATION_OPTIONS)}."
+        )
+    return dict(calibrate)
 
 
 def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:

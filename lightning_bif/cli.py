@@ -38,12 +38,12 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
     print(f"snapshots: {len(log)}{steps}; " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), file=out)
     if not len(log):
         return
-    print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10}  "
-          "most helpful | most harmful (BIF: negative = helpful)", file=out)
+    print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10} "
+          f"{'step size':>9}  most helpful | most harmful (BIF: negative = helpful)", file=out)
     rows = range(len(log)) if last is None else range(max(0, len(log) - last), len(log))
     for row in rows:
         line = (f"{log.steps[row]:>8} {log.epochs[row]:>5}  {log.status[row]:<8} {log.duration_s[row]:>7.2f}s "
-                f"{log.split_half[row]:>10.3f} {log.loss_rise[row]:>10.3g}  ")
+                f"{log.split_half[row]:>10.3f} {log.loss_rise[row]:>10.3g} {log.step_size[row]:>9.3g}  ")
         pairs = extremes(log.influence[row])
         if pairs is None:
             line += log.message[row][:80] or "no estimate"

@@ -12,7 +12,8 @@ training examples, ``C`` chains, ``D`` draws per chain)::
     epoch [S], wall_time [S], duration_s [S], status [S], message [S]
     influence [S, P, N], correlation [S, P, N], stderr [S, P, N]     float32
     train_loss [S, N], probe_loss [S, P]                             losses at w*
-    split_half [S], loss_rise [S], ess [S], nbeta [S]
+    split_half [S], loss_rise [S], ess [S], nbeta [S], step_size [S]      step_size: the ε that snapshot used
+    calibration [S]                         JSON evidence of a step-size calibration run before that snapshot, or ""
     diagnostics/sampling_loss [S, C, D], diagnostics/draw_loss [S, C, D], diagnostics/diverged [S, C]
 
 Every per-snapshot dataset is resizable along its first axis and chunked one snapshot per chunk.
@@ -52,6 +53,7 @@ _LIBVER = ("v110", "latest")
 _MAX_ID_BYTES = 256
 _STATUS_BYTES = 16
 _MESSAGE_BYTES = 1024
+_CALIBRATION_BYTES = 4096
 # Largest chunk in elements (4 MiB of float32): one snapshot per chunk unless a row is larger.
 _MAX_CHUNK_ELEMENTS = 1 << 20
 _MODES = ("error", "overwrite", "resume")
@@ -120,6 +122,10 @@ class SnapshotRecord:
         result: The estimate, or ``None`` when the snapshot failed before producing one
             (stored as NaN rows).
         message: Error text of a failed snapshot.
+        step_size: The SGLD step size the snapshot used; ``None``: the result's
+            ``config.step_size`` (NaN for a failed snapshot without a result).
+        calibration: Evidence of a step-size calibration run just before this snapshot
+            (JSON-compatible, e.g. ``CalibrationResult.summary()``), or ``None``.
     """
 
     step: int
@@ -129,6 +135,14 @@ class SnapshotRecord:
     status: str
     result: BIFResult | None
     message: str = ""
+    step_size: float | None = None
+    calibration: dict[str, Any] | None = None
+
+    def used_step_size(self) -> float:
+        """The step size of this snapshot: ``step_size``, else the result's, else NaN."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        return float(self.result.config.step_size) if self.result is not None else math.nan
 
 
 @dataclass
@@ -168,6 +182,8 @@ class Snapshot:
     loss_rise: float
     ess: float
     nbeta: float
+    step_size: float
+    calibration: dict[str, Any] | None
     sampling_loss: np.ndarray
     draw_loss: np.ndarray
     diverged: np.ndarray
@@ -211,6 +227,23 @@ def _bounded_text(text: str, limit: int) -> bytes:
     return text.encode()[:limit].decode(errors="ignore").encode()
 
 
+def _calibration_text(evidence: dict[str, Any] | None) -> bytes:
+    """Calibration evidence as JSON of at most ``_CALIBRATION_BYTES``; leading candidates are dropped if needed."""
+    if evidence is None:
+        return b""
+    evidence = dict(evidence)
+    candidates = list(evidence.get("candidates", []))
+    omitted = 0
+    while True:
+        text = json.dumps(evidence, sort_keys=True).encode()
+        if len(text) <= _CALIBRATION_BYTES or not candidates:
+            return _bounded_text(text.decode(), _CALIBRATION_BYTES)
+        # The last candidates (the accepted one and its nearest rejections) are the informative ones.
+        candidates.pop(0)
+        omitted += 1
+        evidence.update(candidates=candidates, omitted_candidates=omitted)
+
+
 def _row_chunks(tail: tuple[int, ...]) -> tuple[int, ...]:
     """Chunk shape for one snapshot row of shape ``tail``, split along the leading axes when too big."""
     chunk = list(tail)
@@ -240,6 +273,8 @@ def _layout(probes: int, train: int, chains: int, draws: int) -> dict[str, tuple
         "loss_rise": ((), np.float64),
         "ess": ((), np.float64),
         "nbeta": ((), np.float64),
+        "step_size": ((), np.float64),
+        "calibration": ((), h5py.string_dtype("utf-8", _CALIBRATION_BYTES)),
         "diagnostics/sampling_loss": ((chains, draws), np.float32),
         "diagnostics/draw_loss": ((chains, draws), np.float32),
         "diagnostics/diverged": ((chains,), np.bool_),
@@ -469,6 +504,8 @@ class LogWriter:
             "duration_s": record.duration_s,
             "status": _bounded_text(record.status, _STATUS_BYTES),
             "message": _bounded_text(record.message, _MESSAGE_BYTES),
+            "step_size": record.used_step_size(),
+            "calibration": _calibration_text(record.calibration),
         }
         result = record.result
         if result is None:
@@ -630,8 +667,10 @@ class InfluenceLog:
     Small per-snapshot values (``steps``, ``status``, ``split_half``...) are NumPy arrays
     ``[S]``; the big ones (``influence``, ``correlation``, ``stderr``, ``train_loss``,
     ``probe_loss``, ``sampling_loss``, ``draw_loss``, ``diverged``) are lazy :class:`RowView`
-    objects that read from disk only what is indexed. Call :meth:`refresh` to see snapshots
-    appended since opening.
+    objects that read from disk only what is indexed. ``step_size`` ``[S]`` is the SGLD step
+    size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
+    step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
+    or ``None``. Call :meth:`refresh` to see snapshots appended since opening.
 
     Args:
         path: The ``.h5`` log.
@@ -685,6 +724,10 @@ class InfluenceLog:
         self.loss_rise = file["loss_rise"][:rows]
         self.ess = file["ess"][:rows]
         self.nbeta = file["nbeta"][:rows]
+        self.step_size = file["step_size"][:rows]
+        self.calibration: list[dict[str, Any] | None] = [
+            json.loads(text) if text else None for text in file["calibration"].asstr()[:rows].tolist()
+        ]
         self.influence = RowView(file["influence"], rows)
         self.correlation = RowView(file["correlation"], rows)
         self.stderr = RowView(file["stderr"], rows)
@@ -760,6 +803,7 @@ class InfluenceLog:
             train_loss=self.train_loss[index], probe_loss=self.probe_loss[index],
             split_half=float(self.split_half[index]), loss_rise=float(self.loss_rise[index]),
             ess=float(self.ess[index]), nbeta=float(self.nbeta[index]),
+            step_size=float(self.step_size[index]), calibration=self.calibration[index],
             sampling_loss=self.sampling_loss[index], draw_loss=self.draw_loss[index],
             diverged=self.diverged[index],
         )

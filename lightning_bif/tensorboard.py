@@ -10,11 +10,13 @@ Per snapshot it writes (``step`` is the training step):
   white = 0, **red = positive = harmful**, grey = NaN. The scale saturates at the 99th
   percentile of ``|BIF|`` of that snapshot.
 - ``bif_diag/*``: mean SGLD sampling loss, loss rise over the loss at w*, split-half
-  reliability, effective sample size, number of diverged chains and snapshot duration.
+  reliability, effective sample size, number of diverged chains, snapshot duration and the
+  SGLD step size used (which changes when the callback calibrates it).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -120,10 +122,13 @@ class TensorBoardSink:
     def write(self, step: int, record: SnapshotRecord) -> None:
         """Write one snapshot at training step ``step`` and flush.
 
-        A failed snapshot (``record.result is None``) only records its duration.
+        A failed snapshot (``record.result is None``) only records its duration and step size (when known).
         """
         writer = self.writer
         writer.add_scalar("bif_diag/duration_s", record.duration_s, step)
+        step_size = record.used_step_size()
+        if math.isfinite(step_size):
+            writer.add_scalar("bif_diag/step_size", step_size, step)
         result = record.result
         if result is not None:
             influence = result.influence.detach().cpu().double().numpy()

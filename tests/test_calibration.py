@@ -98,3 +98,28 @@ def test_pilot_evidence_and_argument_checks() -> None:
         calibrate(model, half_squared_error, data, config, safety=0.5)
     with pytest.raises(ValueError, match="pilot_steps"):
         calibrate(model, half_squared_error, data, config, pilot_steps=3)
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A generic (not tensor-backed) dataset, so batches come from the DataLoader's collate_fn."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def test_a_dataloaders_collate_fn_is_kept_for_the_pilots() -> None:
+    model, (x, y), curvature = regression()
+    limit = 4 / float(curvature.max())
+    as_dict = lambda rows: {"x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])}  # noqa: E731
+    loader = torch.utils.data.DataLoader(_Rows(x, y), collate_fn=as_dict)
+    config = SGLDConfig(step_size=limit / 8, nbeta=NBETA, localization=GAMMA, batch_size=None, vectorize=False)
+    dict_loss = lambda m, b: half_squared_error(m, [b["x"], b["y"]])  # noqa: E731
+    from_loader = calibrate(model, dict_loss, loader, config, step_sizes=[limit / 8], pilot_steps=40)
+    from_tensors = calibrate(model, half_squared_error, (x, y), config, step_sizes=[limit / 8], pilot_steps=40)
+    assert from_loader.summary() == from_tensors.summary()

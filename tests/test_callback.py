@@ -23,15 +23,6 @@ DATA = toy_dataset()
 TRAIN, PROBES = tracked_sets(DATA)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_trainer(tmp_path: Path, callbacks=(), **kwargs) -> pl.Trainer:
     options = dict(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                    enable_model_summary=False, deterministic=True, default_root_dir=tmp_path)
@@ -57,8 +48,12 @@ def csv_metrics(trainer: pl.Trainer) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path, dropout):
+# Cheap pilots: the point here is that calibrating (at every snapshot, as none is accepted) leaves training alone.
+TINY_CALIBRATION = {"pilot_steps": 20, "pilot_chains": 1, "tracked": 16, "step_sizes": [1e-2, 1e-4]}
+
+
+@pytest.mark.parametrize(("dropout", "calibrate"), [(0.0, False), (0.5, False), (0.5, TINY_CALIBRATION)])
+def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path, dropout, calibrate):
     def run(callbacks, where):
         pl.seed_everything(0)
         model = ToyClassifier(dropout=dropout)
@@ -68,7 +63,7 @@ def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path, d
         return trainer, model
 
     plain_trainer, plain = run([], "plain")
-    callback = bif(tmp_path, every_n_steps=3, at_steps=[1, 4], at_fit_start=True, at_fit_end=True)
+    callback = bif(tmp_path, every_n_steps=3, at_steps=[1, 4], at_fit_start=True, at_fit_end=True, calibrate=calibrate)
     bif_trainer, with_bif = run([callback], "bif")
 
     for (name, a), b in zip(plain.state_dict().items(), with_bif.state_dict().values(), strict=True):
@@ -84,6 +79,7 @@ def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path, d
         assert log.steps.tolist() == [0, 1, 3, 4, 6, 9, 12, 14]
         assert (log.status == "ok").all()
         assert np.isfinite(log.influence[:]).all()
+        assert all(c is not None for c in log.calibration) if calibrate else log.calibration == [None] * 8
 
 
 def test_snapshots_only_at_real_optimizer_steps_under_gradient_accumulation(tmp_path):
@@ -320,3 +316,76 @@ def test_snapshots_reach_the_trainers_tensorboard_logger_with_the_logged_values(
         pairs = np.ix_(log.probe_groups == 1, log.train_groups == 0)
         expected = [log.influence[s][pairs].mean() for s in range(len(log))]
         np.testing.assert_allclose([e.value for e in events.Scalars("bif/one/0")], expected, rtol=1e-5)
+
+
+def split_half_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "split-half" in str(w.message)]
+
+
+def test_low_split_half_reliability_is_warned_about_once_per_fit(tmp_path):
+    few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, model = fit(tmp_path, [few_draws], max_steps=6)
+    (message,) = split_half_warnings(caught)
+    assert "min_split_half=0.3" in message and "chains" in message and "How much to trust a curve" in message
+    with open_log(tmp_path / "bif.h5") as log:
+        assert (log.split_half < 0.3).all()  # every snapshot is unreliable; the warning came once
+    trainer.fit_loop.epoch_loop.max_steps = 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(DATA))
+    assert len(split_half_warnings(caught)) == 1  # once per fit
+
+    many_chains = bif(tmp_path, "good.h5", every_n_steps=2, config=FAST.replace(chains=16, draws=50))
+    off = bif(tmp_path, "off.h5", every_n_steps=2, config=FAST.replace(draws=3, burn_in=0), min_split_half=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [many_chains, off], max_steps=6)
+    assert split_half_warnings(caught) == []
+    with open_log(tmp_path / "good.h5") as log:
+        assert (log.split_half > 0.5).all()
+    with pytest.raises(MisconfigurationException, match="min_split_half"):
+        bif(tmp_path, every_n_steps=1, min_split_half=2.0)
+
+
+def test_calibration_picks_the_step_size_once_weights_are_stationary_and_keeps_it(tmp_path):
+    """Too large a configured step (0.1); calibration fails at step 0 (not stationary), succeeds at step 60."""
+    ladder = [0.1 * 2.0**-k for k in range(9)]
+    options = {"pilot_steps": 100, "pilot_chains": 2, "tracked": 32, "step_sizes": ladder}
+    callback = bif(tmp_path, at_fit_start=True, at_steps=[60, 100, 110], calibrate=options,
+                   config=FAST.replace(step_size=0.1, batch_size=None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, model = fit(tmp_path, [callback], max_steps=100)
+    (warning,) = [str(w.message) for w in caught if "calibration" in str(w.message)]
+    assert "step 0" in warning and "step_size=0.1" in warning and "not a stationary point" in warning
+    with open_log(tmp_path / "bif.h5") as log:
+        at_start, chosen, later = log.calibration
+        assert at_start["ok"] is False and later is None  # no calibration once one step size was accepted
+        assert chosen["ok"] is True and chosen["candidates"][-1]["accepted"] is True
+        calibrated = chosen["step_size"]
+        assert calibrated < 0.1 / 4 and chosen["candidates"][0]["accepted"] is False
+        assert log.step_size.tolist() == [0.1, calibrated, calibrated]
+        assert (log.status == "ok").all()
+        assert log.config["sgld"]["step_size"] == 0.1  # the stored config is the configured one
+    assert callback.resolved_config.step_size == calibrated
+    state = callback.state_dict()
+    assert state["calibrated_step_size"] == calibrated
+    restored = bif(tmp_path, "restored.h5", every_n_steps=1, calibrate=True, config=FAST.replace(step_size=0.1))
+    restored.load_state_dict(state)
+    assert restored.resolved_config.step_size == calibrated
+
+    # A second fit continues the log: same run (identity unchanged), calibrated step size kept, no new calibration.
+    trainer.fit_loop.epoch_loop.max_steps = 110
+    trainer.fit(model, loader(DATA))
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist() == [0, 60, 100, 110]
+        assert log.step_size[-1] == calibrated and log.calibration[-1] is None
+
+
+def test_calibration_settings_are_checked_when_the_callback_is_made(tmp_path):
+    with pytest.raises(MisconfigurationException, match=r"unknown setting\(s\) \['pilot_draws'\]"):
+        bif(tmp_path, every_n_steps=1, calibrate={"pilot_draws": 10})
+    with pytest.raises(MisconfigurationException, match="True/False or a dict"):
+        bif(tmp_path, every_n_steps=1, calibrate="yes")

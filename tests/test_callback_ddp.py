@@ -16,7 +16,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_process(tmp_path):
-    """Also: a snapshot that raises on rank 1 only is recorded as failed, and training goes on on both ranks."""
+    """Also: a snapshot that raises on rank 1 only is recorded as failed, and training goes on on both ranks;
+    step-size calibration (rank 0, broadcast) leaves the ranks agreeing on the step size."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(SCRIPTS / "ddp_train.py"), str(tmp_path)], env=env,
@@ -30,6 +31,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     assert reports[0]["losses"] != reports[1]["losses"]  # each rank trained on its own shard
     assert [r["opened_log"] for r in reports] == [True, False]
     assert [r["tensorboard"] for r in reports] == [True, False]
+    assert reports[0]["step_size"] == reports[1]["step_size"]
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["bif.h5"]
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
 
@@ -38,7 +40,8 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
         assert log.status.tolist() == ["ok", "failed", "ok"]  # rank 1 failed at step 2: recorded, nobody hung
         assert "another rank" in log.message[1]
         influence, stderr = log.influence[-1], log.stderr[-1]
-        config = SGLDConfig.from_dict(log.config["sgld"])
+        assert log.calibration[0] is not None and log.step_size[-1] == reports[0]["step_size"]
+        config = SGLDConfig.from_dict(log.config["sgld"]).replace(step_size=float(log.step_size[-1]))
     assert config.chains == 4
 
     # The last snapshot, recomputed in this one process from the same weights with all chains.

@@ -31,6 +31,7 @@ def test_summary_prints_config_counts_and_one_line_per_snapshot(log_path: Path, 
     assert "snapshots: 3, steps 10..35; diverged 1, failed 1, ok 1" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()[:2] in ("10", "20", "35")}
     assert "CUDA out of memory" in lines["20"] and " failed " in lines["20"]
+    assert " step size " in out and " 0.0001 " in lines["10"]  # the step size each snapshot used
     for step in (10, 35):
         influence = record(step).result.influence.numpy()
         helpful = np.unravel_index(influence.argmin(), influence.shape)

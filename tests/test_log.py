@@ -89,6 +89,32 @@ def test_round_trip_stores_every_array_of_every_snapshot(tmp_path: Path) -> None
         assert np.isnan(failed.influence).all() and np.isnan(failed.sampling_loss).all()
         assert np.isnan([failed.split_half, failed.loss_rise, failed.ess]).all()
         assert log.influence.shape == (3, P, N) and np.asarray(log.influence).shape == (3, P, N)
+        # Without an explicit step size: the result's config (SGLDConfig's default), NaN for a failed row.
+        assert log.step_size[[0, 2]].tolist() == [SGLDConfig().step_size] * 2 and np.isnan(log.step_size[1])
+        assert log.calibration == [None, None, None]
+
+
+def test_step_size_and_calibration_evidence_per_snapshot(tmp_path: Path) -> None:
+    candidate = {"step_size": 1e-3, "loss_rise": 0.5, "drift": 0.0, "diverged": False, "bias": float("nan"),
+                 "accepted": False, "reason": "drift " + "x" * 300}
+    many = {"step_size": 1e-4, "ok": True, "candidates": [candidate] * 40 + [{**candidate, "accepted": True}]}
+    records = [record(10), record(20, "failed", message="boom"), record(30)]
+    records[0].step_size, records[0].calibration = 5e-4, {"step_size": 5e-4, "ok": False, "candidates": [candidate]}
+    records[1].step_size, records[1].calibration = 5e-4, many
+    records[2].step_size = 1e-4
+    with LogWriter(tmp_path / "bif.h5", make_identity()) as writer:
+        for r in records:
+            writer.append(r)
+    with open_log(tmp_path / "bif.h5") as log:
+        np.testing.assert_array_equal(log.step_size, [5e-4, 5e-4, 1e-4])
+        first, second, third = log.calibration
+        assert first["ok"] is False and first["candidates"][0]["reason"] == candidate["reason"]
+        assert np.isnan(first["candidates"][0]["bias"])
+        # Evidence too long for its fixed-size field keeps the last candidates (the accepted one) and counts the rest.
+        assert second["ok"] is True and second["candidates"][-1]["accepted"] is True
+        assert second["omitted_candidates"] + len(second["candidates"]) == 41 and second["omitted_candidates"] > 0
+        assert third is None
+        assert log.snapshot(1).step_size == 5e-4 and log.snapshot(1).calibration == second
 
 
 def test_lazy_views_trajectory_nearest_and_position(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def test_scalars_are_the_group_means_of_the_logged_snapshots(tmp_path: Path) -> 
     expected_tags = {f"bif/{probe_names[p]}/{train_names[t]}" for p in (0, 1) for t in (0, 1, 2)}
     assert set(sink.scalar_tags) == expected_tags
     diag_tags = {"bif_diag/" + name for name in
-                 ("sampling_loss", "loss_rise", "split_half", "ess", "diverged_chains", "duration_s")}
+                 ("sampling_loss", "loss_rise", "split_half", "ess", "diverged_chains", "duration_s", "step_size")}
     assert set(events.Tags()["scalars"]) == expected_tags | diag_tags
 
     ok_rows = [row for row in range(len(log)) if log.status[row] != "failed"]
@@ -60,7 +60,8 @@ def test_scalars_are_the_group_means_of_the_logged_snapshots(tmp_path: Path) -> 
                 assert scalar.value == pytest.approx(block.astype(np.float64).mean(), rel=1e-5, abs=1e-7)
 
     assert [s.value for s in events.Scalars("bif_diag/duration_s")] == pytest.approx(log.duration_s.tolist())
-    for name, values in (("split_half", log.split_half), ("loss_rise", log.loss_rise), ("ess", log.ess)):
+    for name, values in (("split_half", log.split_half), ("loss_rise", log.loss_rise), ("ess", log.ess),
+                         ("step_size", log.step_size)):
         assert [s.value for s in events.Scalars(f"bif_diag/{name}")] == pytest.approx(values[ok_rows].tolist())
     assert [s.value for s in events.Scalars("bif_diag/diverged_chains")] == [
         float(log.diverged[row].sum()) for row in ok_rows]
@@ -103,11 +104,17 @@ def test_heatmap_sorts_by_group_and_colours_helpful_blue_harmful_red(tmp_path: P
     assert (cells[2] > 240).all()  # probe 1: zero influence is white
 
 
-def test_failed_snapshot_writes_only_its_duration(tmp_path: Path) -> None:
+def test_failed_snapshot_writes_only_its_duration_and_step_size(tmp_path: Path) -> None:
     writer = SummaryWriter(str(tmp_path / "tb"))
     sink = TensorBoardSink(writer, make_identity(train_groups=None, probe_groups=None))
     assert sink.scalar_tags == ["bif/all/all"]
     sink.write(3, record(3, "failed", message="out of memory"))
+    failed = record(4, "failed", message="out of memory")
+    failed.step_size = 2e-4
+    sink.write(4, failed)
     writer.close()
-    tags = read_events(tmp_path / "tb").Tags()
-    assert tags["scalars"] == ["bif_diag/duration_s"] and tags["images"] == [] and tags["histograms"] == []
+    events = read_events(tmp_path / "tb")
+    tags = events.Tags()
+    assert sorted(tags["scalars"]) == ["bif_diag/duration_s", "bif_diag/step_size"]
+    assert tags["images"] == [] and tags["histograms"] == []
+    assert [(s.step, s.value) for s in events.Scalars("bif_diag/step_size")] == [(4, pytest.approx(2e-4))]

@@ -1,7 +1,7 @@
 """Two-process DDP (gloo, CPU) training with BIFCallback, for the DDP test.
 
 Usage: python ddp_train.py OUT_DIR
-Snapshots at steps 0, 2 and 4; the one at step 2 fails on rank 1 only.
+Snapshots at steps 0, 2 and 4 (each after a step-size calibration on rank 0); the one at step 2 fails on rank 1 only.
 Every rank writes OUT_DIR/rank<r>.json (its global step, training losses, whether it opened the
 log); global rank 0 also saves the final weights to OUT_DIR/final.pt. The log is OUT_DIR/bif.h5.
 """
@@ -41,6 +41,7 @@ class Report(Callback):
             "losses": [float(x) for x in pl_module.losses],
             "opened_log": self.bif._writer is not None,
             "tensorboard": self.bif._sink is not None,
+            "step_size": self.bif.resolved_config.step_size,
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
         if trainer.is_global_zero:
@@ -51,8 +52,10 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
     train, probes = tracked_sets(toy_dataset())
+    # Calibration runs on rank 0 and is broadcast; cheap pilots, as only the agreement of the ranks is tested.
+    calibration = {"pilot_steps": 20, "pilot_chains": 1, "tracked": 16, "step_sizes": [1e-2, 1e-4]}
     bif = BIFCallback(train, probes, loss_fn=fails_on_rank_1_at_step_2, every_n_steps=2, at_fit_start=True,
-                      config=CONFIG, log_path=out / "bif.h5")
+                      config=CONFIG, log_path=out / "bif.h5", calibrate=calibration)
     pl.seed_everything(0)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4, callbacks=[bif, Report(out, bif)],
                          logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False,
