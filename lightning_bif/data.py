@@ -81,7 +81,8 @@ class ExampleSet:
                 f"tensors; got {type(source).__name__}."
             )
         self.dataset = source
-        view = _tensor_view(source)
+        # Gathering rows directly reproduces default_collate only: a custom collate_fn sees every item.
+        view = _tensor_view(source) if self._collate is default_collate else None
         if view is not None:
             self._tensors, self._index = view
         self._length = len(source)

@@ -363,3 +363,19 @@ def test_works_inside_inference_mode(trained, vectorize: bool) -> None:
         inside = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
     assert inside.diagnostics.vectorized == vectorize
     torch.testing.assert_close(inside.influence, outside.influence)
+
+
+def test_a_custom_collate_fn_on_a_tensor_dataset_loader_is_used() -> None:
+    """The row-gathering fast path for tensor datasets must not bypass a loader's own collate_fn."""
+    x, y = torch.randn(6, 3), torch.arange(6)
+    seen: list[int] = []
+
+    def counting_collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        seen.append(len(items))
+        return [torch.stack([a for a, _ in items]) * 2, torch.stack([b for _, b in items])]
+
+    examples = ExampleSet(DataLoader(TensorDataset(x, y), collate_fn=counting_collate), "data")
+    inputs, labels = examples.gather(torch.tensor([4, 1]), torch.device("cpu"))
+    assert seen == [2]
+    torch.testing.assert_close(inputs, 2 * x[[4, 1]])
+    torch.testing.assert_close(labels, y[[4, 1]])
