@@ -36,7 +36,7 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     x, y = torch.randn(1100, 64), torch.randint(0, 10, (1100,))
     train, probes = (x[:1000], y[:1000]), (x[1000:], y[1000:])
-    base = SGLDConfig(chains=4, draws=200, burn_in=100, step_size=1e-4, localization=100.0, batch_size=64)
+    base = SGLDConfig(chains=4, draws=200, burn_in=100, thin=1, step_size=1e-4, localization=100.0, batch_size=64)
     # Warm-up: the first torch.func call imports torch._dynamo (seconds), which is not per-estimate cost.
     estimate_bif(model, cross_entropy, train, probes, config=base.replace(draws=2, burn_in=1))
     if args.profile:

@@ -60,6 +60,8 @@ BIF_SETTINGS: dict[str, dict[str, object]] = {
     "bif-quick": dict(_RECIPE, chains=32, draws=25),
     "bif-fast": dict(_RECIPE, chains=32, draws=50),
     "bif-long": dict(_RECIPE, chains=64, draws=200, localization=750.0),
+    # SGLDConfig() as the callback uses it: only the prior set (the callback reads it from the optimizer).
+    "defaults": dict(weight_decay=1e-3),
 }
 
 
@@ -357,11 +359,17 @@ def score_bif(name: str, model: nn.Module, data: Digits, truth: torch.Tensor, co
 
 
 def parse_bif(text: str) -> tuple[str, SGLDConfig]:
-    """``name`` from BIF_SETTINGS, or ``key=value,...`` SGLDConfig fields (on top of bif-fast)."""
+    """``name`` from BIF_SETTINGS, or ``[name,]key=value,...``: SGLDConfig fields on top of that setting.
+
+    Without a leading name the fields go on top of ``bif-fast``; ``defaults,chains=16`` starts from
+    ``SGLDConfig()`` (with the training weight decay).
+    """
     if text in BIF_SETTINGS:
         return text, SGLDConfig(**BIF_SETTINGS[text])
-    values = dict(BIF_SETTINGS["bif-fast"])
-    for item in text.split(","):
+    items = text.split(",")
+    base = items.pop(0) if items[0] in BIF_SETTINGS else "bif-fast"
+    values = dict(BIF_SETTINGS[base])
+    for item in items:
         key, value = item.split("=")
         if value == "None":
             values[key] = None
@@ -377,8 +385,8 @@ def parse_bif(text: str) -> tuple[str, SGLDConfig]:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bif", action="append", default=None,
-                        help="BIF setting to score: a name in BIF_SETTINGS or key=value,... over bif-fast "
-                             "(repeatable; default: every named setting)")
+                        help="BIF setting to score: a name in BIF_SETTINGS, or [name,]key=value,... over that setting "
+                             "(bif-fast when no name; repeatable; default: every named setting)")
     parser.add_argument("--skip-baselines", action="store_true", help="only score the BIF settings")
     parser.add_argument("--calibrate", action="store_true",
                         help="also score every BIF setting with its step size chosen by calibrate()")

@@ -99,7 +99,8 @@ def main() -> None:
             probe_group_names={c: f"digit_{c}" for c in range(10)},
             log_spaced=LogSpaced(args.snapshots, first=4),
             at_fit_start=True,
-            config=SGLDConfig(chains=4, draws=100, burn_in=50, step_size=1e-4, localization=1000.0, batch_size=64),
+            config=SGLDConfig(chains=4, draws=100, burn_in=50, thin=1, step_size=1e-4, localization=1000.0,
+                              batch_size=64),
         ))
     logger = TensorBoardLogger(args.root, name="digits")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=logger, log_every_n_steps=10,

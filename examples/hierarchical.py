@@ -72,7 +72,7 @@ CLASSES = ("mammal", "mammal", "bird", "bird", "flower", "flower", "tree", "tree
 PAIRS = (("dog", "cat"), ("dog", "sparrow"), ("dog", "lily"))
 
 #: SGLD settings that resolve the sign changes at every snapshot (8 items, 368 weights): see the module docstring.
-SGLD = SGLDConfig(chains=16, draws=60, burn_in=60, step_size=2e-4, nbeta=1000.0, localization=1000.0,
+SGLD = SGLDConfig(chains=16, draws=60, burn_in=60, thin=1, step_size=2e-4, nbeta=1000.0, localization=1000.0,
                   batch_size=None)
 
 

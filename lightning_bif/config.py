@@ -39,18 +39,30 @@ class SGLDConfig:
 
     Args:
         chains: Number of independent chains C. Two or more give per-entry standard errors.
-        draws: Draws D kept per chain after burn-in.
-        burn_in: SGLD steps discarded at the start of every chain.
-        thin: SGLD steps between two kept draws.
-        step_size: The SGLD step size ε.
+            Default 16: at similar cost many short chains from w* beat a few long ones (digits LDS
+            0.35–0.38 over 3 seeds vs 0.22–0.23 for the former 4 × 200 draws; see the README's
+            "How much to trust a curve").
+        draws: Draws D kept per chain after burn-in. Default 50 (with ``thin=4``: 200 steps a chain).
+        burn_in: SGLD steps discarded at the start of every chain. Default 25: a chain started at
+            w* needs none (digits: 0.37 with 0 vs 0.38 with 25), but ``preconditioner="rmsprop"``
+            is estimated during burn-in.
+        thin: SGLD steps between two kept draws. Default 4: a draw evaluates all tracked examples,
+            a minibatch step only m of them, and on digits 16 × 25 draws at ``thin=4`` matched
+            16 × 50 at ``thin=2`` (0.33 both) with half the evaluations.
+        step_size: The SGLD step size ε. The right value depends on the model and nβ (ε·nβ·λ_max
+            must stay well below the stability bound 4): prefer
+            :func:`lightning_bif.calibration.calibrate` to the default.
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
-        localization: Strength γ of the pull towards w*.
+        localization: Strength γ of the pull towards w*. On digits at the default nβ, γ = 30, 100
+            and 300 scored alike (0.37, 0.37, 0.36).
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
         preconditioner: ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
             estimated from the mean squared drift over burn-in and then frozen.
         batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch).
+            At the default nβ (= n) minibatch noise is small (digits: LDS 0.218 with m = 64 and full
+            batch alike); with nβ ≫ n it dominates: use full batch there.
         eval_batch_size: Batch size of the per-draw evaluation of tracked losses.
         seed: Seed of the sampler's own random generators; chain c always gets the same stream.
         sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay
@@ -67,10 +79,10 @@ class SGLDConfig:
             precision either way. fp16 gradients are not loss-scaled: prefer ``"bf16"``.
     """
 
-    chains: int = 4
-    draws: int = 200
-    burn_in: int = 100
-    thin: int = 1
+    chains: int = 16
+    draws: int = 50
+    burn_in: int = 25
+    thin: int = 4
     step_size: float = 1e-4
     nbeta: float | None = None
     localization: float = 100.0

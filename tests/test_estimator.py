@@ -16,7 +16,8 @@ from lightning_bif.accumulator import CovarianceAccumulator
 from lightning_bif.data import ExampleSet
 from lightning_bif.estimator import BIFEstimator
 
-FAST = SGLDConfig(chains=2, draws=8, burn_in=4, step_size=1e-3, localization=100.0, batch_size=16, seed=0)
+FAST = SGLDConfig(chains=2, draws=8, burn_in=4, thin=1, step_size=1e-3, localization=100.0,
+                  batch_size=16, seed=0)
 
 
 @pytest.fixture(scope="module")
