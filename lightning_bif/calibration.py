@@ -110,16 +110,21 @@ class CalibrationResult:
         }
 
 
+def _leading(source: ExampleSource, count: int) -> ExampleSource:
+    """The first ``count`` examples of ``source``; a ``DataLoader`` keeps its ``collate_fn``."""
+    if isinstance(source, DataLoader):
+        return DataLoader(Subset(source.dataset, range(count)), collate_fn=source.collate_fn)
+    return Subset(ExampleSet(source, "data").dataset, range(count))
+
+
 def _pilot(model: nn.Module, loss_fn: LossFn, tracked: ExampleSource, data: ExampleSource,
            config: SGLDConfig,
            step_size: float, steps: int, chains: int, device: torch.device | str | None) -> Pilot:
     half = max(steps // 2, 2)
     pilot_config = config.replace(step_size=step_size, chains=chains, draws=half, burn_in=half, thin=1)
     # Only the training losses matter here: one probe keeps the evaluation cheap.
-    one_probe: ExampleSource = Subset(tracked, [0])
-    if isinstance(tracked, DataLoader):
-        one_probe = DataLoader(Subset(tracked.dataset, [0]), collate_fn=tracked.collate_fn)
-    result = estimate_bif(model, loss_fn, tracked, one_probe, data=data, config=pilot_config, device=device)
+    result = estimate_bif(model, loss_fn, tracked, _leading(tracked, 1), data=data, config=pilot_config,
+                          device=device)
     diag = result.diagnostics
     traces = diag.draw_loss[~diag.diverged] if not diag.diverged.all() else diag.draw_loss
     mid = traces.shape[1] // 2
@@ -207,15 +212,12 @@ def calibrate(
     if pilot_steps < _MIN_PILOT_STEPS or pilot_chains < 1 or tracked < 1:
         raise ValueError(f"calibrate: pilot_steps must be >= {_MIN_PILOT_STEPS}, pilot_chains and tracked >= 1.")
     examples = ExampleSet(data, "data")
-    subset: ExampleSource = Subset(examples.dataset, range(min(tracked, len(examples))))
-    sgld_data: ExampleSource = examples.dataset
-    if isinstance(data, DataLoader):  # keep its collate_fn for the tracked examples and the SGLD minibatches
-        subset, sgld_data = DataLoader(subset, collate_fn=data.collate_fn), data
+    subset = _leading(data, min(tracked, len(examples)))
+    sgld_data = data if isinstance(data, DataLoader) else examples.dataset
     candidates: list[Candidate] = []
     chosen: float | None = None
     for eps in step_sizes:
-        steps = pilot_steps
-        pilot = _pilot(model, loss_fn, subset, sgld_data, config, eps, steps, pilot_chains, device)
+        pilot = _pilot(model, loss_fn, subset, sgld_data, config, eps, pilot_steps, pilot_chains, device)
         reference, bias = None, math.nan
         if pilot.diverged:
             reason = "diverged"
@@ -225,7 +227,7 @@ def calibrate(
             reason = (f"drift {pilot.drift:.3g} ± {pilot.drift_se:.2g} beyond {drift_tolerance} x "
                       f"rise {pilot.loss_rise:.3g}")
         else:
-            reference = _pilot(model, loss_fn, subset, sgld_data, config, eps / 2, 2 * steps,
+            reference = _pilot(model, loss_fn, subset, sgld_data, config, eps / 2, 2 * pilot_steps,
                                pilot_chains, device)
             bias = _step_bias(pilot.loss_rise, reference.loss_rise)
             reason = "accepted" if bias <= tolerance else f"step-size bias: loss rise {bias:+.0%} from the step"
