@@ -68,7 +68,9 @@ class SGLDConfig:
         sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay
             frozen at w*. ``None`` samples every parameter that requires grad.
         vectorize: Run chains together with ``torch.func.vmap`` (``True``), one after another
-            (``False``), or vectorized with a fallback to sequential when vmap fails (``"auto"``).
+            (``False``), or choose (``"auto"``): vectorized, falling back to sequential when vmap
+            fails, except on a CPU when one chain's SGLD step takes 5 ms or more, where vmap is
+            slower than a loop over chains. Either way the draws agree up to float rounding.
         chains_per_batch: Largest number of chains vectorized at once (bounds memory); ``None``
             vectorizes all chains together and, on CUDA, splits a group in halves and reruns it
             when it runs out of memory (a chain's draws do not depend on its group).

@@ -105,10 +105,10 @@ class SGLDSampler:
             return _map_tensors(lambda t: t.view(groups, m, *t.shape[1:]), flat), False
         return [_rows(flat, g * m, (g + 1) * m) for g in range(groups)], False
 
-    def example_minibatch(self, groups: int) -> tuple[Batch, bool]:
-        """A vectorized minibatch for ``groups`` chains from throwaway generators (for checks)."""
+    def example_minibatch(self, groups: int, vectorized: bool = True) -> tuple[Batch, bool]:
+        """A minibatch for ``groups`` chains from throwaway generators (for checks and timing)."""
         return self._minibatches(_ChainRandomness(list(range(groups)), self.config.seed, self.fmodel.device),
-                                 groups, vectorized=True)
+                                 groups, vectorized)
 
     def run(
         self, chains: list[int], vectorized: bool, progress: ProgressFn | None = None

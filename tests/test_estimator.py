@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.accumulator import CovarianceAccumulator
 from lightning_bif.data import ExampleSet
-from lightning_bif.estimator import BIFEstimator
+from lightning_bif.estimator import CPU_VMAP_MAX_STEP_S, BIFEstimator
 
 FAST = SGLDConfig(chains=2, draws=8, burn_in=4, thin=1, step_size=1e-3, localization=100.0,
                   batch_size=16, seed=0)
@@ -380,3 +381,33 @@ def test_a_custom_collate_fn_on_a_tensor_dataset_loader_is_used() -> None:
     assert seen == [2]
     torch.testing.assert_close(inputs, 2 * x[[4, 1]])
     torch.testing.assert_close(labels, y[[4, 1]])
+
+
+def test_auto_vectorizes_a_small_model_and_runs_a_slow_step_chain_by_chain_on_cpu(trained) -> None:
+    model, x, y = trained
+    config = FAST.replace(vectorize="auto")
+    fast = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    assert fast.diagnostics.vectorized
+
+    def slow_cross_entropy(module: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        time.sleep(2 * CPU_VMAP_MAX_STEP_S)  # a step as long as a multi-million-parameter model's
+        return cross_entropy(module, batch)
+
+    slow = estimate_bif(model, slow_cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    assert not slow.diagnostics.vectorized
+    sequential = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST.replace(vectorize=False))
+    assert torch.equal(slow.influence, sequential.influence)
+
+
+def test_auto_falls_back_to_chain_by_chain_with_a_warning_when_vmap_fails(trained) -> None:
+    model, x, y = trained
+
+    def data_dependent_loss(module: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        losses = cross_entropy(module, batch)
+        return losses if float(losses.detach().max()) < 1e6 else losses.clamp_max(1e6)  # a host read: vmap refuses
+
+    with pytest.warns(UserWarning, match="one after another because torch.func.vmap failed"):
+        result = estimate_bif(model, data_dependent_loss, (x, y), (x[:3], y[:3]), config=FAST.replace(vectorize="auto"))
+    assert not result.diagnostics.vectorized and result.ok
+    reference = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST.replace(vectorize=False))
+    torch.testing.assert_close(result.influence, reference.influence)
