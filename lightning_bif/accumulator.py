@@ -114,8 +114,14 @@ class CovarianceAccumulator:
         var_q = (self.sumsq_probe[chains].sum(0) - n * mean_q.square()) / (n - 1)
         return cov, var_t.clamp_min(0), var_q.clamp_min(0), mean_t
 
-    def statistics(self) -> BIFStatistics:
-        """BIF, correlation, standard errors and split-half reliability over the healthy chains."""
+    def statistics(self, split_half_probes: int | None = None) -> BIFStatistics:
+        """BIF, correlation, standard errors and split-half reliability over the healthy chains.
+
+        Args:
+            split_half_probes: How many leading probe columns the split-half reliability compares
+                (default all), so that extra observables after the probes (per-token losses) leave
+                it as it is without them.
+        """
         healthy = self.healthy_chains()
         ids = healthy.nonzero().flatten()
         p, n = self.cross.shape[1:]
@@ -128,7 +134,7 @@ class CovarianceAccumulator:
         if ids.numel() >= 2:
             per_chain = torch.stack([self._pooled(c.view(1))[0] for c in ids])
             stderr = per_chain.std(dim=0, unbiased=True) / math.sqrt(ids.numel())
-            half_a, half_b = self._pooled(ids[0::2])[0], self._pooled(ids[1::2])[0]
+            half_a, half_b = (self._pooled(half)[0][:split_half_probes] for half in (ids[0::2], ids[1::2]))
             split_half = _pearson(half_a.flatten(), half_b.flatten())
         else:
             stderr, split_half = nan, math.nan

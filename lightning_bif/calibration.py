@@ -121,8 +121,9 @@ def _pilot(model: nn.Module, loss_fn: LossFn, tracked: ExampleSource, data: Exam
            config: SGLDConfig,
            step_size: float, steps: int, chains: int, device: torch.device | str | None) -> Pilot:
     half = max(steps // 2, 2)
-    pilot_config = config.replace(step_size=step_size, chains=chains, draws=half, burn_in=half, thin=1)
-    # Only the training losses matter here: one probe keeps the evaluation cheap.
+    # Only the training losses matter here: one probe, and no token axis, keeps the evaluation cheap.
+    pilot_config = config.replace(step_size=step_size, chains=chains, draws=half, burn_in=half, thin=1,
+                                  per_token=False)
     result = estimate_bif(model, loss_fn, tracked, _leading(tracked, 1), data=data, config=pilot_config,
                           device=device)
     diag = result.diagnostics

@@ -111,6 +111,7 @@ class BIFCallback(Callback):
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses; drives SGLD and gives the
             training losses ℓ_i. Default: the module's ``per_example_loss`` method.
         probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j; default ``loss_fn``.
+            With ``SGLDConfig(per_token=True)`` it returns ``[B, T]`` and the log gains per-token influence.
         train_groups: A label per tracked training example (e.g. its class), ``[N]``.
         probe_groups: A label per probe, ``[P]``.
         train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
@@ -228,6 +229,7 @@ class BIFCallback(Callback):
         self._config = self.config  # the configured config, resolved at fit start; it identifies the run in the log
         self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
         self._data_source = data
+        self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
@@ -384,6 +386,7 @@ class BIFCallback(Callback):
                 estimator.prepare()
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
+        self._tokens = estimator.tokens
 
     def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -425,6 +428,7 @@ class BIFCallback(Callback):
             probe_groups=self.probe_groups,
             chains=cfg.chains,
             draws=cfg.draws,
+            tokens=self._tokens,
         )
 
     def _open_log(self, trainer: pl.Trainer) -> None:

@@ -79,6 +79,14 @@ class SGLDConfig:
             the precision the model trains in); ``None`` runs them in the parameters' dtype. The
             sampled parameters, the SGLD update and the accumulated statistics keep their own
             precision either way. fp16 gradients are not loss-scaled: prefer ``"bf16"``.
+        per_token: Also estimate the influence on every token of every probe: ``probe_fn`` must then
+            return per-token losses ``[B, T]`` (same T for all probes; masked or padded tokens should
+            return 0 loss, which has zero covariance with everything) and the result gains
+            ``token_influence [P, T, N]`` and ``token_stderr [P, T, N]``. ``influence [P, N]`` stays
+            the influence on the token mean, as without it.
+        max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
+            float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
+            before sampling.
     """
 
     chains: int = 16
@@ -97,6 +105,8 @@ class SGLDConfig:
     vectorize: bool | Literal["auto"] = "auto"
     chains_per_batch: int | None = None
     autocast: Autocast | None = None
+    per_token: bool = False
+    max_token_entries: int = 2**26
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -136,6 +146,12 @@ class SGLDConfig:
             )
         if self.autocast not in (None, "bf16", "fp16"):
             raise ValueError(f"SGLDConfig.autocast must be 'bf16', 'fp16' or None, got {self.autocast!r}.")
+        if not isinstance(self.per_token, bool):
+            raise ValueError(f"SGLDConfig.per_token must be True or False, got {self.per_token!r}.")
+        if not _is_int(self.max_token_entries) or self.max_token_entries < 1:
+            raise ValueError(
+                f"SGLDConfig.max_token_entries must be a positive integer, got {self.max_token_entries!r}."
+            )
 
     def replace(self, **changes: Any) -> SGLDConfig:
         """Return a copy with some fields changed (validated again)."""

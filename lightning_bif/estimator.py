@@ -71,6 +71,9 @@ class BIFResult:
         probe_loss: Probe observables at w*, ``[P]``.
         diagnostics: Sampler diagnostics.
         config: The configuration that produced this result.
+        token_influence: With ``config.per_token``, ``-Cov(ℓ_i, φ_{p,t})`` for the loss of probe p at
+            token t, ``[P, T, N]``; its mean over T is ``influence``. ``None`` otherwise.
+        token_stderr: Standard error of each ``token_influence`` entry, ``[P, T, N]``, or ``None``.
     """
 
     influence: torch.Tensor
@@ -80,6 +83,8 @@ class BIFResult:
     probe_loss: torch.Tensor
     diagnostics: Diagnostics
     config: SGLDConfig
+    token_influence: torch.Tensor | None = None
+    token_stderr: torch.Tensor | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,20 +132,25 @@ class BIFEstimator:
     def evaluate(
         self, fmodel: FunctionalModel, params: torch.Tensor, vectorized: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train losses ``[G, N]`` and probe observables ``[G, P]`` at parameter vectors ``[G, D]``."""
+        """Train losses ``[G, N]`` and probe observables ``[G, P]`` at parameter vectors ``[G, D]``.
+
+        With ``config.per_token`` the probe observables are ``[G, P + P·T]``: the P token means, then
+        the P·T token losses (probe-major), so that one accumulator (and one DDP merge) holds both.
+        """
         buffers = self._buffers
         if self._joint_batch is not None:
             size, batch = self._joint_batch
             losses = fmodel.batched_losses(params, batch, size, self.loss_fn, buffers, "loss_fn", vectorized)
             return losses[:, :len(self.train)], losses[:, len(self.train):]
-        outputs = []
-        for batches, fn, what in ((self._train_batches, self.loss_fn, "loss_fn"),
-                                  (self._probe_batches, self.probe_fn, "probe_fn")):
-            outputs.append(torch.cat([
-                fmodel.batched_losses(params, batch, size, fn, buffers, what, vectorized)
-                for size, batch in batches
-            ], dim=1))
-        return outputs[0], outputs[1]
+        per_token = self.config.per_token
+        train = torch.cat([fmodel.batched_losses(params, batch, size, self.loss_fn, buffers, "loss_fn", vectorized)
+                           for size, batch in self._train_batches], dim=1)
+        probes = [fmodel.batched_losses(params, batch, size, self.probe_fn, buffers, "probe_fn", vectorized, per_token)
+                  for size, batch in self._probe_batches]
+        if not per_token:
+            return train, torch.cat(probes, dim=1)
+        tokens = _probe_tokens(probes)
+        return train, torch.cat([tokens.mean(dim=2), tokens.flatten(1)], dim=1)
 
     def prepare(self) -> None:
         """Build the functional model and evaluation batches; compute and check the losses at w*."""
@@ -154,7 +164,11 @@ class BIFEstimator:
         self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
         _check_finite(self.train_loss0, "loss_fn", "training example")
         _check_finite(self.probe_loss0, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
-        if self.probe_fn is self.loss_fn:
+        # Tokens per probe: the observables are P token means followed by P·T token losses.
+        self.tokens = probe_loss.shape[1] // len(self.probes) - 1 if cfg.per_token else None
+        if self.tokens is not None:
+            _check_token_budget(cfg, len(self.probes), self.tokens, len(self.train))
+        if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
         self.vectorized = self._choose_vectorized()
@@ -243,7 +257,8 @@ class BIFEstimator:
 
     def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
         """Turn (merged) accumulated draws into a :class:`BIFResult`."""
-        stats = accumulator.statistics()
+        probes = len(self.probes)
+        stats = accumulator.statistics(split_half_probes=probes)
         healthy = stats.healthy
         rise = float(stats.mean_shift_train.mean()) if healthy.any() else math.nan
         diagnostics = Diagnostics(
@@ -257,14 +272,20 @@ class BIFEstimator:
             nbeta=self.nbeta,
             duration_s=duration_s,
         )
+        per_token = {}
+        if self.tokens is not None:
+            shape = (probes, self.tokens, -1)
+            per_token = {"token_influence": stats.influence[probes:].reshape(shape).float().cpu(),
+                         "token_stderr": stats.stderr[probes:].reshape(shape).float().cpu()}
         return BIFResult(
-            influence=stats.influence.float().cpu(),
-            correlation=stats.correlation.float().cpu(),
-            stderr=stats.stderr.float().cpu(),
+            influence=stats.influence[:probes].float().cpu(),
+            correlation=stats.correlation[:probes].float().cpu(),
+            stderr=stats.stderr[:probes].float().cpu(),
             train_loss=self.train_loss0.float().cpu(),
-            probe_loss=self.probe_loss0.float().cpu(),
+            probe_loss=self.probe_loss0[:probes].float().cpu(),
             diagnostics=diagnostics,
             config=self.config,
+            **per_token,
         )
 
     def run(
@@ -314,6 +335,30 @@ def _joint_batch(
     return n + p, tree_unflatten([torch.cat([x, y]) for x, y in zip(leaves_a, leaves_b, strict=True)], spec_a)
 
 
+def _probe_tokens(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-token losses of all probe batches ``[G, B, T]`` joined to ``[G, P, T]``; T must agree."""
+    lengths = sorted({part.shape[2] for part in parts})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"probe_fn returned per-token losses of different lengths T = {lengths} for different probe batches, "
+            "but SGLDConfig(per_token=True) needs one T: pad every probe to the same length (a collate_fn or "
+            "dataset that pads to a fixed length) and return 0 loss at padded positions."
+        )
+    return torch.cat(parts, dim=1)
+
+
+def _check_token_budget(config: SGLDConfig, probes: int, tokens: int, train: int) -> None:
+    """Refuse per-token influence whose float64 sums would exceed ``config.max_token_entries``."""
+    entries = config.chains * probes * tokens * train
+    if entries > config.max_token_entries:
+        raise ValueError(
+            f"Per-token influence needs chains·probes·tokens·train = {config.chains}·{probes}·{tokens}·{train} = "
+            f"{entries:,} float64 sums ({entries * 8 / 2**20:,.1f} MiB), more than "
+            f"SGLDConfig.max_token_entries={config.max_token_entries:,}. Use fewer or shorter probes, fewer tracked "
+            "training examples or chains, or raise max_token_entries if the memory is there."
+        )
+
+
 def _forget_chains(accumulator: CovarianceAccumulator, chains: list[int]) -> None:
     """Zero the accumulated draws of ``chains`` (every accumulator tensor has a leading chain axis)."""
     for tensor in accumulator.tensors():
@@ -356,7 +401,7 @@ def estimate_bif(
             ``DataLoader`` or tuple of tensors); N examples.
         probes: The probe examples (same kinds); P examples.
         probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j;
-            defaults to ``loss_fn``.
+            defaults to ``loss_fn``. With ``config.per_token`` it must return ``[B, T]``.
         data: Where SGLD minibatches come from; defaults to ``train``.
         config: Sampler settings; defaults to ``SGLDConfig()``.
         device: Where to compute; defaults to the device of the model's parameters.

@@ -33,10 +33,11 @@ class _LossCall(nn.Module):
         return self.fn(self.model, batch)
 
 
-def check_losses(losses: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+def check_losses(losses: torch.Tensor, batch_size: int, what: str, tokens: bool = False) -> torch.Tensor:
     """Validate a loss function's output for a batch and reduce it to one loss per example.
 
-    Extra trailing dimensions (per-token losses ``[B, T]``) are averaged per example.
+    Extra trailing dimensions (per-token losses ``[B, T]``) are averaged per example, unless
+    ``tokens`` asks for the per-token losses ``[B, T]`` themselves.
     """
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"{what} must return a Tensor of per-example losses, got {type(losses).__name__}.")
@@ -50,6 +51,14 @@ def check_losses(losses: torch.Tensor, batch_size: int, what: str) -> torch.Tens
             f"{what} returned shape {tuple(losses.shape)} for a batch of {batch_size} examples; "
             f"expected [{batch_size}] (or [{batch_size}, T] for per-token losses)."
         )
+    if tokens:
+        if losses.ndim != 2:
+            raise ValueError(
+                f"{what} returned shape {tuple(losses.shape)}, but SGLDConfig(per_token=True) needs per-token "
+                f"losses of shape [{batch_size}, T]: return the loss with reduction='none' before averaging over "
+                "tokens (0 at padded positions), or set per_token=False."
+            )
+        return losses
     return losses.reshape(batch_size, -1).mean(dim=1) if losses.ndim > 1 else losses
 
 
@@ -114,13 +123,14 @@ class FunctionalModel:
         return {n: b.detach().to(self.device, copy=True) for n, b in self._buffer_source.items()}
 
     def losses(
-        self, flat: torch.Tensor, batch: Batch, size: int, fn: LossFn, buffers: dict[str, torch.Tensor], what: str
+        self, flat: torch.Tensor, batch: Batch, size: int, fn: LossFn, buffers: dict[str, torch.Tensor], what: str,
+        tokens: bool = False,
     ) -> torch.Tensor:
-        """Per-example losses ``[size]`` of ``batch`` at the sampled parameters ``flat [D]``."""
+        """Per-example losses ``[size]`` (``tokens``: ``[size, T]``) of ``batch`` at the parameters ``flat [D]``."""
         self._call.fn = fn
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = functional_call(self._call, self._tensors(flat, buffers), (batch,))
-        return check_losses(out, size, what)
+        return check_losses(out, size, what, tokens)
 
     def batched_losses(
         self,
@@ -131,12 +141,13 @@ class FunctionalModel:
         buffers: dict[str, torch.Tensor],
         what: str,
         vectorized: bool,
+        tokens: bool = False,
     ) -> torch.Tensor:
-        """Per-example losses ``[G, size]`` for a group of parameter vectors ``flat [G, D]``, no grad."""
+        """Per-example losses ``[G, size]`` (``tokens``: ``[G, size, T]``) at parameters ``flat [G, D]``, no grad."""
         with torch.no_grad():
             if vectorized:
-                return vmap(lambda f: self.losses(f, batch, size, fn, buffers, what))(flat)
-            return torch.stack([self.losses(f, batch, size, fn, buffers, what) for f in flat])
+                return vmap(lambda f: self.losses(f, batch, size, fn, buffers, what, tokens))(flat)
+            return torch.stack([self.losses(f, batch, size, fn, buffers, what, tokens) for f in flat])
 
     def batched_grads(
         self,

@@ -15,6 +15,8 @@ training examples, ``C`` chains, ``D`` draws per chain)::
     split_half [S], loss_rise [S], ess [S], nbeta [S], step_size [S]      step_size: the ε that snapshot used
     calibration [S]                         JSON evidence of a step-size calibration run before that snapshot, or ""
     diagnostics/sampling_loss [S, C, D], diagnostics/draw_loss [S, C, D], diagnostics/diverged [S, C]
+    token_influence [S, P, T, N], token_influence_se [S, P, T, N]    float32; only in logs of per-token runs,
+                                     whose root attrs also hold tokens (T)
 
 Every per-snapshot dataset is resizable along its first axis and chunked one snapshot per chunk.
 The writer works in HDF5's single-writer/multiple-reader (SWMR) mode and flushes after every
@@ -74,6 +76,8 @@ class RunIdentity:
         probe_groups: Optional group label of each probe, ``[P]``.
         chains: Chains per snapshot (C), the size of the diagnostics axes.
         draws: Draws per chain (D).
+        tokens: Tokens per probe (T) of a per-token run (``SGLDConfig(per_token=True)``): the log then
+            stores ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]``. ``None``: no token axis.
     """
 
     config: dict[str, Any]
@@ -83,6 +87,7 @@ class RunIdentity:
     probe_groups: Any = None
     chains: int = 4
     draws: int = 200
+    tokens: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -102,6 +107,8 @@ class RunIdentity:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"RunIdentity.{name} must be a positive integer, got {value!r}.")
+        if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
+            raise ValueError(f"RunIdentity.tokens must be a positive integer or None, got {self.tokens!r}.")
 
     @property
     def config_json(self) -> str:
@@ -163,6 +170,22 @@ class Trajectory:
 
 
 @dataclass
+class TokenTrajectory:
+    """The influence of one training example on each token of one probe across snapshots (per-token logs).
+
+    Attributes:
+        steps: Training steps, ``[S]``.
+        influence: BIF on the probe's loss at each token, ``[S, T]``; its mean over T is the probe's
+            :class:`Trajectory` influence. Padded tokens (0 loss) read 0.
+        stderr: Standard error of each value, ``[S, T]``.
+    """
+
+    steps: np.ndarray
+    influence: np.ndarray
+    stderr: np.ndarray
+
+
+@dataclass
 class Snapshot:
     """Every stored array of one snapshot (row of the log). Matrices are ``[probe, train]``."""
 
@@ -187,6 +210,8 @@ class Snapshot:
     sampling_loss: np.ndarray
     draw_loss: np.ndarray
     diverged: np.ndarray
+    token_influence: np.ndarray | None = None
+    token_influence_se: np.ndarray | None = None
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -255,9 +280,15 @@ def _row_chunks(tail: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *[max(1, c) for c in chunk])
 
 
-def _layout(probes: int, train: int, chains: int, draws: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _layout(
+    probes: int, train: int, chains: int, draws: int, tokens: int | None = None
+) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Per-snapshot datasets: name -> (row shape, dtype). ``step`` comes last: it commits a row."""
     text = h5py.string_dtype("utf-8", _STATUS_BYTES)
+    per_token = {} if tokens is None else {
+        "token_influence": ((probes, tokens, train), np.float32),
+        "token_influence_se": ((probes, tokens, train), np.float32),
+    }
     return {
         "epoch": ((), np.int64),
         "wall_time": ((), np.float64),
@@ -278,13 +309,19 @@ def _layout(probes: int, train: int, chains: int, draws: int) -> dict[str, tuple
         "diagnostics/sampling_loss": ((chains, draws), np.float32),
         "diagnostics/draw_loss": ((chains, draws), np.float32),
         "diagnostics/diverged": ((chains,), np.bool_),
+        **per_token,
         "step": ((), np.int64),
     }
 
 
+def _stored_tokens(file: h5py.File) -> int | None:
+    """T of a per-token log; ``None`` for logs without a token axis (all logs written before it existed)."""
+    return int(file.attrs["tokens"]) if "tokens" in file.attrs else None
+
+
 def _file_layout(file: h5py.File) -> dict[str, tuple[tuple[int, ...], Any]]:
     return _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
-                   int(file.attrs["draws"]))
+                   int(file.attrs["draws"]), _stored_tokens(file))
 
 
 def _check_format(file: h5py.File, path: PathLike) -> None:
@@ -386,12 +423,14 @@ class LogWriter:
             "config": identity.config_json,
             "chains": identity.chains,
             "draws": identity.draws,
+            **({} if identity.tokens is None else {"tokens": identity.tokens}),
         })
         for name in ("train_ids", "probe_ids", "train_groups", "probe_groups"):
             labels = getattr(identity, name)
             if labels is not None:
                 _label_dataset(file, name, labels)
-        layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws)
+        layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
+                         identity.tokens)
         for name, (tail, dtype) in layout.items():
             file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=_row_chunks(tail),
                                 dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
@@ -434,6 +473,8 @@ class LogWriter:
         for name in ("chains", "draws"):
             if int(stored.attrs[name]) != getattr(identity, name):
                 differences.append(f"{name} (stored {int(stored.attrs[name])}, now {getattr(identity, name)})")
+        if _stored_tokens(stored) != identity.tokens:
+            differences.append(f"tokens (stored {_stored_tokens(stored)}, now {identity.tokens})")
         for name in ("train_ids", "probe_ids", "train_groups", "probe_groups"):
             mine = getattr(identity, name)
             theirs = _read_labels(stored[name]) if name in stored else None
@@ -520,6 +561,12 @@ class LogWriter:
             "diagnostics/sampling_loss": d.sampling_loss, "diagnostics/draw_loss": d.draw_loss,
             "diagnostics/diverged": d.diverged,
         }
+        if "token_influence" in self._layout:
+            if result.token_influence is None or result.token_stderr is None:
+                raise ValueError(f"The influence log {self.path} stores per-token influence (tokens="
+                                 f"{self._layout['token_influence'][0][1]}), but the result has none: run the "
+                                 "estimate with SGLDConfig(per_token=True).")
+            arrays.update(token_influence=result.token_influence, token_influence_se=result.token_stderr)
         for name, tensor in arrays.items():
             array = np.asarray(tensor.detach().cpu())
             expected = self._layout[name][0]
@@ -667,7 +714,9 @@ class InfluenceLog:
     Small per-snapshot values (``steps``, ``status``, ``split_half``...) are NumPy arrays
     ``[S]``; the big ones (``influence``, ``correlation``, ``stderr``, ``train_loss``,
     ``probe_loss``, ``sampling_loss``, ``draw_loss``, ``diverged``) are lazy :class:`RowView`
-    objects that read from disk only what is indexed. ``step_size`` ``[S]`` is the SGLD step
+    objects that read from disk only what is indexed. Logs of per-token runs also have ``tokens`` (T)
+    and the views ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]`` (``None``, like
+    ``tokens``, in other logs; see :meth:`token_trajectory`). ``step_size`` ``[S]`` is the SGLD step
     size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
     step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
     or ``None``. Call :meth:`refresh` to see snapshots appended since opening.
@@ -701,6 +750,7 @@ class InfluenceLog:
         self.config: dict[str, Any] = json.loads(attrs["config"])
         self.chains = int(attrs["chains"])
         self.draws = int(attrs["draws"])
+        self.tokens = _stored_tokens(self._file)
         self.train_ids = _read_labels(self._file["train_ids"])
         self.probe_ids = _read_labels(self._file["probe_ids"])
         self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
@@ -736,6 +786,9 @@ class InfluenceLog:
         self.sampling_loss = RowView(file["diagnostics/sampling_loss"], rows)
         self.draw_loss = RowView(file["diagnostics/draw_loss"], rows)
         self.diverged = RowView(file["diagnostics/diverged"], rows)
+        per_token = self.tokens is not None
+        self.token_influence = RowView(file["token_influence"], rows) if per_token else None
+        self.token_influence_se = RowView(file["token_influence_se"], rows) if per_token else None
 
     def refresh(self) -> None:
         """Pick up snapshots that a live writer appended (or removed) since the last look.
@@ -760,15 +813,41 @@ class InfluenceLog:
         Returns:
             A :class:`Trajectory` of steps, influence, standard errors and correlations.
         """
-        for name, position, size in (("probe", probe, len(self.probe_ids)), ("train", train, len(self.train_ids))):
-            if not -size <= position < size:
-                raise IndexError(f"{name} position {position} out of range for {size} {name} examples.")
+        self._check_positions(probe, train)
         return Trajectory(
             steps=self.steps.copy(),
             influence=self.influence[:, probe, train],
             stderr=self.stderr[:, probe, train],
             correlation=self.correlation[:, probe, train],
         )
+
+    def token_trajectory(self, probe: int, train: int) -> TokenTrajectory:
+        """The influence of training example ``train`` on every token of probe ``probe`` over all snapshots.
+
+        Args:
+            probe: Position of the probe (see ``probe_ids``).
+            train: Position of the training example (see ``train_ids``).
+
+        Returns:
+            A :class:`TokenTrajectory` with ``[S, T]`` influence and standard errors.
+
+        Raises:
+            ValueError: The log has no token axis (the run did not use ``SGLDConfig(per_token=True)``).
+        """
+        if self.token_influence is None or self.token_influence_se is None:
+            raise ValueError(f"The influence log {self.path} has no per-token influence: the run did not use "
+                             "SGLDConfig(per_token=True).")
+        self._check_positions(probe, train)
+        return TokenTrajectory(
+            steps=self.steps.copy(),
+            influence=self.token_influence[:, probe, :, train],
+            stderr=self.token_influence_se[:, probe, :, train],
+        )
+
+    def _check_positions(self, probe: int, train: int) -> None:
+        for name, position, size in (("probe", probe, len(self.probe_ids)), ("train", train, len(self.train_ids))):
+            if not -size <= position < size:
+                raise IndexError(f"{name} position {position} out of range for {size} {name} examples.")
 
     def nearest(self, step: int) -> int:
         """Index of the snapshot whose step is nearest ``step`` (the earlier one on a tie)."""
@@ -806,6 +885,8 @@ class InfluenceLog:
             step_size=float(self.step_size[index]), calibration=self.calibration[index],
             sampling_loss=self.sampling_loss[index], draw_loss=self.draw_loss[index],
             diverged=self.diverged[index],
+            token_influence=None if self.token_influence is None else self.token_influence[index],
+            token_influence_se=None if self.token_influence_se is None else self.token_influence_se[index],
         )
 
     def close(self) -> None:
