@@ -77,6 +77,12 @@ class BIFCallback(Callback):
     the trainer's optimizer param groups at fit start (the largest group's value when they differ).
     This is exact for SGD and Adam (L2-coupled decay) and an approximation for AdamW.
 
+    **Precision.** When ``config.autocast`` is None (its default) and ``precision_from_trainer`` is
+    true, a trainer that runs in bfloat16 (``precision="bf16-mixed"`` or ``"bf16-true"``) makes the
+    snapshot's forward passes run under bf16 autocast too (``autocast="bf16"``), while the
+    sampled weights, the SGLD update and the statistics stay float32. fp16 trainers keep float32
+    snapshots: SGLD gradients carry no loss scaling, so fp16 would underflow them.
+
     **DDP.** Every rank samples its share of the chains from the same w* (chain ``c`` runs on
     rank ``c % world_size``) and the per-chain sums are added up with the strategy's ``reduce``,
     so the result equals a single-process run with the same config. Global rank 0 alone writes
@@ -128,6 +134,8 @@ class BIFCallback(Callback):
             ``DataLoader`` (indexed directly, so no sampler or shuffling RNG is involved).
         weight_decay_from_optimizer: Read the L2 prior from the optimizer when
             ``config.weight_decay`` is 0 (see above).
+        precision_from_trainer: Run the snapshot's forward passes in bf16 when the trainer trains in
+            bf16 and ``config.autocast`` is None (see above).
         log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5``.
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
@@ -179,6 +187,7 @@ class BIFCallback(Callback):
         config: SGLDConfig | None = None,
         data: ExampleSource | None = None,
         weight_decay_from_optimizer: bool = True,
+        precision_from_trainer: bool = True,
         log_path: str | Path | None = None,
         if_exists: Literal["error", "overwrite", "resume"] = "error",
         tensorboard: bool = True,
@@ -221,6 +230,7 @@ class BIFCallback(Callback):
         self.probe_fn = probe_fn
         self.config = config or SGLDConfig()
         self.weight_decay_from_optimizer = weight_decay_from_optimizer
+        self.precision_from_trainer = precision_from_trainer
         self.log_path = None if log_path is None else Path(log_path)
         self.if_exists = if_exists
         self.tensorboard = tensorboard
@@ -367,14 +377,18 @@ class BIFCallback(Callback):
             )
 
     def _resolve_config(self, trainer: pl.Trainer) -> SGLDConfig:
+        """The configured config with the settings it leaves to the trainer filled in."""
         config = self.config
-        if config.weight_decay or not self.weight_decay_from_optimizer:
-            return config
-        decay = _optimizer_weight_decay(trainer)
-        if decay:
-            rank_zero_info(f"BIFCallback: SGLD prior weight_decay={decay:g}, read from the optimizer "
-                           "(set SGLDConfig(weight_decay=...) to choose another value).")
-            return config.replace(weight_decay=decay)
+        if not config.weight_decay and self.weight_decay_from_optimizer:
+            decay = _optimizer_weight_decay(trainer)
+            if decay:
+                rank_zero_info(f"BIFCallback: SGLD prior weight_decay={decay:g}, read from the optimizer "
+                               "(set SGLDConfig(weight_decay=...) to choose another value).")
+                config = config.replace(weight_decay=decay)
+        if config.autocast is None and self.precision_from_trainer and str(trainer.precision).startswith("bf16"):
+            rank_zero_info(f"BIFCallback: snapshots run their forward passes under bf16 autocast, as the trainer "
+                           f"(precision={trainer.precision!r}); pass precision_from_trainer=False for float32.")
+            config = config.replace(autocast="bf16")
         return config
 
     def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:

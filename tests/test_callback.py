@@ -274,6 +274,17 @@ def test_half_precision_trainers_get_float32_estimates_and_keep_their_weights(tm
         assert log.steps.tolist() == [0, 3] and (log.status == "ok").all()
         influence = log.influence[-1]
         assert np.isfinite(influence).all() and np.abs(influence).max() > 0
+        assert log.config["sgld"]["autocast"] == "bf16"  # forward passes in the trainer's precision
+
+
+@pytest.mark.parametrize(("precision", "follow", "expected"),
+                         [("32-true", True, None), ("bf16-mixed", False, None), ("bf16-mixed", True, "bf16")])
+def test_snapshots_follow_a_bf16_trainer_unless_told_not_to(tmp_path, precision, follow, expected):
+    callback = bif(tmp_path, at_fit_end=True, precision_from_trainer=follow)
+    fit(tmp_path, [callback], max_steps=2, precision=precision)
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.config["sgld"]["autocast"] == expected and (log.status == "ok").all()
+    assert callback.resolved_config.autocast == expected
 
 
 def test_fit_from_a_checkpoint_continues_the_log_and_drops_the_abandoned_timeline(tmp_path):
