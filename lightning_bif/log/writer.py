@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from .analysis import flatten_config
+from ..analysis import flatten_config
 
 if TYPE_CHECKING:
     from .estimator import BIFResult
@@ -411,7 +411,7 @@ class LogWriter:
         self._file.swmr_mode = True
 
     def _create(self) -> h5py.File:
-        from . import __version__
+        from .. import __version__
 
         identity = self.identity
         file = h5py.File(self.path, "w", libver=_LIBVER, locking=False)
