@@ -29,7 +29,8 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
     print(f"influence log {log.path}  (format {log.format_version}, lightning-bif {log.package_version}, "
           f"created {log.created})", file=out)
     print(f"probes: {len(log.probe_ids)}{groups(log.probe_groups)}   train examples: {len(log.train_ids)}"
-          f"{groups(log.train_groups)}   chains: {log.chains}   draws: {log.draws}", file=out)
+          f"{groups(log.train_groups)}   chains: {log.chains}   draws: {log.draws}"
+          f"{'' if log.tokens is None else f'   tokens per probe: {log.tokens} (per-token influence)'}", file=out)
     print("config:", file=out)
     for key, value in flatten_config(log.config).items():
         print(f"  {key} = {value}", file=out)
@@ -63,8 +64,10 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             print(f"{str(label)[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
 
 
-def export(log: InfluenceLog, out: TextIO, step: int | None = None) -> int:
+def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool = False) -> int:
     """Write the snapshot nearest ``step`` (default: the last) as CSV, one row per (probe, train) pair.
+
+    With ``tokens``, one row per (probe, token, train) triple of the per-token influence instead.
 
     Returns:
         The step of the exported snapshot.
@@ -72,13 +75,24 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None) -> int:
     row = len(log) - 1 if step is None else log.nearest(step)
     if row < 0:
         raise ValueError(f"The influence log {log.path} has no snapshots yet.")
+    if tokens and log.tokens is None:
+        raise ValueError(f"The influence log {log.path} has no per-token influence (it was written without "
+                         "SGLDConfig(per_token=True)); export it without --tokens.")
     snapshot = log.snapshot(row)
     writer = csv.writer(out)
-    writer.writerow(["step", "probe_id", "probe_group", "train_id", "train_group", "influence", "stderr",
-                     "correlation"])
     no_groups = lambda size: np.full(size, "")  # noqa: E731
     probe_groups = log.probe_groups if log.probe_groups is not None else no_groups(len(log.probe_ids))
     train_groups = log.train_groups if log.train_groups is not None else no_groups(len(log.train_ids))
+    if tokens:
+        writer.writerow(["step", "probe_id", "probe_group", "token", "train_id", "train_group", "influence",
+                         "stderr"])
+        for (probe, token, train), value in np.ndenumerate(snapshot.token_influence):
+            writer.writerow([snapshot.step, log.probe_ids[probe], probe_groups[probe], token, log.train_ids[train],
+                             train_groups[train], repr(float(value)),
+                             repr(float(snapshot.token_influence_se[probe, token, train]))])
+        return snapshot.step
+    writer.writerow(["step", "probe_id", "probe_group", "train_id", "train_group", "influence", "stderr",
+                     "correlation"])
     for probe in range(len(log.probe_ids)):
         for train in range(len(log.train_ids)):
             writer.writerow([snapshot.step, log.probe_ids[probe], probe_groups[probe], log.train_ids[train],
@@ -98,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("log", help="the .h5 influence log")
     table.add_argument("--step", type=int, default=None, help="training step (nearest snapshot; default: last)")
     table.add_argument("--csv", required=True, metavar="PATH", help="output file, '-' for stdout")
+    table.add_argument("--tokens", action="store_true",
+                       help="per-token influence: a row per (probe, token, train) triple (per_token logs)")
     return parser
 
 
@@ -116,11 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "summary":
                 summary(log, sys.stdout, args.last)
             elif args.csv == "-":
-                export(log, sys.stdout, args.step)
+                export(log, sys.stdout, args.step, args.tokens)
             else:
                 with open(args.csv, "w", newline="") as out:
-                    step = export(log, out, args.step)
-                print(f"wrote step {step} ({len(log.probe_ids)} x {len(log.train_ids)} pairs) to {args.csv}")
+                    step = export(log, out, args.step, args.tokens)
+                shape = f"{len(log.probe_ids)} x {log.tokens} x {len(log.train_ids)} triples" if args.tokens else \
+                    f"{len(log.probe_ids)} x {len(log.train_ids)} pairs"
+                print(f"wrote step {step} ({shape}) to {args.csv}")
     except (OSError, ValueError) as error:
         print(f"lightning-bif: error: {error}", file=sys.stderr)
         return 1

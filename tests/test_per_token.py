@@ -6,6 +6,8 @@ losses ``[B, T]``; a linear regression whose probes hold T inputs each has the c
 
 from __future__ import annotations
 
+import csv
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
+from lightning_bif.cli import main as cli_main
 from lightning_bif.estimator import BIFEstimator
 from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord
 
@@ -223,7 +226,7 @@ def _record(step: int, result) -> SnapshotRecord:
                           status="ok" if result is not None else "failed", result=result)
 
 
-def test_log_stores_and_reads_token_influence(tmp_path):
+def test_log_stores_and_reads_token_influence(tmp_path, capsys):
     first = estimate(CONFIG.replace(per_token=True), probe_fn=token_losses)
     second = estimate(CONFIG.replace(per_token=True, seed=4), probe_fn=token_losses)
     with LogWriter(tmp_path / "bif.h5", _identity(T)) as writer:
@@ -245,6 +248,15 @@ def test_log_stores_and_reads_token_influence(tmp_path):
                                    atol=1e-6 * np.abs(snapshot.influence).max())
         with pytest.raises(IndexError, match="train position 24"):
             log.token_trajectory(probe=0, train=24)
+    assert cli_main(["summary", str(tmp_path / "bif.h5")]) == 0
+    assert f"tokens per probe: {T} (per-token influence)" in capsys.readouterr().out
+    assert cli_main(["export", str(tmp_path / "bif.h5"), "--tokens", "--csv", str(tmp_path / "tokens.csv")]) == 0
+    with open(tmp_path / "tokens.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert len(rows) == 3 * T * 24
+    row = next(r for r in rows if (r["probe_id"], r["token"], r["train_id"]) == ("2", "5", "7"))
+    assert float(row["influence"]) == float(second.token_influence[2, 5, 7])
+    assert float(row["stderr"]) == float(second.token_stderr[2, 5, 7])
 
     with pytest.raises(ValueError, match=r"tokens \(stored 8, now 6\)"):
         LogWriter(tmp_path / "bif.h5", _identity(6), if_exists="resume")
@@ -253,7 +265,7 @@ def test_log_stores_and_reads_token_influence(tmp_path):
         writer.append(_record(20, estimate()))
 
 
-def test_a_log_without_tokens_opens_with_no_token_axis(tmp_path):
+def test_a_log_without_tokens_opens_with_no_token_axis(tmp_path, capsys):
     with LogWriter(tmp_path / "bif.h5", _identity(None)) as writer:
         writer.append(_record(0, estimate()))
 
@@ -263,6 +275,8 @@ def test_a_log_without_tokens_opens_with_no_token_axis(tmp_path):
         assert snapshot.token_influence is None and snapshot.token_influence_se is None
         with pytest.raises(ValueError, match=r"no per-token influence.*per_token=True"):
             log.token_trajectory(probe=0, train=0)
+    assert cli_main(["export", str(tmp_path / "bif.h5"), "--tokens", "--csv", "-"]) == 1
+    assert "no per-token influence" in capsys.readouterr().err
 
 
 def test_callback_logs_token_influence_and_refuses_an_oversized_token_axis_at_fit_start(tmp_path):
