@@ -122,6 +122,7 @@ def main() -> None:
         print(f"Final snapshot: mean BIF of a training digit on a probe of the same class {last[same].mean():+.2e}, "
               f"of another class {last[~same].mean():+.2e} (negative = helpful)")
     print(f"Summary:       lightning-bif summary {path}")
+    print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
     print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")
 
 

@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, SGLDConfig, open_log
+from lightning_bif.analysis import sign_changes
 
 ITEMS = ("dog", "cat", "sparrow", "robin", "rose", "lily", "oak", "pine")
 #: The tree over ITEMS, level by level: every node is a contiguous block of items with its own feature.
@@ -212,24 +213,14 @@ def find_stages(steps: np.ndarray, loss: np.ndarray, strength: np.ndarray) -> li
 
 
 def sign_change(steps: np.ndarray, influence: np.ndarray, stderr: np.ndarray, z: float = 2.0) -> float | None:
-    """The step at which an influence curve turns from helpful to harmful.
+    """The step at which an influence curve first turns from helpful to harmful, or ``None``.
 
-    Takes the first snapshot that is significantly harmful (``influence > z·stderr``), goes back to
-    the last snapshot before it that is significantly helpful (``influence < -z·stderr``), and
-    returns where the curve crosses zero in between (linear interpolation between the last negative
-    and the first non-negative snapshot). ``None`` when the curve never goes from significantly
-    negative to significantly positive.
+    A turn is a snapshot significantly harmful (``influence > z·stderr``) after one significantly
+    helpful (``influence < -z·stderr``); the step is where the curve crosses zero in between
+    (see :func:`lightning_bif.analysis.sign_changes`, which does this for every pair of a log).
     """
-    harmful = np.flatnonzero(influence > z * stderr)
-    if not len(harmful):
-        return None
-    first_harmful = harmful[0]
-    helpful = np.flatnonzero(influence[:first_harmful] < -z * stderr[:first_harmful])
-    if not len(helpful):
-        return None
-    negative = helpful[-1] + np.flatnonzero(influence[helpful[-1]:first_harmful + 1] < 0)[-1]
-    before, after = influence[negative], influence[negative + 1]
-    return float(steps[negative] + (steps[negative + 1] - steps[negative]) * before / (before - after))
+    changes = sign_changes(steps, influence[:, None, None], stderr[:, None, None], z=z)
+    return next((change.crossing for change in changes if change.turns == "harmful"), None)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     lightning-bif summary runs/exp/influence.h5             # config, snapshots, one line per snapshot
     lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
+    lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
 """
 
 from __future__ import annotations
@@ -102,6 +103,33 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
     return snapshot.step
 
 
+def print_sign_changes(log: InfluenceLog, out: TextIO, z: float = 3.0, top: int | None = 20) -> int:
+    """Print the pairs whose influence changes sign beyond ``z`` standard errors, earliest first.
+
+    Returns:
+        The number of changes found.
+    """
+    changes = log.sign_changes(z=z)
+    pairs = len(log.probe_ids) * len(log.train_ids)
+    flipped = len({(c.probe, c.train) for c in changes})
+    usable = int((log.status == "ok").sum())
+    print(f"{len(changes)} sign change(s) in {flipped} of {pairs} (probe, train) pairs over {usable} ok snapshots, "
+          f"at |BIF| > {z:g} standard errors (negative = helpful, positive = harmful)", file=out)
+    if not changes:
+        return 0
+    shown = changes if top is None else changes[:top]
+    label = lambda ids, groups, i: f"{ids[i]}" + ("" if groups is None else f" ({groups[i]})")  # noqa: E731
+    print(f"\n{'crossing':>9} {'turns':>8}  {'probe':<16} {'train':<16} {'between steps':>14} {'z before':>9} "
+          f"{'z after':>8}", file=out)
+    for c in shown:
+        print(f"{c.crossing:>9.1f} {c.turns:>8}  {label(log.probe_ids, log.probe_groups, c.probe):<16} "
+              f"{label(log.train_ids, log.train_groups, c.train):<16} {f'{c.before_step}-{c.after_step}':>14} "
+              f"{c.z_before:>+9.1f} {c.z_after:>+8.1f}", file=out)
+    if len(shown) < len(changes):
+        print(f"... {len(changes) - len(shown)} more (--top 0 shows all)", file=out)
+    return len(changes)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-bif", description="Inspect a lightning-bif influence log.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +142,10 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--csv", required=True, metavar="PATH", help="output file, '-' for stdout")
     table.add_argument("--tokens", action="store_true",
                        help="per-token influence: a row per (probe, token, train) triple (per_token logs)")
+    flips = commands.add_parser("sign-changes", help="pairs whose influence turns from helpful to harmful or back")
+    flips.add_argument("log", help="the .h5 influence log")
+    flips.add_argument("--z", type=float, default=3.0, help="standard errors from zero that count (default 3)")
+    flips.add_argument("--top", type=int, default=20, metavar="K", help="show the first K changes (0: all)")
     return parser
 
 
@@ -131,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open_log(args.log) as log:
             if args.command == "summary":
                 summary(log, sys.stdout, args.last)
+            elif args.command == "sign-changes":
+                print_sign_changes(log, sys.stdout, args.z, args.top or None)
             elif args.csv == "-":
                 export(log, sys.stdout, args.step, args.tokens)
             else:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_bif import open_log
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hierarchical.py"
 #: Dense around the mammal/bird stage (steps ~114-130 for seed 0) so the sign change is located to 5 steps.
 SNAPSHOTS = (90, 100, 110, 115, 120, 125, 130, 135, 140, 160)
@@ -85,6 +87,12 @@ def test_dog_to_cat_turns_harmful_during_the_mammal_bird_stage(example, run):
     assert (after > 2 * after_se).all(), after / after_se
     flip = example.sign_change(curves["step"], curves["dog->cat"], curves["dog->cat stderr"])
     assert flip is not None and klass.start <= flip <= klass.end, (flip, klass)
+    # The log finds the same turn among all 64 pairs.
+    with open_log(result.log_path) as log:
+        dog, cat = log.position(train=example.ITEMS.index("dog")), log.position(probe=example.ITEMS.index("cat"))
+        turns = [c for c in log.sign_changes(z=2) if (c.train, c.probe, c.turns) == (dog, cat, "harmful")]
+    assert [c.crossing for c in turns] == [flip]
+    assert turns[0].z_before < -2 and turns[0].z_after > 2
 
 
 def test_dog_to_sparrow_is_harmful_between_the_kingdom_and_class_stages(run):

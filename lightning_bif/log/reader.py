@@ -11,6 +11,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..analysis import SignChange, sign_changes
 from .schema import PathLike, _check_format, _file_layout, _read_labels, _stored_tokens
 
 
@@ -267,6 +268,20 @@ class InfluenceLog:
             influence=self.token_influence[:, probe, :, train],
             stderr=self.token_influence_se[:, probe, :, train],
         )
+
+    def sign_changes(self, z: float = 3.0) -> list[SignChange]:
+        """Every (probe, train) pair whose influence changes sign significantly over the run.
+
+        Reads the ``ok`` snapshots one at a time; see :func:`lightning_bif.analysis.sign_changes`
+        for what counts as a change and how often noise fakes one.
+
+        Args:
+            z: How many standard errors from zero an entry must be to count (default 3).
+
+        Returns:
+            :class:`~lightning_bif.analysis.SignChange` records (positions, steps, zero crossing), earliest first.
+        """
+        return sign_changes(self.steps, self.influence, self.stderr, z=z, usable=self.status == "ok")
 
     def _check_positions(self, probe: int, train: int) -> None:
         for name, position, size in (("probe", probe, len(self.probe_ids)), ("train", train, len(self.train_ids))):
