@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts.toy import ToyClassifier, toy_dataset, tracked_sets
+from scripts.toy import ToyClassifier, class_losses, toy_dataset, tracked_sets
 
 from lightning_bif import SGLDConfig, estimate_bif, open_log
 
@@ -32,7 +32,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     assert [r["opened_log"] for r in reports] == [True, False]
     assert [r["tensorboard"] for r in reports] == [True, False]
     assert reports[0]["step_size"] == reports[1]["step_size"]
-    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["bif.h5"]
+    assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["bif.h5", "tokens.h5"]
     assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1
 
     with open_log(tmp_path / "bif.h5") as log:
@@ -52,3 +52,14 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, data=data, config=config)
     np.testing.assert_allclose(influence, single.influence.numpy(), rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(stderr, single.stderr.numpy(), rtol=1e-4, atol=1e-9)
+
+    # Per-token sums are merged across the ranks like the rest: the same token influence as one process.
+    with open_log(tmp_path / "tokens.h5") as log:
+        assert log.steps.tolist() == [4] and log.tokens == 3 and log.status.tolist() == ["ok"]
+        token_influence, token_se = log.token_influence[-1], log.token_influence_se[-1]
+        config = SGLDConfig.from_dict(log.config["sgld"])
+    assert config.per_token and config.chains == 4
+    single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, probe_fn=class_losses, data=data,
+                          config=config)
+    np.testing.assert_allclose(token_influence, single.token_influence.numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(token_se, single.token_stderr.numpy(), rtol=1e-4, atol=1e-9)

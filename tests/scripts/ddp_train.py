@@ -2,6 +2,7 @@
 
 Usage: python ddp_train.py OUT_DIR
 Snapshots at steps 0, 2 and 4 (each after a step-size calibration on rank 0); the one at step 2 fails on rank 1 only.
+A second callback logs per-token influence (a token per class, ``toy.class_losses``) at step 4 to OUT_DIR/tokens.h5.
 Every rank writes OUT_DIR/rank<r>.json (its global step, training losses, whether it opened the
 log); global rank 0 also saves the final weights to OUT_DIR/final.pt. The log is OUT_DIR/bif.h5.
 """
@@ -14,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
+from toy import FAST, ToyClassifier, class_losses, loader, toy_dataset, tracked_sets
 
 from lightning_bif import BIFCallback
 
@@ -56,8 +57,11 @@ if __name__ == "__main__":
     calibration = {"pilot_steps": 20, "pilot_chains": 1, "tracked": 16, "step_sizes": [1e-2, 1e-4]}
     bif = BIFCallback(train, probes, loss_fn=fails_on_rank_1_at_step_2, every_n_steps=2, at_fit_start=True,
                       config=CONFIG, log_path=out / "bif.h5", calibrate=calibration)
+    tokens = BIFCallback(train, probes, probe_fn=class_losses, at_steps=[4], config=CONFIG.replace(per_token=True),
+                         log_path=out / "tokens.h5", tensorboard=False)
     pl.seed_everything(0)
-    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4, callbacks=[bif, Report(out, bif)],
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4,
+                         callbacks=[bif, tokens, Report(out, bif)],
                          logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(ToyClassifier(), loader(toy_dataset()))

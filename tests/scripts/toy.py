@@ -62,3 +62,8 @@ class ToyClassifier(pl.LightningModule):
 
 def loader(dataset: TensorDataset, shuffle: bool = True, batch_size: int = 32) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+def class_losses(model: nn.Module, batch) -> torch.Tensor:
+    """``[B, classes]``: the loss the model would have if each class were the label (a per-token probe_fn)."""
+    return -F.log_softmax(model(batch[0]), dim=1)
