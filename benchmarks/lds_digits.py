@@ -182,9 +182,9 @@ def ground_truth(setup: Setup, data: Digits, chunk: int = 100, log: Callable[[st
     return truth
 
 
-def full_model(setup: Setup, data: Digits) -> nn.Module:
-    """The model whose behaviour is attributed: trained on all training examples with seed 0."""
-    w1, b1, w2, b2 = (p[0] for p in train_stacked(setup, data.x_train[None], data.y_train[None], seed=0))
+def model_from_params(setup: Setup, params: list[torch.Tensor]) -> nn.Module:
+    """An ``nn.Sequential`` MLP holding the parameters ``[w1, b1, w2, b2]`` of one model."""
+    w1, b1, w2, b2 = params
     model = nn.Sequential(nn.Linear(64, setup.hidden), nn.ReLU(), nn.Linear(setup.hidden, 10))
     with torch.no_grad():
         model[0].weight.copy_(w1.T)
@@ -192,6 +192,12 @@ def full_model(setup: Setup, data: Digits) -> nn.Module:
         model[2].weight.copy_(w2.T)
         model[2].bias.copy_(b2)
     return model
+
+
+def full_model(setup: Setup, data: Digits) -> nn.Module:
+    """The model whose behaviour is attributed: trained on all training examples with seed 0."""
+    return model_from_params(setup, [p[0] for p in train_stacked(setup, data.x_train[None], data.y_train[None],
+                                                                   seed=0)])
 
 
 def per_example_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:

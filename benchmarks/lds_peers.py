@@ -49,6 +49,7 @@ from lds_digits import (
     ground_truth,
     lds,
     load_split,
+    model_from_params,
     score_bif,
     seed_ceiling,
     train_stacked,
@@ -59,18 +60,6 @@ from torch.nn import functional as F
 from lightning_bif import SGLDConfig
 
 PEERS = ("bif", "kronfluence", "trak", "devinterp")
-
-
-def model_from_params(setup: Setup, params: list[torch.Tensor]) -> nn.Module:
-    """An ``nn.Sequential`` MLP holding the stacked parameters ``[w1, b1, w2, b2]`` of one model."""
-    w1, b1, w2, b2 = params
-    model = nn.Sequential(nn.Linear(64, setup.hidden), nn.ReLU(), nn.Linear(setup.hidden, 10))
-    with torch.no_grad():
-        model[0].weight.copy_(w1.T)
-        model[0].bias.copy_(b1)
-        model[2].weight.copy_(w2.T)
-        model[2].bias.copy_(b2)
-    return model
 
 
 def seed_models(setup: Setup, data: Digits, seeds: int) -> tuple[list[nn.Module], float]:
