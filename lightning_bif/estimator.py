@@ -180,7 +180,7 @@ class BIFEstimator:
         ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once, falling back on failure. On a CPU,
         vmap only saves per-call overhead, while its batched matmuls run slower than one matmul per
         chain: once a step is long enough for overhead not to matter, vmap loses (16 chains of an MLP,
-        one thread: 3x faster at 1.4 ms a step, even at 5 ms, 1.7x slower at 10 ms). Both ways give
+        one thread: 3x faster at 1.4 ms a step, on par at 5 ms, 1.7x slower at 10 ms). Both ways give
         the same draws up to float rounding.
         """
         if self.config.vectorize != "auto":
