@@ -9,7 +9,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Preconditioner = Literal["none", "rmsprop"]
+Preconditioner = Literal["none", "rmsprop", "lowrank"]
 Autocast = Literal["bf16", "fp16"]
 
 
@@ -59,7 +59,19 @@ class SGLDConfig:
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
         preconditioner: ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
-            estimated from the mean squared drift over burn-in and then frozen.
+            estimated from the mean squared drift over burn-in and then frozen, ``"lowrank"`` for
+            one built from the top ``preconditioner_rank`` eigenpairs of the training objective's
+            Hessian at w* (from Hessian-vector products, once per estimate): the stiffest direction
+            keeps the step size, the flat ones move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster. On
+            digits it raised the LDS from 0.53 to 0.68 at the same CPU time (README, "Curvature
+            preconditioning"); it needs a step size that is stable for the stiffest direction.
+        preconditioner_rank: K for ``"lowrank"``: how many stiff directions keep their own step
+            (digits: 20, 50, 100 scored 0.67, 0.68, 0.68). It costs 3·(K + 20) Hessian-vector
+            products on up to ``eval_batch_size`` SGLD examples per estimate.
+        preconditioner_damping: δ for ``"lowrank"``, added to every eigenvalue before taking ratios;
+            ``None`` uses 10 × the mean eigenvalue of the Hessian (estimated from the same
+            products). Smaller δ equalises more directions (δ → 0: all), which on digits made the
+            chains less stable and the BIF worse.
         batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch).
             At the default nβ (= n) minibatch noise is small (digits: LDS 0.218 with m = 64 and full
             batch alike); with nβ ≫ n it dominates: use full batch there.
@@ -98,6 +110,8 @@ class SGLDConfig:
     localization: float = 100.0
     weight_decay: float = 0.0
     preconditioner: Preconditioner = "none"
+    preconditioner_rank: int = 50
+    preconditioner_damping: float | None = None
     batch_size: int | None = 64
     eval_batch_size: int = 1024
     seed: int = 0
@@ -130,9 +144,20 @@ class SGLDConfig:
         for name, value in {"localization": self.localization, "weight_decay": self.weight_decay}.items():
             if not _is_finite(value) or value < 0:
                 raise ValueError(f"SGLDConfig.{name} must be a finite number >= 0, got {value!r}.")
-        if self.preconditioner not in ("none", "rmsprop"):
+        if self.preconditioner not in ("none", "rmsprop", "lowrank"):
             raise ValueError(
-                f"SGLDConfig.preconditioner must be 'none' or 'rmsprop', got {self.preconditioner!r}."
+                f"SGLDConfig.preconditioner must be 'none', 'rmsprop' or 'lowrank', got {self.preconditioner!r}."
+            )
+        if not _is_int(self.preconditioner_rank) or self.preconditioner_rank < 1:
+            raise ValueError(
+                f"SGLDConfig.preconditioner_rank must be a positive integer, got {self.preconditioner_rank!r}."
+            )
+        if self.preconditioner_damping is not None and (
+            not _is_finite(self.preconditioner_damping) or not self.preconditioner_damping > 0
+        ):
+            raise ValueError(
+                f"SGLDConfig.preconditioner_damping must be a finite number > 0 or None, "
+                f"got {self.preconditioner_damping!r}."
             )
         if self.preconditioner == "rmsprop" and self.burn_in < 1:
             raise ValueError("SGLDConfig.preconditioner='rmsprop' is estimated during burn-in: set burn_in >= 1.")

@@ -171,6 +171,8 @@ class BIFEstimator:
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
+        if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
+            self.sampler.lowrank_preconditioner(self._buffers)
         self.vectorized = self._choose_vectorized()
 
     def _choose_vectorized(self) -> bool:

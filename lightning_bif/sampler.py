@@ -13,6 +13,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import SGLDConfig
+from .curvature import LowRankPreconditioner, top_curvature
 from .data import Batch, ExampleSet
 from .functional import FunctionalModel, LossFn
 
@@ -89,6 +90,26 @@ class SGLDSampler:
         full = config.batch_size is None or config.batch_size >= len(data)
         self.minibatch = len(data) if full else int(config.batch_size)
         self._full_batch = data.gather(torch.arange(len(data)), fmodel.device) if full else None
+        self._lowrank: LowRankPreconditioner | None = None
+
+    def lowrank_preconditioner(self, buffers: dict[str, torch.Tensor]) -> LowRankPreconditioner:
+        """The ``preconditioner="lowrank"`` operator, computed on first use and kept for later chain groups.
+
+        Its Hessian is that of the SGLD data's mean loss (all of it with full-batch SGLD, else a fixed
+        sample of up to ``eval_batch_size`` examples drawn with the sampler's seed) plus the L2 prior.
+        """
+        if self._lowrank is None:
+            cfg = self.config
+            if self._full_batch is not None:
+                size, batch = len(self.data), self._full_batch
+            else:
+                size = min(len(self.data), cfg.eval_batch_size)
+                order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(cfg.seed))
+                batch = self.data.gather(order[:size], self.fmodel.device)
+            curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
+                                      cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+            self._lowrank = LowRankPreconditioner(curvature, cfg.preconditioner_damping)
+        return self._lowrank
 
     @property
     def steps_per_chain(self) -> int:
@@ -130,6 +151,7 @@ class SGLDSampler:
         precondition: torch.Tensor | None = None  # G = 1 until a preconditioner is frozen
         noise_scale: torch.Tensor | None = None
         second_moment = torch.zeros_like(w) if cfg.preconditioner == "rmsprop" else None
+        lowrank = self.lowrank_preconditioner(buffers) if cfg.preconditioner == "lowrank" else None
         half_step = cfg.step_size / 2
         # With G = 1 the update is w ← (1 - ε/2·(γ + nβλ))·w + ε/2·γ·w* - ε/2·nβ·∇L + √ε·ξ: applied
         # in place, it makes no [G, D] temporaries (memory traffic dominates it on a GPU).
@@ -141,7 +163,7 @@ class SGLDSampler:
                 w, batch, self.minibatch, self.loss_fn, buffers, vectorized=vectorized, shared_batch=shared
             )
             rng.noise(noise)
-            if precondition is None and second_moment is None:
+            if precondition is None and second_moment is None and lowrank is None:
                 w.mul_(shrink).add_(center, alpha=half_step * cfg.localization)
                 w.add_(grads, alpha=-half_step * self.nbeta).add_(noise, alpha=cfg.step_size**0.5)
             else:
@@ -154,7 +176,10 @@ class SGLDSampler:
                         precondition = self._frozen_preconditioner(second_moment / cfg.burn_in)
                         noise_scale = (cfg.step_size * precondition).sqrt()
                         second_moment = None
-                if precondition is None or noise_scale is None:
+                if lowrank is not None:
+                    w.add_(lowrank.apply(drift), alpha=-half_step)
+                    w.add_(lowrank.apply_sqrt(noise), alpha=cfg.step_size**0.5)
+                elif precondition is None or noise_scale is None:
                     w.add_(drift, alpha=-half_step).add_(noise, alpha=cfg.step_size**0.5)
                 else:
                     w.addcmul_(precondition, drift, value=-half_step).addcmul_(noise_scale, noise)

@@ -90,11 +90,12 @@ def estimator(**overrides: Any) -> BIFEstimator:
         dict(vectorize=False),
         dict(vectorize=True, batch_size=None),
         dict(vectorize=True, preconditioner="rmsprop"),
+        dict(vectorize=True, preconditioner="lowrank", preconditioner_rank=8),
         dict(vectorize=True, weight_decay=1e-2, chains_per_batch=2),
         dict(vectorize=True, probe_fn=probe_margin, eval_batch_size=8),
         dict(vectorize=True, autocast="bf16"),
     ],
-    ids=["vmap", "sequential", "full-batch", "rmsprop", "prior+groups", "probe_fn+small-eval", "bf16"],
+    ids=["vmap", "sequential", "full-batch", "rmsprop", "lowrank", "prior+groups", "probe_fn+small-eval", "bf16"],
 )
 def test_sampling_and_accumulating_never_read_a_device_value_on_the_host(overrides: dict) -> None:
     bif = estimator(**overrides)
