@@ -34,8 +34,9 @@ def _classification(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 @pytest.mark.parametrize("overrides", [dict(vectorize=True), dict(vectorize=False),
                                        dict(vectorize=True, autocast="bf16"),
-                                       dict(vectorize=True, preconditioner="rmsprop")],
-                         ids=["vmap", "sequential", "bf16", "rmsprop"])
+                                       dict(vectorize=True, preconditioner="rmsprop"),
+                                       dict(vectorize=True, preconditioner="lowrank", preconditioner_rank=8)],
+                         ids=["vmap", "sequential", "bf16", "rmsprop", "lowrank"])
 def test_the_sgld_loop_never_synchronises_with_the_host(overrides: dict) -> None:
     x, y = _classification()
     model = mlp().to(CUDA)
