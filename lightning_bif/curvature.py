@@ -119,19 +119,23 @@ def top_curvature(
 class LowRankPreconditioner:
     """``G = g_rest·I + U diag(g - g_rest) Uᵀ`` with ``g_k = (λ_1 + δ)/(λ_k + δ)``.
 
-    The stiffest direction keeps G = 1, so a step size that is stable without the preconditioner
-    is about as stable with it, while the other top-K directions and the flat complement (all
-    given λ_{K+1}) move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster. δ keeps that ratio bounded:
-    equalising every direction (δ → 0) made chains leave the region where the posterior is
-    quadratic (benchmarks/README.md, "Curvature preconditioning").
+    The stiffest direction keeps G = 1 and the other top-K directions and the flat complement (all
+    given λ_{K+1}) move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster. Along eigenvector k the
+    posterior's curvature is A_k = nβ·λ_k + γ, and g_k·A_k ≤ A_1 exactly when δ ≥ γ/nβ: δ is
+    raised to γ/nβ when it is below, so no direction becomes stiffer than the stiffest one and a
+    step size that is stable without the preconditioner stays stable with it (in the quadratic
+    approximation). δ = γ/nβ equalises every direction; a larger δ equalises less, which on digits
+    kept chains closer to the region where the posterior is quadratic and scored better
+    (benchmarks/README.md, "Curvature preconditioning").
 
     Args:
         curvature: The top eigenpairs.
         damping: δ; ``None`` means 10 × the mean eigenvalue (the best setting on digits).
+        floor: The least δ, γ/nβ.
     """
 
-    def __init__(self, curvature: Curvature, damping: float | None) -> None:
-        delta = 10 * max(curvature.mean, 0.0) if damping is None else damping
+    def __init__(self, curvature: Curvature, damping: float | None, floor: float = 0.0) -> None:
+        delta = max(10 * max(curvature.mean, 0.0) if damping is None else damping, floor)
         values = curvature.values.clamp_min(0) + max(delta, torch.finfo(curvature.values.dtype).tiny)
         gains = values[0] / values
         self.damping = float(delta)

@@ -108,7 +108,8 @@ class SGLDSampler:
                 batch = self.data.gather(order[:size], self.fmodel.device)
             curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
                                       cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
-            self._lowrank = LowRankPreconditioner(curvature, cfg.preconditioner_damping)
+            self._lowrank = LowRankPreconditioner(curvature, cfg.preconditioner_damping,
+                                                  floor=cfg.localization / self.nbeta)
         return self._lowrank
 
     @property

@@ -136,3 +136,18 @@ def test_the_callback_snapshots_with_the_lowrank_preconditioner(tmp_path) -> Non
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [3, 6] and (log.status == "ok").all()
         assert log.config["sgld"]["preconditioner"] == "lowrank" and log.config["sgld"]["preconditioner_rank"] == 8
+
+
+@pytest.mark.parametrize("damping", [1e-4, 0.05, 3.0])
+def test_no_direction_becomes_stiffer_than_the_stiffest_one(damping: float) -> None:
+    """With δ raised to at least γ/nβ, g_k·(nβλ_k + γ) ≤ nβλ_1 + γ for every direction, the rest included."""
+    nbeta, localization = 1000.0, 500.0  # γ/nβ = 0.5: a strong pull, as early in training
+    values = torch.tensor([3.0, 1.0, 0.2, 0.01, -0.5], dtype=torch.float64)  # a negative one, as off a minimum
+    basis = torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).Q
+    operator = LowRankPreconditioner(Curvature(values, basis, mean=0.1), damping, floor=localization / nbeta)
+    assert operator.damping == max(damping, 0.5)
+    top = nbeta * values[0] + localization
+    gains = torch.diagonal(basis.T @ operator.apply(basis.T.contiguous()).T)
+    assert (gains * (nbeta * values[:4] + localization) <= top * (1 + 1e-12)).all()
+    assert operator.rest * (nbeta * values[4].clamp_min(0) + localization) <= top
+    assert gains[0] == pytest.approx(1.0) and operator.rest > 1  # the stiffest keeps its step; the rest speed up
