@@ -67,7 +67,8 @@ class SGLDConfig:
             preconditioning"); choose ε for the stiffest direction.
         preconditioner_rank: K for ``"lowrank"``: how many stiff directions keep their own step
             (digits: 20, 50, 100 scored 0.67, 0.68, 0.68). It costs 3·(K + 20) Hessian-vector
-            products on up to ``eval_batch_size`` SGLD examples per estimate.
+            products per estimate, each about 1.5 gradients, on the full batch (full-batch SGLD) or on
+            four minibatches' worth of SGLD examples.
         preconditioner_damping: δ for ``"lowrank"``, added to every eigenvalue before taking ratios;
             ``None`` uses 10 × the mean eigenvalue of the Hessian (estimated from the same
             products). It is raised to γ/nβ when below, which keeps every direction no stiffer
