@@ -54,19 +54,22 @@ def _hessian_vector_products(
     def one(vector: torch.Tensor) -> torch.Tensor:
         return jvp(gradient, (center,), (vector,))[1]
 
+    vectorized = [True]  # until vmap fails once; later blocks then go one product at a time straight away
+
     def products(vectors: torch.Tensor) -> torch.Tensor:
         columns = vectors.T.contiguous()
-        try:
-            out = torch.cat([vmap(one)(chunk) for chunk in columns.split(_HVP_CHUNK)])
-        except RuntimeError:  # an op without a batching rule: one product at a time
+        if vectorized[0]:
             try:
-                out = torch.stack([one(column) for column in columns])
-            except RuntimeError as error:
-                raise RuntimeError(
-                    "preconditioner='lowrank' needs Hessian-vector products of loss_fn (torch.func.jvp over "
-                    f"torch.func.grad), and they failed: {error}. Use SGLDConfig(preconditioner='none')."
-                ) from error
-        return out.T
+                return torch.cat([vmap(one)(chunk) for chunk in columns.split(_HVP_CHUNK)]).T
+            except RuntimeError:  # an op without a batching rule
+                vectorized[0] = False
+        try:
+            return torch.stack([one(column) for column in columns]).T
+        except RuntimeError as error:
+            raise RuntimeError(
+                "preconditioner='lowrank' needs Hessian-vector products of loss_fn (torch.func.jvp over "
+                f"torch.func.grad), and they failed: {error}. Use SGLDConfig(preconditioner='none')."
+            ) from error
 
     return products
 
