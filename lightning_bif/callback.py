@@ -240,6 +240,7 @@ class BIFCallback(Callback):
         self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
         self._data_source = data
         self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
+        self._vectorized: bool | None = None  # chains under vmap: decided at the first fit start (checkpointed)
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
@@ -303,7 +304,7 @@ class BIFCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
-        self._check_losses_at_start(pl_module)
+        self._check_losses_at_start(trainer, pl_module)
         self._open_log(trainer)
 
     @override
@@ -349,7 +350,8 @@ class BIFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         path = self._resolved_log_path or self._resumed_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
-                "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size}
+                "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size,
+                "vectorized": self._vectorized}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -357,6 +359,7 @@ class BIFCallback(Callback):
         self._snapshots = int(state_dict["snapshots"])
         self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
         self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
+        self._vectorized = state_dict.get("vectorized")
         self._resumed = True
 
     # ------------------------------------------------------------------ fit-start checks
@@ -391,8 +394,12 @@ class BIFCallback(Callback):
             config = config.replace(autocast="bf16")
         return config
 
-    def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:
-        """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
+    def _check_losses_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate the loss functions on every tracked example at w*: shapes and finiteness.
+
+        This also decides, once for the whole fit, whether chains run under vmap (every function a
+        snapshot calls is tried; rank 0's answer is used on every rank).
+        """
         model = _float32_model(pl_module)
         estimator = self._estimator(model, pl_module.device, data=self._data_source)
         try:
@@ -401,6 +408,7 @@ class BIFCallback(Callback):
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
         self._tokens = estimator.tokens
+        self._vectorized = bool(trainer.strategy.broadcast(estimator.vectorized))
 
     def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -433,6 +441,7 @@ class BIFCallback(Callback):
             "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
             "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
             "data": "trainer training data" if self.data is None else "data argument",
+            "vectorized": self._vectorized,
         }
         return RunIdentity(
             config={"sgld": cfg.to_dict(), "callback": callback},
@@ -518,6 +527,10 @@ class BIFCallback(Callback):
         duration = time.perf_counter() - start
         wall_time = time.time()
         status = "failed" if result is None else ("ok" if result.ok else "diverged")
+        if result is not None and not result.diagnostics.vectorized and self._vectorized:
+            # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
+            self._vectorized = False
+            message = "chains ran one after another after vmap failed during sampling"
         record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
                                 status=status, result=result, message=message, step_size=config.step_size,
                                 calibration=calibration)
@@ -581,6 +594,12 @@ class BIFCallback(Callback):
                 accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
         except Exception as caught:  # a failed snapshot is recorded; training goes on
             error = caught
+        if world > 1:
+            # A rank whose chains fell back from vmap makes every rank's result count as sequential.
+            fell_back = trainer.strategy.reduce_boolean_decision(error is None and estimator.vmap_fallback is not None,
+                                                                 all=False)
+            if fell_back and error is None:
+                estimator.vectorized = False
         failed = error is not None
         if world > 1:
             failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
@@ -596,7 +615,7 @@ class BIFCallback(Callback):
     ) -> BIFEstimator:
         loss_fn = self.loss_fn or module_per_example_loss
         return BIFEstimator(model, loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=data,
-                            config=config or self._config, device=device)
+                            config=config or self._config, device=device, vectorized=self._vectorized)
 
     def _write(self, record: SnapshotRecord) -> None:
         if self._writer is not None:
