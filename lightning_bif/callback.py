@@ -30,7 +30,8 @@ from .data import Batch, ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
 from .functional import preserved_state
 from .log import LogWriter, RunIdentity, SnapshotRecord
-from .schedule import Event, LogSpaced, SnapshotSchedule
+from .log_path import default_log_path
+from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
@@ -136,7 +137,8 @@ class BIFCallback(Callback):
             ``config.weight_decay`` is 0 (see above).
         precision_from_trainer: Run the snapshot's forward passes in bf16 when the trainer trains in
             bf16 and ``config.autocast`` is None (see above).
-        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5``.
+        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` with a ``TensorBoardLogger`` or
+            ``CSVLogger``, else ``<default_root_dir>/bif_logs/version_<N>/influence.h5`` (next free N).
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
             config and ids). A fit resumed from a checkpoint always resumes its log.
@@ -244,6 +246,7 @@ class BIFCallback(Callback):
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
+        self._start = (0, 0)  # global step at train start, training batches since (sizes log_spaced under manual opt.)
         self._snapshots = 0
         self._resumed_log_path: Path | None = None
         self._resumed = False
@@ -304,6 +307,11 @@ class BIFCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
+        if self.data is None:
+            # The vmap trial needs the SGLD minibatches: load the training data now, as Lightning's own
+            # estimated_stepping_batches does from configure_optimizers.
+            trainer.fit_loop.setup_data()
+            self._data_source = self._trainer_data(trainer)
         self._check_losses_at_start(trainer, pl_module)
         self._open_log(trainer)
 
@@ -311,7 +319,11 @@ class BIFCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data is None:
             self._data_source = self._trainer_data(trainer)
-        self._active_schedule = self._bind_schedule(trainer)
+        self._active_schedule = self.schedule
+        # Under manual optimization the optimizer steps per batch are known only once a batch stepped.
+        if self.schedule.needs_total_steps and pl_module.automatic_optimization:
+            self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
+        self._start = (trainer.global_step, 0)
         self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
@@ -320,11 +332,18 @@ class BIFCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
+        start_step, batches = self._start[0], self._start[1] + 1
+        self._start = (start_step, batches)
         # With gradient accumulation most batches end without an optimizer step: global_step is unchanged.
         if trainer.global_step == self._last_seen_step:
             return
-        self._last_seen_step = trainer.global_step
-        self._maybe_snapshot(trainer, pl_module, "step")
+        previous, self._last_seen_step = self._last_seen_step, trainer.global_step
+        if self._active_schedule is self.schedule and self.schedule.needs_total_steps:
+            steps_per_batch = (trainer.global_step - start_step) / batches
+            self._active_schedule = self._bind_schedule(manual_optimization_steps(trainer, steps_per_batch))
+        if trainer.global_step - previous > 1:
+            self._warn_steps_per_batch(trainer.global_step - previous)
+        self._maybe_snapshot(trainer, pl_module, "step", previous)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -425,13 +444,26 @@ class BIFCallback(Callback):
             ) from error
         return loader
 
-    def _bind_schedule(self, trainer: pl.Trainer) -> SnapshotSchedule:
-        if not self.schedule.needs_total_steps:
-            return self.schedule
+    def _bind_schedule(self, total_steps: int | float) -> SnapshotSchedule:
         try:
-            return self.schedule.bind(trainer.estimated_stepping_batches)
+            return self.schedule.bind(total_steps)
         except ValueError as error:
             raise MisconfigurationException(f"BIFCallback: {error}") from error
+
+    def _warn_steps_per_batch(self, steps: int) -> None:
+        """Say once what the schedule counts when one batch takes several optimizer steps."""
+        schedule = self.schedule
+        if "steps_per_batch" in self._warned or not (schedule.every_n_steps or schedule.at_steps
+                                                     or schedule.log_spaced):
+            return
+        self._warned.add("steps_per_batch")
+        rank_zero_warn(
+            f"BIFCallback: one training batch advanced trainer.global_step by {steps} (manual optimization stepping "
+            "several optimizers, or several optimizer.step() calls a batch). The schedule counts global_step, as "
+            "max_steps, checkpoints and the log's step column do: a step it names inside a batch is taken at the "
+            f"end of that batch. To count batches instead, multiply: every_n_steps=n*{steps}, at_steps=[s*{steps}, "
+            "...]. (Shown once.)"
+        )
 
     # ------------------------------------------------------------------ the log
 
@@ -458,7 +490,7 @@ class BIFCallback(Callback):
         """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
         path = self.log_path or self._resumed_log_path
         if path is None:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "influence.h5"  # log_dir: call on all ranks
+            path = default_log_path(trainer)
         self._resolved_log_path = path
         error = None
         if trainer.is_global_zero:
@@ -511,9 +543,18 @@ class BIFCallback(Callback):
 
     # ------------------------------------------------------------------ snapshots
 
-    def _maybe_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
+    def _maybe_snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event, previous: int | None = None
+    ) -> None:
+        """Snapshot when ``event`` is due at the current step or, for steps, at any step passed since ``previous``.
+
+        A batch can take several optimizer steps (manual optimization with several optimizers):
+        a step the schedule names inside it is taken at the end of that batch.
+        """
         step = trainer.global_step
-        if step > self._last_step and self.should_snapshot(event, step, trainer.current_epoch):
+        first = step if previous is None else max(previous + 1, self._last_step + 1)
+        if step > self._last_step and any(self.should_snapshot(event, s, trainer.current_epoch)
+                                          for s in range(first, step + 1)):
             self._snapshot(trainer, pl_module)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
