@@ -27,6 +27,7 @@ from .accumulator import CovarianceAccumulator
 from .calibration import calibrate as calibrate_step_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
+from .datamodule_source import DataModuleExamples
 from .estimator import BIFEstimator, BIFResult
 from .functional import preserved_state
 from .log import LogWriter, RunIdentity, SnapshotRecord
@@ -113,8 +114,9 @@ class BIFCallback(Callback):
 
     Args:
         train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
-            or tuple of tensors); N examples. Their ids in the log are dataset indices.
-        probes: Probe examples whose behaviour is explained; P examples.
+            or tuple of tensors); N examples. Their ids in the log are dataset indices. A
+            :class:`~lightning_bif.DataModuleExamples` takes them from the trainer's DataModule at setup.
+        probes: Probe examples whose behaviour is explained; P examples (same kinds).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses; drives SGLD and gives the
             training losses ℓ_i. Default: the module's ``per_example_loss`` method.
         probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j; default ``loss_fn``.
@@ -171,8 +173,8 @@ class BIFCallback(Callback):
 
     def __init__(
         self,
-        train: ExampleSource,
-        probes: ExampleSource,
+        train: ExampleSource | DataModuleExamples,
+        probes: ExampleSource | DataModuleExamples,
         *,
         loss_fn: LossFn | None = None,
         probe_fn: LossFn | None = None,
@@ -200,7 +202,9 @@ class BIFCallback(Callback):
         try:
             self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
                                                        at_fit_start, at_fit_end)
-            train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
+            for name, source in (("train", train), ("probes", probes)):
+                if not isinstance(source, DataModuleExamples):
+                    ExampleSet(source, name)
             if data is not None:
                 ExampleSet(data, "data")
         except (TypeError, ValueError) as error:
@@ -222,10 +226,12 @@ class BIFCallback(Callback):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
         self.train, self.probes, self.data = train, probes, data
-        self.train_ids = train_set.ids().numpy()
-        self.probe_ids = probe_set.ids().numpy()
-        self.train_groups = _groups(train_groups, len(train_set), "train_groups", "train")
-        self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
+        self._groups_given = (train_groups, probe_groups)
+        self.train_ids = self.probe_ids = self.train_groups = self.probe_groups = None
+        self._train_source: ExampleSource | None = None  # the examples themselves, from train/probes at setup
+        self._probe_source: ExampleSource | None = None
+        if not isinstance(train, DataModuleExamples) and not isinstance(probes, DataModuleExamples):
+            self._use_examples(train, probes)
         self.train_group_names = dict(train_group_names) if train_group_names else None
         self.probe_group_names = dict(probe_group_names) if probe_group_names else None
         self.loss_fn = loss_fn
@@ -259,7 +265,25 @@ class BIFCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(log_path=None if self.log_path is None else str(self.log_path),
-                                        train=len(self.train_ids), probes=len(self.probe_ids))
+                                        train=_key(self.train), probes=_key(self.probes))
+
+    def _use_examples(self, train: ExampleSource, probes: ExampleSource) -> None:
+        """Adopt concrete example sets: their ids, and the group labels checked against their sizes."""
+        train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
+        self._train_source, self._probe_source = train, probes
+        self.train_ids = train_set.ids().numpy()
+        self.probe_ids = probe_set.ids().numpy()
+        self.train_groups = _groups(self._groups_given[0], len(train_set), "train_groups", "train")
+        self.probe_groups = _groups(self._groups_given[1], len(probe_set), "probe_groups", "probes")
+
+    def _resolve_examples(self, trainer: pl.Trainer) -> None:
+        """Take ``DataModuleExamples`` from the trainer's dataloaders (after the DataModule's setup)."""
+        try:
+            train, probes = (source.resolve(trainer, name) if isinstance(source, DataModuleExamples) else source
+                             for name, source in (("train", self.train), ("probes", self.probes)))
+            self._use_examples(train, probes)
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback: {error}") from error
 
     # ------------------------------------------------------------------ customisation point
 
@@ -302,6 +326,8 @@ class BIFCallback(Callback):
         if stage == "fit":
             self._check_strategy(trainer)
             self._check_loss_hook(pl_module)
+            if isinstance(self.train, DataModuleExamples) or isinstance(self.probes, DataModuleExamples):
+                self._resolve_examples(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -655,7 +681,7 @@ class BIFCallback(Callback):
         self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None
     ) -> BIFEstimator:
         loss_fn = self.loss_fn or module_per_example_loss
-        return BIFEstimator(model, loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=data,
+        return BIFEstimator(model, loss_fn, self._train_source, self._probe_source, probe_fn=self.probe_fn, data=data,
                             config=config or self._config, device=device, vectorized=self._vectorized)
 
     def _write(self, record: SnapshotRecord) -> None:
@@ -738,6 +764,11 @@ def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarra
             f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
         )
     return array if array.dtype.kind in "US" else array.astype(np.int64)
+
+
+def _key(source: ExampleSource | DataModuleExamples) -> int | str:
+    """What identifies an example set in the state key: its size, or the description of a deferred one."""
+    return repr(source) if isinstance(source, DataModuleExamples) else len(ExampleSet(source, "examples"))
 
 
 def _qualname(fn: Callable) -> str:

@@ -356,3 +356,66 @@ def test_a_compiled_submodule_is_not_recompiled_by_snapshots_and_trains_bitwise_
     _bitwise(tmp_path, make, callback, max_steps=8)
     assert len(CompiledNet.graphs) == 1  # the training graph only: snapshots ran the module eagerly
     _ok(callback, [0, 2, 4, 6, 8])
+
+
+# ------------------------------------------------------------------ examples from the DataModule, LightningCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SplitData(pl.LightningDataModule):
+    """The toy data split in ``setup`` (the datasets exist only from then on)."""
+
+    def setup(self, stage: str) -> None:
+        self.train_set = torch.utils.data.Subset(DATA, range(0, 160))
+        self.val_set = torch.utils.data.Subset(DATA, range(160, 192))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=32, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=32)
+
+
+def test_examples_and_probes_from_the_datamodule_resolved_at_setup(tmp_path):
+    from lightning_bif import DataModuleExamples
+
+    callback = _bif(tmp_path, DataModuleExamples("train", count=8), DataModuleExamples("val", indices=[0, 5]),
+                    train_groups=[0, 1] * 4)
+    plain_trainer, plain = _fit(tmp_path / "plain", ToyClassifier, data=SplitData(), limit_val_batches=0)
+    trainer, model = _fit(tmp_path / "bif", ToyClassifier, (callback,), data=SplitData(), limit_val_batches=0)
+    for a, b in zip(_state(plain_trainer, plain), _state(trainer, model), strict=True):
+        assert torch.equal(a, b)
+    _ok(callback, [3])
+    with _log(callback) as log:
+        assert log.train_ids.tolist() == [0, 20, 40, 60, 80, 100, 120, 140]
+        assert log.probe_ids.tolist() == [160, 165]  # positions in the innermost dataset
+
+
+def test_datamodule_examples_that_do_not_exist_are_refused_at_setup(tmp_path):
+    from lightning_bif import DataModuleExamples
+
+    with pytest.raises(MisconfigurationException, match=r"position 40 is out of range for the 32 examples"):
+        _fit(tmp_path, ToyClassifier, (_bif(tmp_path, probes=DataModuleExamples("val", indices=[40])),),
+             data=SplitData())
+    with pytest.raises(MisconfigurationException, match=r"SplitData has no test_dataloader\(\)"):
+        _fit(tmp_path, ToyClassifier, (_bif(tmp_path, probes=DataModuleExamples("test", count=2)),),
+             data=SplitData())
+    with pytest.raises(ValueError, match="indices or count, not both"):
+        DataModuleExamples("val", indices=[1], count=1)
+
+
+def test_the_lightningcli_example_runs_from_its_yaml_config(tmp_path):
+    pytest.importorskip("jsonargparse")
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "examples" / "cli" / "train.py"), "fit",
+               "--config", str(ROOT / "examples" / "cli" / "config.yaml"), f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.max_steps=4", "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open_log(tmp_path / "lightning_logs" / "version_0" / "influence.h5") as log:
+        assert log.steps.tolist() == [0, 1, 2, 3, 4] and (log.status == "ok").all()
+        assert len(log.train_ids) == 32 and len(log.probe_ids) == 4
