@@ -33,6 +33,7 @@ from .functional import preserved_state
 from .log import LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
+from .threads import oversubscription, snapshot_threads
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
@@ -158,6 +159,9 @@ class BIFCallback(Callback):
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
             warning off.
+        num_threads: ``torch.set_num_threads`` during snapshots (restored after each), e.g. 1 on a CPU
+            shared with dataloader workers or other processes; ``None`` keeps torch's setting. On a CPU,
+            a warning at fit start says when torch's threads plus the workers exceed the cores.
 
     Example::
 
@@ -198,6 +202,7 @@ class BIFCallback(Callback):
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
+        num_threads: int | None = None,
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
@@ -222,6 +227,11 @@ class BIFCallback(Callback):
                 f"BIFCallback(min_split_half={min_split_half!r}) must be a correlation in [-1, 1] or None."
             )
         self.min_split_half = min_split_half
+        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
+                                        or num_threads < 1):
+            raise MisconfigurationException(f"BIFCallback(num_threads={num_threads!r}) must be a positive integer "
+                                            "or None.")
+        self.num_threads = num_threads
         for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
@@ -248,7 +258,8 @@ class BIFCallback(Callback):
         self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
         self._data_source = data
         self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
-        self._vectorized: bool | None = None  # chains under vmap: decided at the first fit start (checkpointed)
+        self._vectorized: bool | None = None  # chains under vmap: decided at the first train start (checkpointed)
+        self._sequential_reason: str | None = None  # why not, under vectorize="auto"; in each snapshot's message
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
@@ -333,12 +344,9 @@ class BIFCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
-        if self.data is None:
-            # The vmap trial needs the SGLD minibatches: load the training data now, as Lightning's own
-            # estimated_stepping_batches does from configure_optimizers.
-            trainer.fit_loop.setup_data()
-            self._data_source = self._trainer_data(trainer)
-        self._check_losses_at_start(trainer, pl_module)
+        with snapshot_threads(self.num_threads):
+            self._check_losses_at_start(trainer, pl_module)
+        self._check_threads(trainer, pl_module)
         self._open_log(trainer)
 
     @override
@@ -350,6 +358,8 @@ class BIFCallback(Callback):
         if self.schedule.needs_total_steps and pl_module.automatic_optimization:
             self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
         self._start = (trainer.global_step, 0)
+        if self._vectorized is None:
+            self._decide_vectorized(trainer, pl_module)
         self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
@@ -396,7 +406,7 @@ class BIFCallback(Callback):
         path = self._resolved_log_path or self._resumed_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
                 "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size,
-                "vectorized": self._vectorized}
+                "vectorized": self._vectorized, "sequential_reason": self._sequential_reason}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -405,6 +415,7 @@ class BIFCallback(Callback):
         self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
         self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
         self._vectorized = state_dict.get("vectorized")
+        self._sequential_reason = state_dict.get("sequential_reason")
         self._resumed = True
 
     # ------------------------------------------------------------------ fit-start checks
@@ -440,20 +451,44 @@ class BIFCallback(Callback):
         return config
 
     def _check_losses_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate the loss functions on every tracked example at w*: shapes and finiteness.
-
-        This also decides, once for the whole fit, whether chains run under vmap (every function a
-        snapshot calls is tried; rank 0's answer is used on every rank).
-        """
+        """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
         model = _float32_model(pl_module)
-        estimator = self._estimator(model, pl_module.device, data=self._data_source)
+        estimator = self._estimator(model, pl_module.device, data=self._data_source, vectorized=False)
         try:
             with preserved_state(model, [pl_module.device]):
                 estimator.prepare()
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
         self._tokens = estimator.tokens
-        self._vectorized = bool(trainer.strategy.broadcast(estimator.vectorized))
+
+    def _decide_vectorized(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Decide once, before the first snapshot, whether chains run under vmap; rank 0's answer holds everywhere.
+
+        At train start, when the SGLD data (by default the trainer's training DataLoader) is known:
+        every function a snapshot calls is tried under vmap on it.
+        """
+        model = _float32_model(pl_module)
+        estimator = self._estimator(model, pl_module.device, data=self._data_source)
+        try:
+            with snapshot_threads(self.num_threads), preserved_state(model, [pl_module.device]):
+                estimator.decide_vectorized()
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
+        self._vectorized, self._sequential_reason = trainer.strategy.broadcast(
+            (estimator.vectorized, estimator.sequential_reason))
+
+    def _check_threads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset)."""
+        if self.num_threads is not None or pl_module.device.type != "cpu":
+            return
+        loader = trainer.train_dataloader
+        reason = oversubscription(loader.num_workers if isinstance(loader, DataLoader) else 0)
+        if reason is not None:
+            rank_zero_warn(
+                f"BIFCallback: {reason}. Snapshots of small models are many tiny kernels, which slow down many "
+                "times over when threads outnumber free cores; pass BIFCallback(num_threads=1) (set only during "
+                "snapshots) or call torch.set_num_threads(1). See docs/lightning.md, 'Threads'."
+            )
 
     def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -499,7 +534,6 @@ class BIFCallback(Callback):
             "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
             "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
             "data": "trainer training data" if self.data is None else "data argument",
-            "vectorized": self._vectorized,
         }
         return RunIdentity(
             config={"sgld": cfg.to_dict(), "callback": callback},
@@ -586,18 +620,21 @@ class BIFCallback(Callback):
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
         calibration = None
-        if self.calibrate is not None and self._calibrated_step_size is None:
-            calibration = self._calibrate(trainer, pl_module, step)
-        config = self.resolved_config
-        start = time.perf_counter()
-        result, message = self._estimate(trainer, pl_module, step, config)
-        duration = time.perf_counter() - start
+        with snapshot_threads(self.num_threads):
+            if self.calibrate is not None and self._calibrated_step_size is None:
+                calibration = self._calibrate(trainer, pl_module, step)
+            config = self.resolved_config
+            start = time.perf_counter()
+            result, message, result_reason = self._estimate(trainer, pl_module, step, config)
+            duration = time.perf_counter() - start
         wall_time = time.time()
         status = "failed" if result is None else ("ok" if result.ok else "diverged")
         if result is not None and not result.diagnostics.vectorized and self._vectorized:
             # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
             self._vectorized = False
-            message = "chains ran one after another after vmap failed during sampling"
+            self._sequential_reason = result_reason or "torch.func.vmap failed during sampling on another rank"
+        if result is not None and self._sequential_reason is not None and not message:
+            message = f"chains ran one after another: {self._sequential_reason}"
         record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
                                 status=status, result=result, message=message, step_size=config.step_size,
                                 calibration=calibration)
@@ -646,8 +683,12 @@ class BIFCallback(Callback):
 
     def _estimate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, config: SGLDConfig
-    ) -> tuple[BIFResult | None, str]:
-        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere."""
+    ) -> tuple[BIFResult | None, str, str | None]:
+        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere.
+
+        Returns the result (``None`` when failed), the error message, and why this rank's chains
+        fell back from vmap during sampling (``None`` when they did not).
+        """
         device = pl_module.device
         world = trainer.world_size
         chains = [c for c in range(config.chains) if c % world == trainer.global_rank]
@@ -663,8 +704,8 @@ class BIFCallback(Callback):
             error = caught
         if world > 1:
             # A rank whose chains fell back from vmap makes every rank's result count as sequential.
-            fell_back = trainer.strategy.reduce_boolean_decision(error is None and estimator.vmap_fallback is not None,
-                                                                 all=False)
+            fell_back = trainer.strategy.reduce_boolean_decision(
+                error is None and self._vectorized and not estimator.vectorized, all=False)
             if fell_back and error is None:
                 estimator.vectorized = False
         failed = error is not None
@@ -672,17 +713,19 @@ class BIFCallback(Callback):
             failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
         if failed:
             message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            return None, message
+            return None, message, None
         if world > 1:
             _merge(trainer, accumulator)
-        return estimator.summarize(accumulator, time.perf_counter() - start), ""
+        return estimator.summarize(accumulator, time.perf_counter() - start), "", estimator.sequential_reason
 
     def _estimator(
-        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None
+        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None,
+        vectorized: bool | None = None,
     ) -> BIFEstimator:
         loss_fn = self.loss_fn or module_per_example_loss
+        vectorized = self._vectorized if vectorized is None else vectorized
         return BIFEstimator(model, loss_fn, self._train_source, self._probe_source, probe_fn=self.probe_fn, data=data,
-                            config=config or self._config, device=device, vectorized=self._vectorized)
+                            config=config or self._config, device=device, vectorized=vectorized)
 
     def _write(self, record: SnapshotRecord) -> None:
         if self._writer is not None:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -94,6 +94,11 @@ class ExampleSet:
                 f"{name}=DataLoader(tensors, collate_fn=pad) (different lengths; its collate_fn makes the batches)."
             )
         if isinstance(source, list):
+            if not all(any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(item)[0]) for item in source):
+                raise TypeError(
+                    f"{name}: a tuple/list source must hold tensors only: a tuple of column tensors (inputs, targets), "
+                    "or a list of examples made of tensors, such as (x, y) pairs."
+                )
             source = _Examples(source)
         if isinstance(source, tuple):
             source = self._tensor_tuple(source, name)

@@ -133,8 +133,8 @@ class BIFEstimator:
         self.device = torch.device(device) if device is not None else first.device
         self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
         self._decided = vectorized
-        #: Why sampling switched from vmap to one chain at a time (``None`` when it did not).
-        self.vmap_fallback: str | None = None
+        #: Why chains run one at a time under ``vectorize="auto"`` (``None`` when they run under vmap).
+        self.sequential_reason: str | None = None
 
     def evaluate(
         self, fmodel: FunctionalModel, params: torch.Tensor, vectorized: bool
@@ -162,11 +162,7 @@ class BIFEstimator:
     def prepare(self) -> None:
         """Build the functional model and evaluation batches; compute and check the losses at w*."""
         cfg = self.config
-        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device, autocast=cfg.autocast)
-        self._buffers = self.fmodel.fresh_buffers()
-        self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
-        self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
-        self._joint_batch: tuple[int, Batch] | None = None  # the losses at w* are checked set by set
+        self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
         self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
         _check_finite(self.train_loss0, "loss_fn", "training example")
@@ -177,10 +173,32 @@ class BIFEstimator:
             _check_token_budget(cfg, len(self.probes), self.tokens, len(self.train))
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
-        self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             self.sampler.lowrank_preconditioner(self._buffers)
         self.vectorized = self._choose_vectorized()
+
+    def decide_vectorized(self) -> bool:
+        """Resolve ``config.vectorize`` alone (what :meth:`prepare` does last), e.g. once before many estimates.
+
+        Returns:
+            Whether chains would run under vmap; :attr:`sequential_reason` says why not under "auto".
+
+        Raises:
+            ValueError: With ``vectorize=True`` when vmap cannot run one of the functions.
+        """
+        self._build()
+        self.vectorized = self._choose_vectorized()
+        return self.vectorized
+
+    def _build(self) -> None:
+        """The functional model, its buffers, the evaluation batches and the sampler."""
+        cfg = self.config
+        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device, autocast=cfg.autocast)
+        self._buffers = self.fmodel.fresh_buffers()
+        self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
+        self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
+        self._joint_batch: tuple[int, Batch] | None = None  # the losses at w* are checked set by set
+        self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
 
     def _choose_vectorized(self) -> bool:
         """Resolve ``config.vectorize`` (or adopt the decision passed to the constructor).
@@ -197,9 +215,12 @@ class BIFEstimator:
             return self._decided
         if self.config.vectorize is False:
             return False
-        if self.config.vectorize == "auto" and self.device.type == "cpu" \
-                and self._one_chain_step_seconds() >= CPU_VMAP_MAX_STEP_S:
-            return False
+        if self.config.vectorize == "auto" and self.device.type == "cpu":
+            seconds = self._one_chain_step_seconds()
+            if seconds >= CPU_VMAP_MAX_STEP_S:
+                self.sequential_reason = (f"one chain's SGLD step takes {seconds * 1e3:.1f} ms on the CPU, where "
+                                          f"vmap is slower from {CPU_VMAP_MAX_STEP_S * 1e3:g} ms on")
+                return False
         error = self.vmap_error()
         if error is None:
             return True
@@ -208,6 +229,7 @@ class BIFEstimator:
                              "running chains one after another) or vectorize=False.")
         warnings.warn(f"Chains run one after another because {error} Set SGLDConfig(vectorize=False) to silence this.",
                       stacklevel=3)
+        self.sequential_reason = error
         return False
 
     def vmap_error(self) -> str | None:
@@ -298,9 +320,8 @@ class BIFEstimator:
             if vmap_failure is not None:
                 _forget_chains(accumulator, group)
                 self.vectorized, size, split_on_oom = False, 1, False
-                self.vmap_fallback = vmap_failure
-                warnings.warn(f"Chains run one after another from here on: torch.func.vmap failed during sampling "
-                              f"({vmap_failure}).", stacklevel=2)
+                self.sequential_reason = f"torch.func.vmap failed during sampling ({vmap_failure})"
+                warnings.warn(f"Chains run one after another from here on: {self.sequential_reason}.", stacklevel=2)
                 continue
             start += len(group)
         return accumulator
