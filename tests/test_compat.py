@@ -15,6 +15,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchmetrics
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.demos import Transformer
+from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
@@ -452,3 +455,160 @@ def test_more_threads_than_cores_is_warned_about(tmp_path):
             _fit(tmp_path, ToyClassifier, (_bif(tmp_path, config=TINY.replace(chains=1, draws=2)),), max_steps=1)
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ the setups people use, training bitwise unchanged
+
+
+class OneCycleAdamW(ToyClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=1e-2)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2,
+                                                       total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class BatchNormFrozen(ToyClassifier):
+    """BatchNorm (running statistics are buffers a snapshot must not move) and a frozen first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+        self.net[0].requires_grad_(False)
+
+
+class SmallCNN(pl.LightningModule):
+    """A plain CNN on 1×8×8 images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                 nn.Linear(64, 3))
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0].view(-1, 1, 8, 8)), batch[1], reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+IMAGES = torch.utils.data.TensorDataset(torch.randn(96, 64, generator=torch.Generator().manual_seed(3)),
+                                        torch.arange(96) % 3)
+
+
+class Boring(pl.LightningModule):
+    """Lightning's demo ``BoringModel`` (its own random dataloaders, StepLR) with a per-example loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = BoringModel()
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        return (self.inner(batch) - 1).square().mean(dim=1)
+
+    def training_step(self, batch, batch_idx):
+        return self.inner.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return self.inner.configure_optimizers()
+
+    def train_dataloader(self):
+        return self.inner.train_dataloader()
+
+
+class DemoTransformer(pl.LightningModule):
+    """Lightning's demo ``Transformer`` (encoder-decoder, dropout) on random token sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Transformer(vocab_size=16, ninp=8, nhead=2, nhid=16, nlayers=1, dropout=0.1)
+
+    def per_example_loss(self, batch) -> torch.Tensor:
+        inputs, target = batch
+        out = self.model(inputs, target).view(inputs.shape[0], inputs.shape[1], -1)
+        return F.nll_loss(out.transpose(1, 2), target, reduction="none").mean(1)
+
+    def training_step(self, batch, batch_idx):
+        return self.per_example_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+SEQUENCES = torch.utils.data.TensorDataset(torch.randint(0, 16, (48, 6), generator=torch.Generator().manual_seed(4)),
+                                           torch.randint(0, 16, (48, 6), generator=torch.Generator().manual_seed(5)))
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """The toy data as an iterable dataset (the trainer's data cannot be indexed: ``data=`` is given)."""
+
+    def __iter__(self):
+        yield from zip(*DATA.tensors, strict=True)
+
+
+class Combined(ToyClassifier):
+    def training_step(self, batch, batch_idx):
+        return sum(self.per_example_loss(part).mean() for part in batch.values())
+
+
+class WithValidation(ToyClassifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.per_example_loss(batch).mean())
+
+
+def _callbacks() -> list:
+    return [EarlyStopping("val_loss", patience=1), ModelCheckpoint(monitor="val_loss")]
+
+
+SETUPS = {
+    "gradient accumulation": (ToyClassifier, dict(accumulate_grad_batches=2), {}, None),
+    "bf16-mixed": (ToyClassifier, dict(precision="bf16-mixed"), {}, None),
+    "OneCycleLR + AdamW": (OneCycleAdamW, {}, dict(log_spaced=3), None),
+    "BatchNorm + frozen parameters": (BatchNormFrozen, {}, {}, None),
+    "plain CNN": (SmallCNN, {}, dict(train=torch.utils.data.Subset(IMAGES, range(8)),
+                                     probes=(IMAGES.tensors[0][:2], IMAGES.tensors[1][:2])), lambda: loader(IMAGES)),
+    "Lightning BoringModel": (Boring, {}, dict(train=RandomDataset(32, 8), probes=RandomDataset(32, 2),
+                                               data=RandomDataset(32, 64)), False),
+    "Lightning demo Transformer": (DemoTransformer, {}, dict(train=torch.utils.data.Subset(SEQUENCES, range(6)),
+                                                             probes=torch.utils.data.Subset(SEQUENCES, [40, 41])),
+                                   lambda: loader(SEQUENCES, batch_size=8)),
+    "iterable training data": (ToyClassifier, {}, dict(data=DATA), lambda: DataLoader(Stream(), batch_size=32)),
+    "combined loaders": (Combined, {}, dict(data=DATA),
+                         lambda: {"a": loader(DATA), "b": loader(DATA, batch_size=16)}),
+    "max_time, EarlyStopping, ModelCheckpoint": (
+        WithValidation, dict(max_time="00:00:05:00", val_check_interval=2, enable_checkpointing=True,
+                             callbacks_fn=_callbacks), {}, lambda: dict(train_dataloaders=loader(DATA),
+                                                                       val_dataloaders=loader(DATA, shuffle=False))),
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_setup_trains_bitwise_unchanged_with_ok_snapshots(tmp_path, setup):
+    make_model, trainer_options, callback_options, data_fn = SETUPS[setup]
+    trainer_options = dict(trainer_options)
+    extra = trainer_options.pop("callbacks_fn", None)
+
+    def run(callbacks, where):
+        pl.seed_everything(0, verbose=False)
+        model = make_model()
+        trainer = _trainer(tmp_path / where, [*callbacks, *(extra() if extra else [])], **trainer_options)
+        data = loader(DATA) if data_fn is None else (None if data_fn is False else data_fn())
+        if isinstance(data, dict) and "train_dataloaders" in data:
+            trainer.fit(model, **data)
+        else:
+            trainer.fit(model, data)
+        return trainer, model
+
+    callback = _bif(tmp_path, **{"at_steps": [2, 4], **callback_options})
+    plain_trainer, plain = run([], "plain")
+    trainer, model = run([callback], "bif")
+    before, after = _state(plain_trainer, plain), _state(trainer, model)
+    assert len(before) == len(after) > 0
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    with _log(callback) as log:
+        assert (log.status == "ok").all(), log.message
+        assert len(log) >= 2 and log.steps.tolist() == sorted(set(log.steps.tolist()))
