@@ -345,7 +345,7 @@ class BIFCallback(Callback):
         self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
-            self._check_losses_at_start(trainer, pl_module)
+            self._check_losses_at_start(pl_module)
         self._check_threads(trainer, pl_module)
         self._open_log(trainer)
 
@@ -450,7 +450,7 @@ class BIFCallback(Callback):
             config = config.replace(autocast="bf16")
         return config
 
-    def _check_losses_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:
         """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
         model = _float32_model(pl_module)
         estimator = self._estimator(model, pl_module.device, data=self._data_source, vectorized=False)
@@ -705,7 +705,7 @@ class BIFCallback(Callback):
         if world > 1:
             # A rank whose chains fell back from vmap makes every rank's result count as sequential.
             fell_back = trainer.strategy.reduce_boolean_decision(
-                error is None and self._vectorized and not estimator.vectorized, all=False)
+                error is None and bool(self._vectorized) and not estimator.vectorized, all=False)
             if fell_back and error is None:
                 estimator.vectorized = False
         failed = error is not None

@@ -237,7 +237,7 @@ class BIFEstimator:
 
         Runs each function a snapshot calls, for two copies of w*: the SGLD gradient of ``loss_fn``
         on a minibatch, ``loss_fn`` on the tracked examples and ``probe_fn`` on the probes
-        (per-token when configured). Call after :meth:`prepare` built the batches.
+        (per-token when configured). Call after :meth:`prepare` or :meth:`decide_vectorized`.
         """
         probe = self.fmodel.center.expand(2, -1)
         buffers, tokens = self._buffers, self.config.per_token
@@ -255,6 +255,8 @@ class BIFEstimator:
             try:
                 trial()
             except Exception as error:  # any failure under vmap means: run chains one at a time
+                if isinstance(error, torch.cuda.OutOfMemoryError) and self.config.vectorize is True:
+                    raise  # memory, not something vmap cannot run: chains_per_batch is the remedy
                 return (f"torch.func.vmap failed on {what} ({type(error).__name__}: "
                         f"{str(error)[:300]}). Typical causes: Python control flow on a tensor value "
                         "(`if tensor...:`, `.item()`), stateful objects such as a torchmetrics Metric, or "
