@@ -126,7 +126,8 @@ class BIFCallback(Callback):
         probe_groups: A label per probe, ``[P]``.
         train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
         probe_group_names: Display names of probe groups.
-        every_n_steps: A snapshot after every n-th optimizer step.
+        every_n_steps: A snapshot after every n-th optimizer step (``trainer.global_step``: under manual
+            optimization every ``optimizer.step()`` counts; see docs/lightning.md).
         every_n_epochs: A snapshot at the end of every n-th training epoch.
         at_steps: Snapshots after exactly these optimizer steps.
         log_spaced: ``LogSpaced(num, first=1, last=None)`` or just ``num``: log-spaced steps up to
