@@ -811,8 +811,10 @@ def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarra
 
 
 def _key(source: ExampleSource | DataModuleExamples) -> int | str:
-    """What identifies an example set in the state key: its size, or the description of a deferred one."""
-    return repr(source) if isinstance(source, DataModuleExamples) else len(ExampleSet(source, "examples"))
+    """What identifies an example set in the state key: its size (known before setup for ``DataModuleExamples``)."""
+    if isinstance(source, DataModuleExamples):
+        return f"{source.dataloader}:{source.size}"
+    return len(ExampleSet(source, "examples"))
 
 
 def _qualname(fn: Callable) -> str:
