@@ -347,7 +347,6 @@ class BIFCallback(Callback):
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
             self._check_losses_at_start(pl_module)
-        self._check_threads(trainer, pl_module)
         self._open_log(trainer)
 
     @override
@@ -359,6 +358,7 @@ class BIFCallback(Callback):
         if self.schedule.needs_total_steps and pl_module.automatic_optimization:
             self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
         self._start = (trainer.global_step, 0)
+        self._check_threads(trainer, pl_module)
         if self._vectorized is None:
             self._decide_vectorized(trainer, pl_module)
         self._check_log_continues(trainer)
@@ -479,7 +479,10 @@ class BIFCallback(Callback):
             (estimator.vectorized, estimator.sequential_reason))
 
     def _check_threads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset)."""
+        """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset).
+
+        Called at train start, once the training DataLoader (and its workers) is known.
+        """
         if self.num_threads is not None or pl_module.device.type != "cpu":
             return
         loader = trainer.train_dataloader

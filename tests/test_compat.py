@@ -446,13 +446,18 @@ def test_snapshots_run_with_num_threads_and_training_keeps_its_own(tmp_path):
 
 
 def test_more_threads_than_cores_is_warned_about(tmp_path):
-    from lightning_bif.threads import available_cores
+    from lightning_bif.threads import available_cores, oversubscription
 
     before = torch.get_num_threads()
     torch.set_num_threads(available_cores() + 1)
     try:
         with pytest.warns(UserWarning, match=r"num_threads=1"):
             _fit(tmp_path, ToyClassifier, (_bif(tmp_path, config=TINY.replace(chains=1, draws=2)),), max_steps=1)
+        torch.set_num_threads(2)
+        assert oversubscription(workers=available_cores()) is not None  # threads + dataloader workers
+        assert oversubscription(workers=0) is None or available_cores() < 2
+        torch.set_num_threads(1)
+        assert oversubscription(workers=available_cores() + 4) is None  # one thread cannot oversubscribe
     finally:
         torch.set_num_threads(before)
 
