@@ -146,7 +146,7 @@ def main() -> None:
         train_text=["".join(VOCAB[i] for i in train[i][0].tolist()) for i in tracked_ids],
         log_spaced=LogSpaced(args.snapshots, first=min(10, args.steps)),
         # nβ = the number of training tokens: the likelihood is a sum over tokens, and per_example_loss a mean.
-        config=SGLDConfig(chains=args.chains, draws=args.draws, burn_in=10, thin=2, step_size=1e-6,
+        config=SGLDConfig(chains=args.chains, draws=args.draws, burn_in=10, thin=2, step_size=4e-7,
                           nbeta=float(train.tensors[0].numel() - len(train)), localization=1e4, batch_size=16,
                           per_token=True),
     )

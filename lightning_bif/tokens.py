@@ -487,7 +487,10 @@ function render() {
   const mean = D.influence[r][p], err = D.stderr[r][p];
   const order = mean.map((_, i) => i).filter(i => mean[i] !== null).sort((a, b) => mean[a] - mean[b]);
   $("helpful").innerHTML = ""; $("harmful").innerHTML = "";
-  const list = (kind, ids) => ids.slice(0, D.top).forEach(i => $(kind).appendChild(example(i, mean, err, kind)));
+  const list = (kind, ids) => {
+    ids.slice(0, D.top).forEach(i => $(kind).appendChild(example(i, mean, err, kind)));
+    if (!ids.length) $(kind).textContent = "none: no tracked example is " + kind + " at this snapshot";
+  };
   list("helpful", order.filter(i => mean[i] < 0));
   list("harmful", order.reverse().filter(i => mean[i] > 0));
 }
