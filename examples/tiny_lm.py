@@ -23,6 +23,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import sys
 import time
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def main() -> None:
                                   log.influence[:, p][:, ~own].sum(axis=1), strict=True))
             print(f"  probe {p} ({name}), step: own / others   {curve}")
         print()
-        print(format_view(token_view(log, 0, group=MODULES[0]), color=False))
+        print(format_view(token_view(log, 0, group=MODULES[0]), color=sys.stdout.isatty()))
         html = write_html(Path(path).parent / "tokens.html", log, probe=0, group=MODULES[0])
     print(f"Token view (HTML): {html}")
     print(f"In a terminal:     lightning-bif tokens {path} --probe 0 --group {MODULES[0]}")

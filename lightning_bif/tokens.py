@@ -374,7 +374,8 @@ def render_html(
                     f"{len(_usable_rows(log))} usable snapshots (the page embeds at most {MAX_HTML_ENTRIES:,} "
                     "entries)") if len(probes) < len(log.probe_ids) or len(rows) < len(_usable_rows(log)) else "",
     }
-    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # No "<" inside the script element, so no text ("</script>", "<!--") can end or change it.
+    payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     return _PAGE.replace("__TITLE__", html.escape(f"Token influence: {log.path.name}")).replace("__DATA__", payload)
 
 

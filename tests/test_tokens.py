@@ -153,7 +153,7 @@ def test_html_page_embeds_the_data_and_escapes_the_text(tmp_path, monkeypatch):
         small = render_html(log, probe=1, step=0)
 
     assert page.startswith("<!DOCTYPE html>") and "http" not in page.lower().replace("http-equiv", "")
-    assert "</script>\"" not in page and page.count("</script>") == 2  # the token "</script>" is escaped
+    assert page.count("</script>") == 2 and "\\u003c/script>" in page  # the token "</script>" is escaped
     data = json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S).group(1))
     assert data["steps"] == [0, 10] and data["status"] == ["ok", "ok"]  # the failed snapshot is left out
     assert data["probes"][1]["tokens"] == TOKENS[1] and data["train"][2]["text"] == "wrap text"
