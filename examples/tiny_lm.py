@@ -78,6 +78,15 @@ def corpus(context: int) -> tuple[TensorDataset, np.ndarray]:
     return TensorDataset(torch.stack(sequences)), np.array(modules)
 
 
+def evenly_spaced(modules: np.ndarray, count: int) -> list[int]:
+    """``count`` sequence indices per module, spread evenly over its docstrings (first and last included)."""
+    picked = []
+    for module in range(len(MODULES)):
+        members = np.flatnonzero(modules == module)
+        picked += members[np.linspace(0, len(members) - 1, count).round().astype(int)].tolist()
+    return picked
+
+
 class TinyGPT(pl.LightningModule):
     """A character-level GPT-2 from a config (random init) with per-token and per-example losses."""
 
@@ -130,9 +139,7 @@ def main() -> None:
 
     pl.seed_everything(0)
     train, modules = corpus(args.context)
-    tracked_ids = [int(i) for m in range(len(MODULES))
-                   for i in np.flatnonzero(modules == m)[np.linspace(0, (modules == m).sum() - 1, args.per_module)
-                                                          .round().astype(int)]]
+    tracked_ids = evenly_spaced(modules, args.per_module)
     tracked = Subset(train, tracked_ids)
     probe_text = [text[:args.context + 1] for text in PROBES.values()]
     probes = TensorDataset(torch.stack([encode(text) for text in probe_text]))
