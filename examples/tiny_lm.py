@@ -171,13 +171,14 @@ def main() -> None:
     with open_log(path) as log:
         print(f"Influence log: {path} ({len(log)} snapshots at steps {log.steps.tolist()}, status "
               f"{sorted(set(log.status.tolist()))})\n")
-        print("Sum of the BIF on each probe's mean token loss over its own module's tracked sequences vs. the "
-              "other modules' (negative = helpful):")
+        print("Mean BIF of a tracked sequence on each probe's mean token loss, from the probe's own module vs. "
+              "from the other modules (negative = helpful):")
         for p, name in enumerate(PROBES):
             own = log.train_groups == name
-            curve = "  ".join(f"{int(s)}: {own_sum:+.2g} / {other:+.2g}" for s, own_sum, other in
-                              zip(log.steps, log.influence[:, p][:, own].sum(axis=1),
-                                  log.influence[:, p][:, ~own].sum(axis=1), strict=True))
+            influence = log.influence[:, p]
+            curve = "  ".join(f"{int(step)}: {mine:+.2g} / {others:+.2g}" for step, mine, others in
+                              zip(log.steps, influence[:, own].mean(axis=1), influence[:, ~own].mean(axis=1),
+                                  strict=True))
             print(f"  probe {p} ({name}), step: own / others   {curve}")
         print()
         print(format_view(token_view(log, 0, group=MODULES[0]), color=sys.stdout.isatty()))
