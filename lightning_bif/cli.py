@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     chosen.add_argument("--train", default=None, metavar="ID", help="one tracked training example (default: the "
                         "sum over all tracked examples)")
     chosen.add_argument("--group", default=None, metavar="G", help="the sum over one training group")
-    tokens.add_argument("--step", type=int, default=None, help="training step (nearest snapshot; default: last)")
+    tokens.add_argument("--step", type=int, default=None,
+                        help="training step (nearest snapshot that did not fail; default: the last such)")
     tokens.add_argument("--top", type=int, default=3, metavar="K", help="most helpful/harmful examples to list")
     tokens.add_argument("--html", default=None, metavar="PATH", help="also write the interactive HTML token view")
     tokens.add_argument("--color", choices=["auto", "always", "never"], default="auto",
