@@ -182,18 +182,6 @@ class SnapshotSchedule:
             return True
         return step in self.at_steps or step in (self._log_steps or ())
 
-    def to_dict(self) -> dict:
-        """The schedule as JSON-compatible values (stored with the log for reference)."""
-        spaced = self.log_spaced
-        return {
-            "every_n_steps": self.every_n_steps,
-            "every_n_epochs": self.every_n_epochs,
-            "at_steps": list(self.at_steps),
-            "log_spaced": None if spaced is None else {"num": spaced.num, "first": spaced.first, "last": spaced.last},
-            "at_fit_start": self.at_fit_start,
-            "at_fit_end": self.at_fit_end,
-        }
-
 
 def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> int | float:
     """The training length in ``global_step`` units of a manually optimized fit.
