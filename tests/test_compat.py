@@ -617,3 +617,20 @@ def test_setup_trains_bitwise_unchanged_with_ok_snapshots(tmp_path, setup):
     with _log(callback) as log:
         assert (log.status == "ok").all(), log.message
         assert len(log) >= 2 and log.steps.tolist() == sorted(set(log.steps.tolist()))
+
+
+def test_datamodule_examples_resume_from_a_checkpoint_into_the_same_log(tmp_path):
+    from lightning_bif import DataModuleExamples
+
+    def callback() -> BIFCallback:
+        return _bif(tmp_path, DataModuleExamples("train", count=6), DataModuleExamples("val", count=2),
+                    every_n_steps=2)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _fit(tmp_path, ToyClassifier, (callback(), checkpoint), data=SplitData(), max_steps=4,
+         enable_checkpointing=True, limit_val_batches=0)
+    pl.seed_everything(0, verbose=False)
+    resumed = callback()
+    trainer = _trainer(tmp_path, (resumed,), max_steps=8, enable_checkpointing=True, limit_val_batches=0)
+    trainer.fit(ToyClassifier(), SplitData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    _ok(resumed, [2, 4, 6, 8])
