@@ -272,7 +272,9 @@ class BIFCallback(Callback):
         """Whether to take a snapshot now. Override to customise the schedule.
 
         Called on every rank with the same arguments (the answer must not depend on the rank).
-        A step that already has a snapshot never gets a second one.
+        A step that already has a snapshot never gets a second one. When one batch takes several
+        optimizer steps (manual optimization), it is asked about each of them, and a yes for any
+        takes one snapshot at the end of that batch.
 
         Args:
             event: ``"fit_start"``, ``"step"`` (after an optimizer step), ``"epoch_end"`` or ``"fit_end"``.
