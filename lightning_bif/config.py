@@ -101,9 +101,9 @@ class SGLDConfig:
         horizon_steps: H, the horizon of the question a snapshot answers: the influence of up-weighting
             z_i from now on over the next H optimizer steps of training run with ``learning_rate`` η
             and ``momentum`` μ. Sets γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)) (``localization`` is
-            then unused; λ_min is the least Hessian eigenvalue, estimated per estimate) and lowers
-            ε when ε·(nβ·λ_max + γ) > 1 (see :mod:`lightning_bif.horizon`). ``None`` (with the
-            other two): ``localization`` is used as given.
+            then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos)
+            and ε = 1/(nβ·λ_max + γ) (``step_size`` is then unused; see :mod:`lightning_bif.horizon`).
+            ``None`` (with the other two): ``localization`` and ``step_size`` are used as given.
         learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
             :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
         momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.

@@ -334,7 +334,7 @@ def split_half_warnings(caught) -> list[str]:
 
 
 def test_low_split_half_reliability_is_warned_about_once_per_fit(tmp_path):
-    few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0))
+    few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0), horizon=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, model = fit(tmp_path, [few_draws], max_steps=6)
