@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=12, help="log-spaced snapshots (plus one at the start)")
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
     parser.add_argument("--preconditioner", choices=["none", "lowrank"], default="none",
-                        help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (README)")
+                        help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (docs/how-it-works.md)")
     parser.add_argument("--horizon", choices=["interval", "rest", "none"], default="interval",
                         help="the question a snapshot answers (docs/horizon.md); 'none': the config's γ and ε")
     args = parser.parse_args()
