@@ -510,22 +510,25 @@ class BIFCallback(Callback):
         found = optimizer_step(trainer.optimizers)
         steps = self._horizon_steps(trainer, step)
         if found is None or steps is None:
-            if "horizon" not in self._warned:
+            why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
+                   "or it has taken no step yet (Adam, RMSprop)" if found is None
+                   else "the number of steps to come is unknown")
+            message = (f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
+                       f"SGLDConfig.localization={config.localization:g} and step_size={config.step_size:g}. Set "
+                       "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.")
+            if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
+                rank_zero_info(message)
+            elif "horizon" not in self._warned:
                 self._warned.add("horizon")
-                why = ("its learning rate is 0, it has taken no step yet (Adam), or it is not SGD, Adam, AdamW or "
-                       "RMSprop" if found is None else "the number of steps to come is unknown")
-                rank_zero_warn(
-                    f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
-                    f"SGLDConfig.localization={config.localization:g}. Set SGLDConfig(horizon_steps=..., "
-                    "learning_rate=..., momentum=...) to choose the horizon yourself. (Shown once.)"
-                )
+                rank_zero_warn(message + " (Shown once.)")
             return config
         return config.replace(horizon_steps=steps, learning_rate=found.learning_rate, momentum=found.momentum)
 
     def _horizon_steps(self, trainer: pl.Trainer, step: int) -> int | None:
         """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end.
 
-        Where nothing follows (the last snapshot), H is the length of the interval that led to it.
+        Where nothing follows (the last snapshot), H is the length of the interval that led to it (from the
+        previous snapshot, or from step 0).
         """
         if not isinstance(self.horizon, str):
             return self.horizon
@@ -534,7 +537,8 @@ class BIFCallback(Callback):
         following = end if self.horizon == "rest" else self._next_snapshot_step(trainer, step, end)
         if following is not None and following > step:
             return following - step
-        return step - self._last_step if self._last_step >= 0 and step > self._last_step else None
+        previous = max(self._last_step, 0)
+        return step - previous if step > previous else None
 
     def _next_snapshot_step(self, trainer: pl.Trainer, step: int, end: int | None) -> int | None:
         """The step of the next scheduled snapshot after ``step``, at most ``end``; ``None`` when none is known."""
