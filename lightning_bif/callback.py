@@ -114,9 +114,10 @@ class BIFCallback(Callback):
             step on changes φ_j over the next H optimizer steps, with the optimizer's current learning rate
             and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
             number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
-            the run), to the end of training (``"rest"``), or a fixed number. It sets γ (``localization``)
-            per snapshot, raised at saddles; the log records H, η, μ, γ and λ_min. ``None``, or a config
-            with its own ``horizon_steps``, keeps the config's γ.
+            the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
+            and ε per snapshot, in place of ``localization`` and ``step_size`` (and of a calibrated step
+            size); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
+            ``horizon_steps``, keeps the config's γ and ε.
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
             warning off.
