@@ -81,6 +81,11 @@ class BIFCallback(Callback):
         probe_groups: A label per probe, ``[P]``.
         train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
         probe_group_names: Display names of probe groups.
+        probe_tokens: The display string of every token of every probe, ``[P][T]`` (a list of lists of
+            str), stored in the log for the token view (``lightning-bif tokens``). Needs
+            ``SGLDConfig(per_token=True)``; T is checked against ``probe_fn``'s ``[B, T]`` at fit start.
+        train_text: The display text of every tracked training example, ``[N]``, stored in the log
+            (each cut to 1024 UTF-8 bytes) so the token view can show the most helpful and harmful ones.
         every_n_steps: A snapshot after every n-th optimizer step.
         every_n_epochs: A snapshot at the end of every n-th training epoch.
         at_steps: Snapshots after exactly these optimizer steps.
@@ -145,6 +150,8 @@ class BIFCallback(Callback):
         probe_groups: Groups | None = None,
         train_group_names: Mapping[Any, str] | None = None,
         probe_group_names: Mapping[Any, str] | None = None,
+        probe_tokens: Sequence[Sequence[str]] | None = None,
+        train_text: Sequence[str] | None = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_steps: Iterable[int] | None = None,
@@ -201,6 +208,8 @@ class BIFCallback(Callback):
         self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
         self.train_group_names = dict(train_group_names) if train_group_names else None
         self.probe_group_names = dict(probe_group_names) if probe_group_names else None
+        self.probe_tokens = _texts(probe_tokens, len(probe_set), "probe_tokens", "probes", nested=True)
+        self.train_text = _texts(train_text, len(train_set), "train_text", "train", nested=False)
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
         self.config = config or SGLDConfig()
@@ -376,6 +385,18 @@ class BIFCallback(Callback):
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
         self._tokens = estimator.tokens
+        if self.probe_tokens is not None:
+            lengths = sorted({len(row) for row in self.probe_tokens})
+            if self._tokens is None:
+                raise MisconfigurationException(
+                    "BIFCallback(probe_tokens=...) needs per-token probe losses: set SGLDConfig(per_token=True) "
+                    "with a probe_fn that returns [B, T], or leave probe_tokens out."
+                )
+            if lengths != [self._tokens]:
+                raise MisconfigurationException(
+                    f"BIFCallback(probe_tokens=...) has rows of length {', '.join(map(str, lengths))}, but probe_fn "
+                    f"returns T = {self._tokens} token losses per probe: pass one string per token loss."
+                )
 
     def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -419,6 +440,8 @@ class BIFCallback(Callback):
             chains=cfg.chains,
             draws=cfg.draws,
             tokens=self._tokens,
+            probe_tokens=self.probe_tokens,
+            train_text=self.train_text,
         )
 
     def _open_log(self, trainer: pl.Trainer) -> None:
@@ -707,6 +730,21 @@ def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarra
             f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
         )
     return array if array.dtype.kind in "US" else array.astype(np.int64)
+
+
+def _texts(texts: Sequence | None, size: int, name: str, what: str, nested: bool) -> list | None:
+    """Display strings as lists, one entry per example (``nested``: a list of token strings per example)."""
+    if texts is None:
+        return None
+    if isinstance(texts, str) or len(texts) != size or not all(
+        not isinstance(entry, str) and all(isinstance(v, str) for v in entry) if nested else isinstance(entry, str)
+        for entry in texts
+    ):
+        kind = "a list of token strings" if nested else "a str"
+        raise MisconfigurationException(
+            f"BIFCallback({name}=...) needs {kind} for each of the {size} examples of {what}, in order."
+        )
+    return [list(entry) for entry in texts] if nested else list(texts)
 
 
 def _qualname(fn: Callable) -> str:

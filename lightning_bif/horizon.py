@@ -15,10 +15,11 @@ Optimizers are mapped to their heavy-ball equivalent (η, μ) by :func:`optimize
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.func import grad
 
 from .config import SGLDConfig
 from .curvature import _hessian_vector_products
@@ -27,6 +28,8 @@ from .functional import FunctionalModel, LossFn
 
 # Lanczos iterations of the saddle check: the extreme eigenvalues of the Hessian converge first.
 LANCZOS_STEPS = 24
+# Length of the parameter step of a finite-difference Hessian-vector product (when forward-mode AD fails).
+FINITE_DIFFERENCE_STEP = 1e-3
 # ε·(nβ·λ_max + γ) of a horizon snapshot: a quarter of the SGLD stability bound 4 (the stiffest direction's
 # variance is inflated by 1/(1 - 1/4)). Chosen on benchmarks/lds_midtrain.py (docs/horizon.md): 1 scored
 # 0.49-0.65 per checkpoint, 2 scored 0.44-0.59, the default ε = 1e-4 (about 0.06 there) 0.34-0.48.
@@ -162,9 +165,21 @@ def extreme_curvature(
     """(λ_min, λ_max) of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by Lanczos from Hessian-vector products.
 
     Full reorthogonalization; ``steps`` products. The estimates lie inside the true spectrum and
-    approach its ends from there (the ends converge first).
+    approach its ends from there (the ends converge first). Where forward-mode AD through ``loss_fn``
+    fails, the products are central differences of gradients instead.
     """
-    products = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    fallback = _finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    use_exact = [True]
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        if use_exact[0]:
+            try:
+                return exact(vectors)
+            except RuntimeError:  # an op without forward-mode AD (e.g. fused attention kernels on a CPU)
+                use_exact[0] = False
+        return fallback(vectors)
+
     dim = fmodel.dim
     steps = min(steps, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
@@ -190,6 +205,29 @@ def extreme_curvature(
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     values = torch.linalg.eigvalsh(tridiagonal.cpu())
     return float(values[0]), float(values[-1])
+
+
+def _finite_difference_products(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``vectors [D, b] -> (H + λ) vectors``: (∇(w* + h·v) - ∇(w* - h·v))/(2h) per column, 2 gradients each."""
+
+    def objective(flat: torch.Tensor) -> torch.Tensor:
+        loss = fmodel.losses(flat, batch, size, loss_fn, buffers, "loss_fn").mean()
+        return loss + weight_decay / 2 * flat.square().sum()
+
+    gradient = grad(objective)
+    center = fmodel.center
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        columns = []
+        for vector in vectors.T:
+            h = FINITE_DIFFERENCE_STEP / max(float(vector.norm()), 1e-30)
+            columns.append((gradient(center + h * vector) - gradient(center - h * vector)) / (2 * h))
+        return torch.stack(columns, dim=1)
+
+    return products
 
 
 def horizon_config(

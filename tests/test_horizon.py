@@ -23,7 +23,8 @@ from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
-from lightning_bif.horizon import horizon_config, horizon_damping, optimizer_step
+from lightning_bif.functional import FunctionalModel
+from lightning_bif.horizon import extreme_curvature, horizon_config, horizon_damping, optimizer_step
 
 H, LR, MOMENTUM = 20, 0.05, 0.5  # δ = (1 - μ)/(η·H) = 0.5: the Hessian's eigenvalues (0.3 .. 1.3) straddle it
 
@@ -276,3 +277,39 @@ def test_a_version_1_log_without_horizon_columns_still_opens(tmp_path: Path) -> 
         assert log.format_version == 1 and log.horizon_steps is None and log.lambda_min is None
         snapshot = log.snapshot(0)
         assert snapshot.localization is None and snapshot.influence.shape == (4, 12)
+
+
+class _TanhWithoutForwardAD(torch.autograd.Function):
+    """tanh with a backward but no forward-mode derivative, like fused attention kernels on a CPU."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        return grad_output * (1 - y.square())
+
+
+def test_curvature_falls_back_to_finite_differences_where_forward_mode_ad_fails() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 1)).double()
+    x, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+
+    def loss(m, batch, act=torch.tanh):
+        return (m[1](act(m[0](batch[0]))).squeeze(-1) - batch[1]).square()
+
+    fmodel = FunctionalModel(model, None, torch.device("cpu"))
+    buffers = fmodel.fresh_buffers()
+    exact = extreme_curvature(fmodel, [x, y], 30, loss, buffers, 1e-3, seed=0)
+    fallback = extreme_curvature(fmodel, [x, y], 30, lambda m, b: loss(m, b, _TanhWithoutForwardAD.apply),
+                                 buffers, 1e-3, seed=0)
+    with pytest.raises(RuntimeError):  # the op really has no forward-mode derivative
+        torch.func.jvp(_TanhWithoutForwardAD.apply, (x,), (x,))
+    assert exact[0] < 0 < exact[1]  # an indefinite Hessian: a saddle-like point of a small network
+    assert fallback == pytest.approx(exact, rel=1e-4)
