@@ -30,6 +30,7 @@ from .data import Batch, ExampleSet, ExampleSource
 from .datamodule_source import DataModuleExamples
 from .estimator import BIFEstimator, BIFResult
 from .functional import LossFn, preserved_state
+from .horizon import optimizer_step
 from .log import LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
@@ -120,6 +121,14 @@ class BIFCallback(Callback):
             candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
             half-step reference runs too. The time is not part of the snapshot's ``duration_s``
             (it is in the calibration evidence).
+        horizon: The question a snapshot answers (docs/horizon.md): how up-weighting z_i from the snapshot's
+            step on changes φ_j over the next H optimizer steps, with the optimizer's current learning rate
+            and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
+            number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
+            the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
+            and ε per snapshot, in place of ``localization`` and ``step_size`` (and of a calibrated step
+            size); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
+            ``horizon_steps``, keeps the config's γ and ε.
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
             warning off.
@@ -169,6 +178,7 @@ class BIFCallback(Callback):
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
         num_threads: int | None = None,
+        horizon: int | Literal["interval", "rest"] | None = "interval",
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
@@ -198,6 +208,13 @@ class BIFCallback(Callback):
             raise MisconfigurationException(f"BIFCallback(num_threads={num_threads!r}) must be a positive integer "
                                             "or None.")
         self.num_threads = num_threads
+        if horizon not in ("interval", "rest", None) and not (
+            isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1
+        ):
+            raise MisconfigurationException(
+                f"BIFCallback(horizon={horizon!r}) must be 'interval', 'rest', a number of steps >= 1, or None."
+            )
+        self.horizon = horizon
         for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
@@ -521,6 +538,7 @@ class BIFCallback(Callback):
             "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
             "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
             "data": "trainer training data" if self.data is None else "data argument",
+            "horizon": self.horizon,
         }
         return RunIdentity(
             config={"sgld": cfg.to_dict(), "callback": callback},
@@ -612,7 +630,7 @@ class BIFCallback(Callback):
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
                 calibration = self._calibrate(trainer, pl_module, step)
-            config = self.resolved_config
+            config = self._with_horizon(trainer, self.resolved_config, step)
             start = time.perf_counter()
             result, message, result_reason = self._estimate(trainer, pl_module, step, config)
             duration = time.perf_counter() - start
@@ -625,13 +643,66 @@ class BIFCallback(Callback):
         if result is not None and self._sequential_reason is not None and not message:
             message = f"chains ran one after another: {self._sequential_reason}"
         record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
-                                status=status, result=result, message=message, step_size=config.step_size,
+                                status=status, result=result, message=message,
+                                step_size=config.step_size if result is None else result.config.step_size,
                                 calibration=calibration)
         self._last_step = step
         self._snapshots += 1
         if trainer.is_global_zero:
             self._write(record)
         self._report(record)
+
+    def _with_horizon(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
+        """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
+        if self.horizon is None or config.horizon_steps is not None:
+            return config
+        found = optimizer_step(trainer.optimizers)
+        steps = self._horizon_steps(trainer, step)
+        if found is None or steps is None:
+            why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
+                   "or it has taken no step yet (Adam, RMSprop)" if found is None
+                   else "the number of steps to come is unknown")
+            message = (f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
+                       f"SGLDConfig.localization={config.localization:g} and step_size={config.step_size:g}. Set "
+                       "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.")
+            if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
+                rank_zero_info(message)
+            elif "horizon" not in self._warned:
+                self._warned.add("horizon")
+                rank_zero_warn(message + " (Shown once.)")
+            return config
+        return config.replace(horizon_steps=steps, learning_rate=found.learning_rate, momentum=found.momentum)
+
+    def _horizon_steps(self, trainer: pl.Trainer, step: int) -> int | None:
+        """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end.
+
+        Where nothing follows (the last snapshot), H is the length of the interval that led to it (from the
+        previous snapshot, or from step 0).
+        """
+        if not isinstance(self.horizon, str):
+            return self.horizon
+        total = trainer.estimated_stepping_batches
+        end = int(total) if math.isfinite(total) else None
+        following = end if self.horizon == "rest" else self._next_snapshot_step(trainer, step, end)
+        if following is not None and following > step:
+            return following - step
+        previous = max(self._last_step, 0)
+        return step - previous if step > previous else None
+
+    def _next_snapshot_step(self, trainer: pl.Trainer, step: int, end: int | None) -> int | None:
+        """The step of the next scheduled snapshot after ``step``, at most ``end``; ``None`` when none is known."""
+        schedule = self._active_schedule
+        candidates = [s for s in schedule.steps if s > step]
+        if schedule.every_n_steps:
+            candidates.append((step // schedule.every_n_steps + 1) * schedule.every_n_steps)
+        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+            if math.isfinite(trainer.num_training_batches) else 0
+        if schedule.every_n_epochs and per_epoch > 0:
+            epochs = schedule.every_n_epochs
+            candidates.append(((step // per_epoch) // epochs + 1) * epochs * per_epoch)
+        if end is not None:  # training stops there, scheduled or not
+            candidates.append(end)
+        return min(candidates) if candidates else None
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size on global rank 0 and broadcast the evidence; adopt an accepted step size.

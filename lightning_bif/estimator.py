@@ -16,7 +16,8 @@ from .accumulator import CovarianceAccumulator, effective_sample_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
-from .sampler import ProgressFn, SGLDSampler
+from .horizon import HorizonCheck, extreme_curvature, horizon_config
+from .sampler import ProgressFn, SGLDSampler, chain_seed
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
 CPU_VMAP_MAX_STEP_S = 0.005
@@ -38,6 +39,9 @@ class Diagnostics:
         vectorized: Whether chains ran batched with ``vmap``.
         nbeta: The nβ actually used.
         duration_s: Wall time of the estimate.
+        horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
+            with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
+            damping was raised by |λ_min|). ``None`` otherwise.
     """
 
     sampling_loss: torch.Tensor
@@ -49,6 +53,7 @@ class Diagnostics:
     vectorized: bool
     nbeta: float
     duration_s: float
+    horizon: HorizonCheck | None = None
 
     @property
     def any_diverged(self) -> bool:
@@ -173,6 +178,13 @@ class BIFEstimator:
             _check_token_budget(cfg, len(self.probes), self.tokens, len(self.train))
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
+        self.horizon: HorizonCheck | None = None
+        if cfg.horizon_steps is not None:
+            size, batch = self.sampler.curvature_sample()
+            low, high = extreme_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
+                                          seed=chain_seed(cfg.seed, -2))
+            self.config, self.horizon = horizon_config(cfg, self.nbeta, low, high)
+            cfg = self.sampler.config = self.config  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             self.sampler.lowrank_preconditioner(self._buffers)
         self.vectorized = self._choose_vectorized()
@@ -344,6 +356,7 @@ class BIFEstimator:
             vectorized=self.vectorized,
             nbeta=self.nbeta,
             duration_s=duration_s,
+            horizon=self.horizon,
         )
         per_token = {}
         if self.tokens is not None:

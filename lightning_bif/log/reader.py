@@ -12,7 +12,15 @@ import h5py
 import numpy as np
 
 from ..analysis import SignChange, sign_changes
-from .schema import PathLike, _check_format, _file_layout, _read_labels, _read_texts, _stored_tokens
+from .schema import (
+    HORIZON_COLUMNS,
+    PathLike,
+    _check_format,
+    _file_layout,
+    _read_labels,
+    _read_texts,
+    _stored_tokens,
+)
 
 
 @dataclass
@@ -75,6 +83,11 @@ class Snapshot:
     diverged: np.ndarray
     token_influence: np.ndarray | None = None
     token_influence_se: np.ndarray | None = None
+    horizon_steps: float | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
+    localization: float | None = None
+    lambda_min: float | None = None
 
 
 class RowView:
@@ -146,7 +159,9 @@ class InfluenceLog:
     lists of str when the run stored them (format 2), else ``None``. ``step_size`` ``[S]`` is the SGLD step
     size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
     step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
-    or ``None``. Call :meth:`refresh` to see snapshots appended since opening.
+    or ``None``. ``horizon_steps``, ``learning_rate``, ``momentum``, ``localization`` (γ) and
+    ``lambda_min`` ``[S]`` say what horizon question each snapshot answered (NaN without a horizon;
+    ``None`` in logs of format version 1). Call :meth:`refresh` to see snapshots appended since opening.
 
     Args:
         path: The ``.h5`` log.
@@ -208,6 +223,9 @@ class InfluenceLog:
         self.calibration: list[dict[str, Any] | None] = [
             json.loads(text) if text else None for text in file["calibration"].asstr()[:rows].tolist()
         ]
+        # Format version 2 (None in older logs): H, η, μ, γ and λ_min per snapshot (NaN without a horizon).
+        for name in HORIZON_COLUMNS:
+            setattr(self, name, file[name][:rows] if name in file else None)
         self.influence = RowView(file["influence"], rows)
         self.correlation = RowView(file["correlation"], rows)
         self.stderr = RowView(file["stderr"], rows)
@@ -331,6 +349,8 @@ class InfluenceLog:
             diverged=self.diverged[index],
             token_influence=None if self.token_influence is None else self.token_influence[index],
             token_influence_se=None if self.token_influence_se is None else self.token_influence_se[index],
+            **{name: None if getattr(self, name) is None else float(getattr(self, name)[index])
+               for name in HORIZON_COLUMNS},
         )
 
     def close(self) -> None:

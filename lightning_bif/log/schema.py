@@ -31,6 +31,9 @@ _MAX_ID_BYTES = 256
 _STATUS_BYTES = 16
 _MESSAGE_BYTES = 1024
 _CALIBRATION_BYTES = 4096
+# Version 2: per snapshot, the horizon H, the optimizer's η and μ it was read with, the γ used and the least
+# Hessian eigenvalue of the saddle check (NaN when a snapshot had no horizon). Version-1 files lack them.
+HORIZON_COLUMNS = ("horizon_steps", "learning_rate", "momentum", "localization", "lambda_min")
 # Token strings and training texts (format 2) are display aids: each one is cut to this many UTF-8 bytes.
 _MAX_TOKEN_BYTES = 256
 _MAX_TEXT_BYTES = 1024
@@ -233,6 +236,7 @@ def _layout(
         "nbeta": ((), np.float64),
         "step_size": ((), np.float64),
         "calibration": ((), h5py.string_dtype("utf-8", _CALIBRATION_BYTES)),
+        **{name: ((), np.float64) for name in HORIZON_COLUMNS},
         "diagnostics/sampling_loss": ((chains, draws), np.float32),
         "diagnostics/draw_loss": ((chains, draws), np.float32),
         "diagnostics/diverged": ((chains,), np.bool_),
@@ -247,8 +251,10 @@ def _stored_tokens(file: h5py.File) -> int | None:
 
 
 def _file_layout(file: h5py.File) -> dict[str, tuple[tuple[int, ...], Any]]:
-    return _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
-                   int(file.attrs["draws"]), _stored_tokens(file))
+    """The layout of a stored file: the datasets its format version has (older files lack later columns)."""
+    layout = _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
+                     int(file.attrs["draws"]), _stored_tokens(file))
+    return {name: entry for name, entry in layout.items() if name in file}
 
 
 def _check_format(file: h5py.File, path: PathLike) -> None:

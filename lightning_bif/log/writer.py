@@ -293,6 +293,10 @@ class LogWriter:
                     values[name] = np.zeros(tail, bool) if np.dtype(dtype).kind == "b" else np.full(tail, np.nan)
             return values
         d = result.diagnostics
+        horizon = {"horizon_steps": result.config.horizon_steps, "learning_rate": result.config.learning_rate,
+                   "momentum": result.config.momentum, "localization": result.config.localization,
+                   "lambda_min": None if d.horizon is None else d.horizon.lambda_min}
+        values.update({name: np.nan if value is None else float(value) for name, value in horizon.items()})
         arrays = {
             "influence": result.influence, "correlation": result.correlation, "stderr": result.stderr,
             "train_loss": result.train_loss, "probe_loss": result.probe_loss,
