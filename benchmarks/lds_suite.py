@@ -408,14 +408,16 @@ def targets(report: dict) -> dict[str, dict]:
         entry = {"beats_gradient_dot": all(m > 0 for m in margin), "margin_vs_gradient_dot_min": min(margin),
                  "split_half_min": min(split), "split_half_max": max(split), "split_half_ok": min(split) >= 0.5,
                  "ratio_to_best_if_min": min(ratio), "ratio_ok": min(ratio) >= 0.8}
-        ekfac = f"{EKFAC}, best damping"
-        if all(ekfac in r for r in rows):
-            bif = [m for m in rows[0] if m.startswith("BIF")]
-            wins = {m: all(r[m]["lds"] > r[ekfac]["lds"] and r[m]["cpu_s"] <= r[ekfac]["cpu_s"] for r in rows)
-                    for m in bif}
-            entry["beats_ekfac_at_equal_cpu"] = [m for m, ok in wins.items() if ok]
-            entry["default_vs_ekfac_lds"] = [r[DEFAULT]["lds"] - r[ekfac]["lds"] for r in rows]
-            entry["ekfac_cpu_over_default_cpu"] = [r[ekfac]["cpu_s"] / r[DEFAULT]["cpu_s"] for r in rows]
+        for which in ("heuristic damping", "best damping"):
+            ekfac = f"{EKFAC}, {which}"
+            if not all(ekfac in r for r in rows):
+                continue
+            key = which.split()[0]
+            wins = [m for m in rows[0] if m.startswith("BIF") and all(
+                r[m]["lds"] > r[ekfac]["lds"] and r[m]["cpu_s"] <= r[ekfac]["cpu_s"] for r in rows)]
+            entry[f"beats_ekfac_{key}_at_equal_cpu"] = wins
+            entry[f"default_minus_ekfac_{key}_lds"] = [r[DEFAULT]["lds"] - r[ekfac]["lds"] for r in rows]
+            entry[f"ekfac_{key}_cpu_over_default_cpu"] = [r[ekfac]["cpu_s"] / r[DEFAULT]["cpu_s"] for r in rows]
         out[setup] = entry
     return out
 
@@ -530,8 +532,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields)
             report["setups"][name][problem.checkpoint] = rows
             print(f"{name} step {problem.checkpoint}: " + ", ".join(
-                f"{m.split(',')[0][:20]} {r['lds']:.3f}" for m, r in rows.items() if not m.startswith("IF, ")),
-                flush=True)
+                f"{m} {r['lds']:.3f}" for m, r in rows.items() if m.startswith("BIF") or m in (
+                    GRAD_DOT, BEST_IF, f"{EKFAC}, best damping", "noise ceiling")), flush=True)
     report["targets"] = targets(report)
     report["wall_s"] = time.time() - wall
     print_table(report)
