@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import platform
@@ -99,6 +100,7 @@ class Problem:
             since the previous one at the end of training).
         classification: ``(x, y)`` examples with a cross-entropy loss (else token sequences).
         baselines: Cached gradient-dot and influence-function scores (digits), else computed here.
+        truth_cpu_s: CPU s the set-up's ground truth took to compute (once; it is cached).
     """
 
     setup: str
@@ -114,6 +116,7 @@ class Problem:
     horizon_steps: int
     classification: bool
     baselines: Callable[[], dict] | None = None
+    truth_cpu_s: float = math.nan
 
 
 @dataclass
@@ -141,7 +144,7 @@ def digits_problems(setup: lds_digits.Setup, snapshots: int) -> list[Problem]:
                     (data.x_probe, data.y_probe), data.masks, truth["losses"], setup.weight_decay,
                     torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=setup.weight_decay),
                     setup.train_steps // snapshots, True,
-                    baselines=lambda: lds_digits.baseline_scores(model, data, setup))]
+                    baselines=lambda: lds_digits.baseline_scores(model, data, setup), truth_cpu_s=truth["cpu_s"])]
 
 
 def midtrain_problems(setup: lds_midtrain.Setup, name: str) -> list[Problem]:
@@ -154,7 +157,8 @@ def midtrain_problems(setup: lds_midtrain.Setup, name: str) -> list[Problem]:
         optimizer = lds_midtrain.sgd(list(model.parameters()), setup, None)
         problems.append(Problem(name, step, model, lds_midtrain.per_example_loss, (data.x_train, data.y_train),
                                 (data.x_probe, data.y_probe), data.masks, run["truth"]["interval"][step],
-                                setup.weight_decay, optimizer, setup.horizon(step, "interval"), True))
+                                setup.weight_decay, optimizer, setup.horizon(step, "interval"), True,
+                                truth_cpu_s=run["run_cpu_s"] + run["truth_cpu_s"]))
     return problems
 
 
@@ -166,7 +170,8 @@ def markov_problems(setup: lds_markov.Setup) -> list[Problem]:
     for step in setup.checkpoints:
         model, optimizer = lds_markov.checkpoint_model(setup, run["checkpoints"][step])
         problems.append(Problem("markov", step, model, lds_markov.per_example_loss, (data.train,), (data.probes,),
-                                data.masks, run["truth"][step], setup.weight_decay, optimizer, setup.horizon, False))
+                                data.masks, run["truth"][step], setup.weight_decay, optimizer, setup.horizon, False,
+                                truth_cpu_s=run["cpu_s"]))
     return problems
 
 
@@ -235,6 +240,9 @@ def bif_score(problem: Problem, name: str, config: SGLDConfig) -> Score:
     if d.horizon is not None:
         details.update(horizon_steps=d.horizon.horizon_steps, damping=d.horizon.damping,
                        lambda_min=d.horizon.lambda_min, lambda_max=d.horizon.lambda_max)
+    tuning = getattr(d, "tuning", None)  # the self-tuned choices and their evidence, where the library records them
+    if tuning is not None:
+        details["tuning"] = dataclasses.asdict(tuning) if dataclasses.is_dataclass(tuning) else tuning
     return Score(name, result.influence.double(), cpu_s, details)
 
 
@@ -462,6 +470,7 @@ def print_table(report: dict) -> None:
                 print(f"{method[:58]:<58}" + "".join(
                     f"{rows[method]['lds']:7.3f} ({rows[method]['cpu_s']:4.1f})" if math.isfinite(rows[method]["cpu_s"])
                     else f"{rows[method]['lds']:14.3f}" for rows in checkpoints.values()))
+    print(f"\nground truth CPU s (cached): {report['ground_truth_cpu_s']}; whole run {report['wall_s']:.0f} s wall")
     print("\nBIF default: split-half, chosen IF damping, targets")
     for setup, entry in report["targets"].items():
         chosen = sorted({rows[BEST_IF]["details"]["chosen"] for rows in setups[setup].values()})
@@ -490,6 +499,14 @@ def build(names: list[str], tiny: bool) -> Iterator[tuple[str, list[Problem]]]:
             setup = lds_markov.Setup(n_train=32, n_probes=6, steps=30, checkpoints=(20,), horizon=10, subsets=8,
                                      orders=2) if tiny else lds_markov.Setup()
             yield name, markov_problems(setup)
+
+
+def _json(value: object) -> object:
+    """JSON for what ``json`` does not know: numbers (tensors, numpy) as floats, anything else as text."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return value.tolist() if isinstance(value, torch.Tensor) else str(value)
 
 
 def _commit() -> str:
@@ -527,6 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 "platform": platform.platform(), "threads": torch.get_num_threads()}}
     for name, problems in build(args.setups.split(","), args.tiny):
         report["roles"][name] = ROLES[name]
+        report.setdefault("ground_truth_cpu_s", {})[name] = problems[0].truth_cpu_s
         report["setups"][name] = {}
         for problem in problems:
             rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields)
@@ -539,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(report)
     out = args.out or RESULTS / f"lds_suite_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
+    out.write_text(json.dumps(report, indent=1, default=_json))
     print(f"wrote {out}")
     return report
 
