@@ -1,0 +1,505 @@
+"""Damaged logs: found at once with a clear error, and every intact snapshot salvaged into a new file.
+
+A log can be damaged by what happens to the disk rather than by the writer: a file truncated by a
+full disk or a partial copy, a header overwritten, a row half-written when a flush failed. HDF5's
+SWMR reader retries a metadata read whose checksum fails (a live writer may be rewriting that
+block), sleeping longer before each attempt; on a damaged file that loop runs for many minutes.
+So every open here first checks the file's header (signature, checksum, stored end of file against
+the real size, the same check HDF5 skips in SWMR mode) and caps the retries, so a damaged file fails
+in well under a second with :class:`DamagedLogError`.
+
+:func:`salvage` reads a damaged file through a view that pads a truncated file with zeros and marks
+the file as closed, so HDF5 opens it without retries, then copies each snapshot that reads back
+whole and consistent into a new log. The writer uses it to finish the log of a killed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import io
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .schema import _LIBVER, FORMAT, STATUSES, PathLike
+
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Superblock versions 2 and 3 (every file this package writes: libver v110): 12 bytes of signature,
+# version, sizes and status flags, four 8-byte addresses, a 4-byte lookup3 checksum.
+_SUPERBLOCK_BYTES = 48
+_FLAGS_OFFSET = 11
+_EOF_OFFSET = 28
+# Metadata read attempts in SWMR mode (HDF5's default is 100, with a doubling sleep between them:
+# many minutes on a damaged block). 20 attempts still give a live writer about a second to finish
+# rewriting a block, and fail a damaged one in a fraction of a second.
+_READ_ATTEMPTS = 20
+# How long a header whose stored end of file lies past the real one is re-read while a live writer
+# holds the log (a writer extends the file before it records the new end, so this never lasts).
+_LIVE_WRITER_WAIT_S = 1.0
+
+
+class DamagedLogError(ValueError):
+    """An influence log that cannot be read as it is: truncated, overwritten or half-written.
+
+    Attributes:
+        path: The damaged file.
+        problem: What is wrong with it.
+        intact: How many leading snapshots read back intact, when that is known (else ``None``).
+    """
+
+    def __init__(self, path: PathLike, problem: str, intact: int | None = None) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.intact = intact
+        kept = "" if intact is None else f" The first {intact} snapshot(s) are intact."
+        super().__init__(
+            f"The influence log {path} is damaged: {problem}.{kept} Copy every intact snapshot into a new file "
+            f"with `lightning-bif repair {path}` (writes {repaired_path(path)}; --in-place replaces the log and "
+            "keeps the damaged file), or open_log(path, recover=True)."
+        )
+
+
+def repaired_path(path: PathLike) -> Path:
+    """Where :func:`salvage` writes by default: ``bif.h5`` -> ``bif.repaired.h5`` next to it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.repaired{path.suffix or '.h5'}")
+
+
+# ---------------------------------------------------------------------------------------------- header
+
+
+def _lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle`` with seed 0: HDF5's metadata checksum."""
+    mask = 0xFFFFFFFF
+    rot = lambda x, k: ((x << k) | (x >> (32 - k))) & mask  # noqa: E731
+    a = b = c = (0xDEADBEEF + len(data)) & mask
+    padded = data + b"\0" * (-len(data) % 12 if data else 12)
+    blocks = len(padded) // 12
+    for index in range(blocks):
+        x, y, z = struct.unpack_from("<3I", padded, 12 * index)
+        a, b, c = (a + x) & mask, (b + y) & mask, (c + z) & mask
+        if index == blocks - 1:
+            break
+        a = (a - c) & mask; a ^= rot(c, 4); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 6); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 8); b = (b + a) & mask  # noqa: E702
+        a = (a - c) & mask; a ^= rot(c, 16); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 19); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 4); b = (b + a) & mask  # noqa: E702
+    if not data:
+        return c
+    c ^= b; c = (c - rot(b, 14)) & mask  # noqa: E702
+    a ^= c; a = (a - rot(c, 11)) & mask  # noqa: E702
+    b ^= a; b = (b - rot(a, 25)) & mask  # noqa: E702
+    c ^= b; c = (c - rot(b, 16)) & mask  # noqa: E702
+    a ^= c; a = (a - rot(c, 4)) & mask  # noqa: E702
+    b ^= a; b = (b - rot(a, 14)) & mask  # noqa: E702
+    c ^= b; c = (c - rot(b, 24)) & mask  # noqa: E702
+    return c
+
+
+def _superblock(path: Path, head: bytes) -> int | None:
+    """The stored end of file of a version 2/3 superblock (``None`` for older versions); raise if damaged."""
+    if not head:
+        raise DamagedLogError(path, "the file is empty (0 bytes): the run that created it stopped before "
+                                    "writing anything, so it holds no snapshots (delete it)")
+    if head[:8] != _SIGNATURE:
+        raise DamagedLogError(path, "it does not start with the HDF5 signature (overwritten, or not an "
+                                    "influence log at all)")
+    if head[8] not in (2, 3):
+        return None
+    if len(head) < _SUPERBLOCK_BYTES:
+        raise DamagedLogError(path, f"the file ends inside its HDF5 header ({len(head)} bytes)")
+    stored = struct.unpack_from("<I", head, _SUPERBLOCK_BYTES - 4)[0]
+    if _lookup3(head[: _SUPERBLOCK_BYTES - 4]) != stored:
+        raise DamagedLogError(path, "its HDF5 header fails its checksum (overwritten)")
+    return struct.unpack_from("<Q", head, _EOF_OFFSET)[0]
+
+
+def live_writer(path: PathLike) -> bool:
+    """Whether a live :class:`~lightning_bif.log.LogWriter` holds ``path`` (``False`` where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(descriptor)  # also drops the shared lock just taken
+    return False
+
+
+def check_file(path: PathLike) -> None:
+    """Raise :class:`DamagedLogError` at once if ``path``'s HDF5 header is damaged or the file is truncated.
+
+    Raises:
+        DamagedLogError: Empty file, no HDF5 signature, a header failing its checksum, or a file
+            shorter than the end of file its header records.
+    """
+    path = Path(path)
+    deadline = time.monotonic() + _LIVE_WRITER_WAIT_S
+    while True:
+        with open(path, "rb") as file:
+            head = file.read(_SUPERBLOCK_BYTES)
+            size = os.fstat(file.fileno()).st_size  # after the header: a live writer only grows the file
+        stored_end = _superblock(path, head)
+        if stored_end is None or size >= stored_end:
+            return
+        if not live_writer(path) or time.monotonic() > deadline:
+            raise DamagedLogError(path, f"it is truncated: {size:,} bytes of the {stored_end:,} its header "
+                                        "records (a full disk, or an interrupted copy)")
+        time.sleep(0.05)
+
+
+def _hdf5_library() -> ctypes.CDLL | None:
+    """The HDF5 library h5py runs on, for the one setting h5py does not expose (Linux only; else ``None``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libhdf5" in line and "libhdf5_hl" not in line}
+    except OSError:
+        return None
+    for candidate in sorted(paths):
+        with contextlib.suppress(OSError):
+            library = ctypes.CDLL(candidate)
+            if hasattr(library, "H5Pset_metadata_read_attempts"):
+                return library
+    return None
+
+
+def open_swmr(path: PathLike) -> h5py.File:
+    """Open a log for reading in SWMR mode, in bounded time even when it is damaged.
+
+    Raises:
+        DamagedLogError: The file is damaged (see :func:`check_file`) or HDF5 cannot open it.
+    """
+    path = Path(path)
+    check_file(path)
+    library = _hdf5_library()
+    try:
+        if library is None:
+            return h5py.File(path, "r", swmr=True, locking=False)
+        access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        access.set_file_locking(False, True)
+        library.H5Pset_metadata_read_attempts(ctypes.c_int64(access.id), ctypes.c_uint(_READ_ATTEMPTS))
+        return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                                       fapl=access))
+    except PermissionError:
+        raise
+    except OSError as error:
+        raise DamagedLogError(path, f"HDF5 cannot open it ({error})") from error
+
+
+@contextlib.contextmanager
+def damage_as_error(path: PathLike, intact: int | None = None) -> Iterator[None]:
+    """Turn the raw errors of reading a damaged file (a missing attribute or dataset, an unreadable block,
+    undecodable text) into one :class:`DamagedLogError`."""
+    try:
+        yield
+    except DamagedLogError:
+        raise
+    except (KeyError, IndexError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedLogError(path, f"a part of it is missing or unreadable ({type(error).__name__}: {error})",
+                              intact) from error
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, (PermissionError, FileNotFoundError)):
+            raise
+        raise DamagedLogError(path, f"HDF5 cannot read a part of it ({error})", intact) from error
+
+
+def first_inconsistent_row(steps: np.ndarray, status: np.ndarray) -> tuple[int, str] | None:
+    """The first row that no writer could have written (unknown status, step not after the previous one).
+
+    Returns:
+        ``(row, what is wrong)``, or ``None`` when every row is consistent.
+    """
+    for row, (step, state) in enumerate(zip(steps.tolist(), status.tolist(), strict=True)):
+        if state not in STATUSES:
+            return row, f"snapshot row {row} has status {state!r} (a row that was never completely written)"
+        if step < 0 or (row and step <= steps[row - 1]):
+            return row, f"snapshot row {row} has step {step}, not after the previous row's (a half-written row)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- salvage
+
+
+class _PatchedFile(io.RawIOBase):
+    """A read-only view of a log file for salvaging: the header says "closed" (no SWMR retries needed or
+    possible), a truncated file reads as zero-padded up to its recorded end, and every read that reaches
+    past the real end is counted, so a row built from missing bytes is recognised and left out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = open(path, "rb")  # closed in close()
+        self.size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(_SUPERBLOCK_BYTES)
+        stored_end = _superblock(path, head)
+        self._head = b""
+        if stored_end is not None:
+            patched = bytearray(head)
+            patched[_FLAGS_OFFSET] = 0
+            patched[-4:] = struct.pack("<I", _lookup3(bytes(patched[:-4])))
+            self._head = bytes(patched)
+        self.length = max(self.size, stored_end or 0)
+        self.missing_reads = 0
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self.length - self._position))
+        start = self._position
+        real = max(0, min(count, self.size - start))
+        self._file.seek(start)
+        got = self._file.readinto(view[:real]) if real else 0
+        view[got:count] = bytes(count - got)
+        if got < count:
+            self.missing_reads += 1
+        if start < len(self._head):
+            end = min(len(self._head), start + count)
+            view[: end - start] = self._head[start:end]
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@dataclass
+class SalvageReport:
+    """What :func:`salvage` kept and left out.
+
+    Attributes:
+        source: The damaged log.
+        target: The new log holding every intact snapshot.
+        found: Snapshot rows the damaged log records.
+        kept: Rows copied, in order.
+        lost: ``(row, reason)`` of each row left out.
+    """
+
+    source: Path
+    target: Path
+    found: int
+    kept: int
+    lost: list[tuple[int, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"salvaged {self.kept} of {self.found} snapshot(s) from {self.source} into {self.target}"]
+        lines += [f"  left out row {row}: {reason}" for row, reason in self.lost[:20]]
+        if len(self.lost) > 20:
+            lines.append(f"  ... and {len(self.lost) - 20} more row(s)")
+        return "\n".join(lines)
+
+
+def _datasets(group: h5py.Group, prefix: str = "") -> dict[str, h5py.Dataset]:
+    """Every dataset that can still be opened, by path; a damaged object is skipped, not fatal."""
+    found: dict[str, h5py.Dataset] = {}
+    for name in group:
+        try:
+            item = group[name]
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+        if isinstance(item, h5py.Group):
+            found.update(_datasets(item, f"{prefix}{name}/"))
+        elif isinstance(item, h5py.Dataset):
+            found[f"{prefix}{name}"] = item
+    return found
+
+
+def _row_problem(view: _PatchedFile, per_row: dict[str, h5py.Dataset], row: int, last_step: int | None
+                 ) -> tuple[str | None, dict]:
+    before = view.missing_reads
+    try:
+        values = {name: dataset[row] for name, dataset in per_row.items()}
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError) as error:
+        return f"unreadable ({error})", {}
+    if view.missing_reads != before:
+        return "its data lies past the end of the truncated file", {}
+    status = values["status"].decode(errors="replace") if isinstance(values["status"], bytes) else str(values["status"])
+    step = int(values["step"])
+    if status not in STATUSES:
+        return f"status {status!r}: never completely written", {}
+    if step < 0 or (last_step is not None and step <= last_step):
+        return f"step {step} is not after the previous kept snapshot's", {}
+    if status == "ok" and "influence" in values and not np.isfinite(values["influence"]).all():
+        return "status 'ok' with non-finite influence (its data never reached the disk)", {}
+    return None, values
+
+
+def salvage(source: PathLike, target: PathLike | None = None) -> SalvageReport:
+    """Copy every intact snapshot of a (damaged) log into a new log.
+
+    A snapshot is kept when every one of its stored values reads back from bytes that are in the
+    file, its status is one a writer records, its step comes after the previous kept one, and an
+    ``ok`` snapshot's influence is finite. The run's attributes, ids and groups are copied as they are.
+    The new file is written under a temporary name next to ``target`` and renamed into place when
+    complete, so a crash during salvage leaves no half file at ``target``.
+
+    Args:
+        source: The damaged log (left as it is).
+        target: Where to write; default :func:`repaired_path` of ``source``. Replaced if it exists.
+
+    Returns:
+        A :class:`SalvageReport`.
+
+    Raises:
+        DamagedLogError: Nothing can be salvaged: the run's attributes or ids are lost.
+        OSError: The new file cannot be written (e.g. no space left: the message says how much is needed).
+    """
+    source = Path(source)
+    target = repaired_path(source) if target is None else Path(target)
+    view = _PatchedFile(source)
+    try:
+        with damage_as_error(source), h5py.File(view, "r", locking=False) as stored:
+            attrs = dict(stored.attrs)
+            if attrs.get("format") != FORMAT:
+                raise DamagedLogError(source, "its lightning-bif attributes are lost: nothing can be salvaged")
+            datasets = _datasets(stored)
+            per_row = {name: d for name, d in datasets.items() if d.maxshape and d.maxshape[0] is None}
+            fixed = {name: d for name, d in datasets.items() if name not in per_row}
+            if "step" not in per_row or "status" not in per_row or not {"train_ids", "probe_ids"} <= fixed.keys():
+                raise DamagedLogError(source, "its ids or its step or status column are lost: nothing can be "
+                                              "salvaged")
+            labels = {name: d[()] for name, d in fixed.items()}
+            found = len(per_row["step"])
+            lost: list[tuple[int, str]] = []
+            rows: list[dict] = []
+            for row in range(found):
+                problem, values = _row_problem(view, per_row, row, int(rows[-1]["step"]) if rows else None)
+                if problem is None:
+                    rows.append(values)
+                else:
+                    lost.append((row, problem))
+            needed = sum(d.dtype.itemsize * int(np.prod(d.shape[1:])) for d in per_row.values()) * len(rows)
+            _write_log(target, attrs, fixed, labels, per_row, rows, needed)
+    finally:
+        view.close()
+    return SalvageReport(source=source, target=target, found=found, kept=len(rows), lost=lost)
+
+
+def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels: dict[str, np.ndarray],
+               per_row: dict[str, h5py.Dataset], rows: list[dict], needed: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_space(target.parent, needed + (1 << 20), f"writing the salvaged log {target}")
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".recover",
+                                     delete=False) as tmp:
+        temporary = Path(tmp.name)
+    try:
+        with h5py.File(temporary, "w", libver=_LIBVER, locking=False) as copy:
+            copy.attrs.update(attrs)
+            for name, dataset in fixed.items():
+                copy.create_dataset(name, data=labels[name], dtype=dataset.dtype)
+            # ``step`` last, as the writer does: its length is the number of committed rows.
+            for name in sorted(per_row, key=lambda n: n == "step"):
+                dataset = per_row[name]
+                tail = dataset.shape[1:]
+                out = copy.create_dataset(name, shape=(len(rows), *tail), maxshape=(None, *tail),
+                                          chunks=dataset.chunks, dtype=dataset.dtype,
+                                          fillvalue=dataset.fillvalue)
+                for index, values in enumerate(rows):
+                    out[index] = values[name]
+        os.replace(temporary, target)
+    except OSError as error:
+        if error.errno == errno.ENOSPC or "No space" in str(error):
+            raise OSError(errno.ENOSPC, f"No space left on the device of {target} while writing the salvaged log "
+                                        f"(about {needed / 2**20:.1f} MiB needed); free some space and repair "
+                                        "again") from error
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_space(directory: PathLike, needed: int, doing: str) -> None:
+    """Raise an ``ENOSPC`` :class:`OSError` naming ``doing`` when ``directory`` has < ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # no figure to go by: the write itself will tell
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"Not enough space for {doing}: {needed / 2**20:.1f} MiB needed, "
+                                    f"{free / 2**20:.1f} MiB free on the filesystem of {directory}. Free some space "
+                                    "(or choose a log_path on a larger disk) and try again")
+
+
+def recover_in_place(path: PathLike) -> SalvageReport:
+    """Replace a log whose writer died with a clean copy of its intact snapshots, keeping the file's mode.
+
+    Leftover temporary files of an earlier recovery that was itself killed are removed first (the
+    caller holds the log's writer lock, so no other recovery of this log is running).
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.recover"):
+        stale.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o7777
+    check_space(path.parent, path.stat().st_size + (1 << 20),
+                f"recovering the influence log {path} (a clean copy of it is written next to it)")
+    temporary = path.with_name(f".{path.name}.salvaged.recover")
+    report = salvage(path, temporary)
+    try:
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    report.target = path
+    return report
+
+
+def repair(path: PathLike, target: PathLike | None = None, *, in_place: bool = False) -> SalvageReport:
+    """Salvage a damaged log into ``target`` (default ``<stem>.repaired.h5``), or replace it (``in_place``).
+
+    With ``in_place`` the damaged file is kept as ``<stem>.damaged.h5`` and the log's path then holds
+    the salvaged snapshots, so a training run can resume it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No influence log at {path}.")
+    if live_writer(path):
+        raise OSError(f"The influence log {path} is being written by a live training run; repair it after that "
+                      "run has stopped.")
+    if not in_place:
+        return salvage(path, target)
+    mode = path.stat().st_mode & 0o7777
+    temporary = path.with_name(f".{path.name}.repair.recover")
+    report = salvage(path, temporary)
+    try:
+        os.chmod(temporary, mode)
+        os.replace(path, path.with_name(f"{path.stem}.damaged{path.suffix or '.h5'}"))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    report.target = path
+    return report
