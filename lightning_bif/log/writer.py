@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,6 +153,9 @@ class LogWriter:
             _unlock(guard)
             self._lock = _writer_lock(self.path)
         self._layout = _file_layout(self._file)
+        # One handle per dataset for the writer's lifetime: a handle closed after each write would flush its
+        # chunks while being freed, where a failed write (a full disk) is only printed, never raised.
+        self._datasets = {name: self._file[name] for name in self._layout}
         self._steps = self._file["step"][()].astype(np.int64)
         self._row_bytes = sum(math.prod(tail) * np.dtype(dtype).itemsize for tail, dtype in self._layout.values())
         if not self._file.swmr_mode:
@@ -301,6 +305,10 @@ class LogWriter:
         try:
             check_space(self.path.parent, self._row_bytes + _FREE_SPACE_MARGIN,
                         f"the snapshot at step {record.step} in the influence log {self.path}")
+        except OSError as error:
+            raise LogWriteError(error.errno, f"{error.strerror}; the snapshot is left out, the {row} snapshot(s) "
+                                             "before it are intact") from error
+        try:
             for name in self._layout:
                 if name != "step":
                     self._write(name, row, values[name])
@@ -310,10 +318,10 @@ class LogWriter:
             self._file.flush()
         except (OSError, RuntimeError) as error:
             self._roll_back(row)
+            code, reason = _os_error(error)
             raise LogWriteError(
-                getattr(error, "errno", None) or 0,
-                f"The snapshot at step {record.step} could not be written to the influence log {self.path} "
-                f"({error}); it is left out, the {row} snapshot(s) before it are intact"
+                code, f"The snapshot at step {record.step} could not be written to the influence log {self.path} "
+                      f"({reason}); it is left out, the {row} snapshot(s) before it are intact"
             ) from error
         self._steps = np.append(self._steps, np.int64(record.step))
         return row
@@ -322,13 +330,13 @@ class LogWriter:
         """Shrink every dataset back to ``row`` rows after a failed append (best effort: the disk may still fail)."""
         for name in reversed(self._layout):
             with contextlib.suppress(Exception):
-                if len(self._file[name]) > row:
-                    self._file[name].resize(row, axis=0)
+                if len(self._datasets[name]) > row:
+                    self._datasets[name].resize(row, axis=0)
         with contextlib.suppress(Exception):
             self._file.flush()
 
     def _write(self, name: str, row: int, value: Any) -> None:
-        dataset = self._file[name]
+        dataset = self._datasets[name]
         dataset.resize(row + 1, axis=0)
         dataset[row] = value
 
@@ -388,7 +396,7 @@ class LogWriter:
         if removed:
             # ``step`` shrinks first so a live reader never counts a row whose data is gone.
             for name in reversed(self._layout):
-                self._file[name].resize(keep, axis=0)
+                self._datasets[name].resize(keep, axis=0)
             self._file.flush()
             self._steps = self._steps[:keep]
         return removed
@@ -405,8 +413,8 @@ class LogWriter:
         try:
             file.close()
         except (OSError, RuntimeError) as error:
-            raise LogWriteError(getattr(error, "errno", None) or 0,
-                                f"Closing the influence log {self.path} failed ({error})") from error
+            code, reason = _os_error(error)
+            raise LogWriteError(code, f"Closing the influence log {self.path} failed ({reason})") from error
         finally:
             _unlock(self._lock)
 
@@ -415,6 +423,15 @@ class LogWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _os_error(error: BaseException) -> tuple[int, str]:
+    """The OS error behind an h5py write error: ``(errno, "strerror: what HDF5 was doing")``."""
+    text = str(error)
+    found = re.search(r"errno = (\d+)", text)
+    code = getattr(error, "errno", None) or (int(found.group(1)) if found else 0)
+    doing = text.split(" (", 1)[0]
+    return code, f"{os.strerror(code)}: {doing}" if code else text
 
 
 def _writer_lock(path: Path) -> int | None:
