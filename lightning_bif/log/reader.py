@@ -191,6 +191,11 @@ class InfluenceLog:
 
     def _load_rows(self) -> None:
         with damage_as_error(self.path):
+            rows = {name: len(dataset) for name, dataset in self._datasets.items()}
+            if min(rows.values()) < rows["step"]:  # the writer extends every dataset before ``step``
+                short = min(rows, key=rows.get)
+                raise DamagedLogError(self.path, f"{short} has {rows[short]} rows but step has {rows['step']}",
+                                      intact=rows[short])
             self._read_rows()
         problem = first_inconsistent_row(self.steps, self.status)
         if problem is not None:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import io
 import json
 import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -194,19 +194,31 @@ def open_swmr(path: PathLike) -> h5py.File:
     """
     path = Path(path)
     check_file(path)
+    deadline = time.monotonic() + _LIVE_WRITER_WAIT_S
+    while True:
+        try:
+            return _open_swmr(path)
+        except PermissionError:
+            raise
+        except OSError as error:
+            if "not already open for SWMR writing" not in str(error):
+                raise DamagedLogError(path, f"HDF5 cannot open it ({error})") from error
+        # Marked open for writing without SWMR: a writer between opening the file and switching to SWMR
+        # (wait for it), or one killed in that moment, whose file no longer changes (read it as it is).
+        if not live_writer(path) or time.monotonic() > deadline:
+            with damage_as_error(path):
+                return h5py.File(_PatchedFile(path), "r", locking=False)
+        time.sleep(0.05)
+
+
+def _open_swmr(path: Path) -> h5py.File:
     library = _hdf5_library()
-    try:
-        if library is None:
-            return h5py.File(path, "r", swmr=True, locking=False)
-        access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-        access.set_file_locking(False, True)
-        library.H5Pset_metadata_read_attempts(ctypes.c_int64(access.id), ctypes.c_uint(_READ_ATTEMPTS))
-        return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
-                                       fapl=access))
-    except PermissionError:
-        raise
-    except OSError as error:
-        raise DamagedLogError(path, f"HDF5 cannot open it ({error})") from error
+    if library is None:
+        return h5py.File(path, "r", swmr=True, locking=False)
+    access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    access.set_file_locking(False, True)
+    library.H5Pset_metadata_read_attempts(ctypes.c_int64(access.id), ctypes.c_uint(_READ_ATTEMPTS))
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=access))
 
 
 @contextlib.contextmanager
@@ -340,24 +352,47 @@ def _datasets(group: h5py.Group, prefix: str = "") -> dict[str, h5py.Dataset]:
     return found
 
 
-def _row_problem(view: _PatchedFile, per_row: dict[str, h5py.Dataset], row: int, last_step: int | None
-                 ) -> tuple[str | None, dict]:
+_READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError)
+
+
+def _column(view: _PatchedFile, dataset: h5py.Dataset, found: int, bad: dict[int, str]) -> list[np.ndarray]:
+    """The first ``found`` rows of a per-snapshot dataset; rows that cannot be read whole go into ``bad``.
+
+    One read for the whole column when it succeeds from bytes that are in the file, else row by row
+    (the file is opened without a chunk cache, so every row read reaches the file and is checked).
+    """
     before = view.missing_reads
-    try:
-        values = {name: dataset[row] for name, dataset in per_row.items()}
-    except (OSError, RuntimeError, ValueError, KeyError, IndexError) as error:
-        return f"unreadable ({error})", {}
-    if view.missing_reads != before:
-        return "its data lies past the end of the truncated file", {}
-    status = values["status"].decode(errors="replace") if isinstance(values["status"], bytes) else str(values["status"])
-    step = int(values["step"])
+    with contextlib.suppress(*_READ_ERRORS):
+        values = dataset[:found]
+        if view.missing_reads == before:
+            for row in range(len(values), found):
+                bad.setdefault(row, f"{dataset.name.lstrip('/')} has no row {row}")
+            return list(values)
+    column = []
+    for row in range(found):
+        before = view.missing_reads
+        try:
+            column.append(dataset[row])
+        except _READ_ERRORS as error:
+            column.append(None)
+            bad.setdefault(row, f"{dataset.name.lstrip('/')} is unreadable ({error})")
+            continue
+        if view.missing_reads != before:
+            bad.setdefault(row, f"{dataset.name.lstrip('/')} lies past the end of the truncated file")
+    return column
+
+
+def _row_problem(columns: dict[str, list], row: int, last_step: int | None) -> str | None:
+    text = columns["status"][row]
+    status = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+    step = int(columns["step"][row])
     if status not in STATUSES:
-        return f"status {status!r}: never completely written", {}
+        return f"status {status!r}: never completely written"
     if step < 0 or (last_step is not None and step <= last_step):
-        return f"step {step} is not after the previous kept snapshot's", {}
-    if status == "ok" and "influence" in values and not np.isfinite(values["influence"]).all():
-        return "status 'ok' with non-finite influence (its data never reached the disk)", {}
-    return None, values
+        return f"step {step} is not after the previous kept snapshot's"
+    if status == "ok" and "influence" in columns and not np.isfinite(columns["influence"][row]).all():
+        return "status 'ok' with non-finite influence (its data never reached the disk)"
+    return None
 
 
 def salvage(source: PathLike, target: PathLike | None = None) -> SalvageReport:
@@ -381,10 +416,15 @@ def salvage(source: PathLike, target: PathLike | None = None) -> SalvageReport:
         OSError: The new file cannot be written (e.g. no space left: the message says how much is needed).
     """
     source = Path(source)
-    target = repaired_path(source) if target is None else Path(target)
+    return _salvage(source, repaired_path(source) if target is None else Path(target))
+
+
+def _salvage(source: Path, target: Path, mode: int | None = None, keep_as: Path | None = None) -> SalvageReport:
+    """:func:`salvage`; the new file gets ``mode`` when given, and an existing ``target`` is first renamed to
+    ``keep_as`` when given (both renames after the copy is complete)."""
     view = _PatchedFile(source)
     try:
-        with damage_as_error(source), h5py.File(view, "r", locking=False) as stored:
+        with damage_as_error(source), h5py.File(view, "r", locking=False, rdcc_nbytes=0) as stored:
             attrs = dict(stored.attrs)
             if attrs.get("format") != FORMAT:
                 raise DamagedLogError(source, "its lightning-bif attributes are lost: nothing can be salvaged")
@@ -396,28 +436,29 @@ def salvage(source: PathLike, target: PathLike | None = None) -> SalvageReport:
                                               "salvaged")
             labels = {name: d[()] for name, d in fixed.items()}
             found = len(per_row["step"])
+            bad: dict[int, str] = {}
+            columns = {name: _column(view, dataset, found, bad) for name, dataset in per_row.items()}
             lost: list[tuple[int, str]] = []
-            rows: list[dict] = []
+            kept: list[int] = []
             for row in range(found):
-                problem, values = _row_problem(view, per_row, row, int(rows[-1]["step"]) if rows else None)
+                problem = bad.get(row) or _row_problem(columns, row, int(columns["step"][kept[-1]]) if kept else None)
                 if problem is None:
-                    rows.append(values)
+                    kept.append(row)
                 else:
                     lost.append((row, problem))
-            needed = sum(d.dtype.itemsize * int(np.prod(d.shape[1:])) for d in per_row.values()) * len(rows)
-            _write_log(target, attrs, fixed, labels, per_row, rows, needed)
+            needed = sum(d.dtype.itemsize * int(np.prod(d.shape[1:])) for d in per_row.values()) * len(kept)
+            _write_log(target, attrs, fixed, labels, per_row, columns, kept, needed, mode, keep_as)
     finally:
         view.close()
-    return SalvageReport(source=source, target=target, found=found, kept=len(rows), lost=lost)
+    return SalvageReport(source=source, target=target, found=found, kept=len(kept), lost=lost)
 
 
 def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels: dict[str, np.ndarray],
-               per_row: dict[str, h5py.Dataset], rows: list[dict], needed: int) -> None:
+               per_row: dict[str, h5py.Dataset], columns: dict[str, list], kept: list[int], needed: int,
+               mode: int | None, keep_as: Path | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     check_space(target.parent, needed + (1 << 20), f"writing the salvaged log {target}")
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".recover",
-                                     delete=False) as tmp:
-        temporary = Path(tmp.name)
+    temporary = new_temporary(target, "recover")
     try:
         with h5py.File(temporary, "w", libver=_LIBVER, locking=False) as copy:
             copy.attrs.update(attrs)
@@ -427,11 +468,15 @@ def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels
             for name in sorted(per_row, key=lambda n: n == "step"):
                 dataset = per_row[name]
                 tail = dataset.shape[1:]
-                out = copy.create_dataset(name, shape=(len(rows), *tail), maxshape=(None, *tail),
+                out = copy.create_dataset(name, shape=(len(kept), *tail), maxshape=(None, *tail),
                                           chunks=dataset.chunks, dtype=dataset.dtype,
                                           fillvalue=dataset.fillvalue)
-                for index, values in enumerate(rows):
-                    out[index] = values[name]
+                if kept:
+                    out[...] = np.stack([np.asarray(columns[name][row], dtype=dataset.dtype) for row in kept])
+        if mode is not None:
+            os.chmod(temporary, mode)
+        if keep_as is not None:
+            os.replace(target, keep_as)
         os.replace(temporary, target)
     except OSError as error:
         if error.errno == errno.ENOSPC or "No space" in str(error):
@@ -441,6 +486,22 @@ def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels
         raise
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def new_temporary(path: Path, kind: str) -> Path:
+    """Create an empty, hidden ``.<name>.<pid>.<n>.<kind>`` next to ``path`` with the umask's usual mode.
+
+    (``tempfile`` would make it 0600, and the file becomes the log once renamed.)
+    """
+    for attempt in range(1000):
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{attempt}.{kind}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"Cannot create a temporary file next to {path}: remove the .{path.name}.*.{kind} "
+                          "files there.")
 
 
 def check_space(directory: PathLike, needed: int, doing: str) -> None:
@@ -462,20 +523,32 @@ def recover_in_place(path: PathLike) -> SalvageReport:
     caller holds the log's writer lock, so no other recovery of this log is running).
     """
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.recover"):
-        stale.unlink(missing_ok=True)
-    mode = path.stat().st_mode & 0o7777
+    remove_stale_temporaries(path)
     check_space(path.parent, path.stat().st_size + (1 << 20),
                 f"recovering the influence log {path} (a clean copy of it is written next to it)")
-    temporary = path.with_name(f".{path.name}.salvaged.recover")
-    report = salvage(path, temporary)
+    return _salvage(path, path, mode=path.stat().st_mode & 0o7777)
+
+
+def remove_stale_temporaries(path: PathLike) -> None:
+    """Remove the temporary files next to ``path`` (``.<name>.<pid>.<n>.creating`` or ``.recover``) left by a
+    process that was killed while creating or recovering the log; those of a live process are kept."""
+    path = Path(path)
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.*.*"):
+        pid, _, kind = candidate.name[len(path.name) + 2:].split(".", 2)
+        if kind in ("creating", "recover") and pid.isdigit() and not _alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process holds the writer lock: a file of its own here is from an earlier attempt
     try:
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    report.target = path
-    return report
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def repair(path: PathLike, target: PathLike | None = None, *, in_place: bool = False) -> SalvageReport:
@@ -492,14 +565,5 @@ def repair(path: PathLike, target: PathLike | None = None, *, in_place: bool = F
                       "run has stopped.")
     if not in_place:
         return salvage(path, target)
-    mode = path.stat().st_mode & 0o7777
-    temporary = path.with_name(f".{path.name}.repair.recover")
-    report = salvage(path, temporary)
-    try:
-        os.chmod(temporary, mode)
-        os.replace(path, path.with_name(f"{path.stem}.damaged{path.suffix or '.h5'}"))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    report.target = path
-    return report
+    return _salvage(path, path, mode=path.stat().st_mode & 0o7777,
+                    keep_as=path.with_name(f"{path.stem}.damaged{path.suffix or '.h5'}"))

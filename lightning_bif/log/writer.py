@@ -21,7 +21,15 @@ import h5py
 import numpy as np
 
 from ..analysis import flatten_config
-from .recover import SalvageReport, check_file, check_space, damage_as_error, recover_in_place
+from .recover import (
+    SalvageReport,
+    check_file,
+    check_space,
+    damage_as_error,
+    new_temporary,
+    recover_in_place,
+    remove_stale_temporaries,
+)
 from .schema import (
     _CALIBRATION_BYTES,
     _LIBVER,
@@ -168,14 +176,8 @@ class LogWriter:
         leaves nothing behind; an existing log is replaced in one step, and a reader that still has
         it open keeps a valid file.
         """
-        # O_EXCL with mode 0o666: the new log gets the umask's usual mode (mkstemp would make it 0600).
-        for attempt in range(100):
-            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{attempt}.creating")
-            try:
-                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                break
-            except FileExistsError:
-                continue
+        remove_stale_temporaries(self.path)
+        temporary = new_temporary(self.path, "creating")
         file = None
         try:
             file = self._build(temporary)
@@ -233,6 +235,8 @@ class LogWriter:
             # marked as open for writing; its completed snapshots are intact: copy them to a clean file.
             self.recovered = recover_in_place(self.path)
             file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
+        # SWMR at once: until then the file is marked open for writing without SWMR, which readers cannot open.
+        file.swmr_mode = True
         # Drop a snapshot in flight when the previous writer died: rows past the last committed step.
         committed = len(file["step"])
         for name in _file_layout(file):
@@ -303,11 +307,13 @@ class LogWriter:
         values = self._row(record)
         row = len(self._steps)
         try:
-            check_space(self.path.parent, self._row_bytes + _FREE_SPACE_MARGIN,
-                        f"the snapshot at step {record.step} in the influence log {self.path}")
+            check_space(self.path.parent, self._row_bytes + _FREE_SPACE_MARGIN, "the snapshot")
         except OSError as error:
-            raise LogWriteError(error.errno, f"{error.strerror}; the snapshot is left out, the {row} snapshot(s) "
-                                             "before it are intact") from error
+            raise LogWriteError(
+                error.errno, f"The snapshot at step {record.step} could not be written to the influence log "
+                             f"{self.path} ({error.strerror}); it is left out, the {row} snapshot(s) before it "
+                             "are intact"
+            ) from error
         try:
             for name in self._layout:
                 if name != "step":
