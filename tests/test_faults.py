@@ -262,15 +262,15 @@ def fill(disk: Path, leave: int) -> Path:
 
 def test_a_full_disk_during_training(small_disk):
     """Training on a full disk: snapshots are lost, counted and reported, nothing phantom, no crash at exit."""
-    fill(small_disk, 1_200_000)
-    done = subprocess.run([sys.executable, str(SCRIPTS / "train_on_full_disk.py"), str(small_disk), "30"],
+    fill(small_disk, 1_100_000)  # room for a few snapshots above the writer's 1 MiB free-space margin
+    done = subprocess.run([sys.executable, str(SCRIPTS / "train_on_full_disk.py"), str(small_disk), "12"],
                           env=script_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # before: a segfault at exit
     assert "Exception ignored" not in done.stderr and done.stderr.count("Training goes on; later snapshots") == 1
     assert done.stderr.count("snapshot(s) of this fit could not be written") == 1
     with open_log(small_disk / "bif.h5") as log:
         steps = log.steps.tolist()
-        assert 0 < len(steps) < 30 and steps == list(range(1, len(steps) + 1))  # a prefix, nothing phantom
+        assert 0 < len(steps) < 12 and steps == list(range(1, len(steps) + 1))  # a prefix, nothing phantom
         assert (log.status == "ok").all() and np.isfinite(log.influence[:]).all()
 
 

@@ -102,6 +102,12 @@ class RowView:
         return self._rows
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self._read(key)
+        except (OSError, RuntimeError) as error:  # an unreadable block (bad chunk checksum, lost index)
+            raise DamagedLogError(self._dataset.file.filename, f"HDF5 cannot read a part of it ({error})") from error
+
+    def _read(self, key: Any) -> np.ndarray:
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if first is Ellipsis:
             first, rest = slice(None), (Ellipsis, *rest)

@@ -33,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .schema import _LIBVER, FORMAT, STATUSES, PathLike
+from .schema import _LIBVER, FORMAT, STATUSES, PathLike, _file_layout, _row_chunks
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Superblock versions 2 and 3 (every file this package writes: libver v110): 12 bytes of signature,
@@ -321,6 +321,8 @@ class SalvageReport:
         found: Snapshot rows the damaged log records.
         kept: Rows copied, in order.
         lost: ``(row, reason)`` of each row left out.
+        lost_columns: Per-snapshot datasets whose header was lost; the new log has them with their fill
+            value (NaN, 0 or empty text) in every row.
     """
 
     source: Path
@@ -328,9 +330,12 @@ class SalvageReport:
     found: int
     kept: int
     lost: list[tuple[int, str]] = field(default_factory=list)
+    lost_columns: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"salvaged {self.kept} of {self.found} snapshot(s) from {self.source} into {self.target}"]
+        if self.lost_columns:
+            lines.append(f"  lost columns (empty in every kept row): {', '.join(self.lost_columns)}")
         lines += [f"  left out row {row}: {reason}" for row, reason in self.lost[:20]]
         if len(self.lost) > 20:
             lines.append(f"  ... and {len(self.lost) - 20} more row(s)")
@@ -353,6 +358,8 @@ def _datasets(group: h5py.Group, prefix: str = "") -> dict[str, h5py.Dataset]:
 
 
 _READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError)
+# Without these a snapshot is not a snapshot; any other lost column is recreated empty (see SalvageReport).
+_CORE_COLUMNS = frozenset({"step", "status", "influence", "correlation", "stderr"})
 
 
 def _column(view: _PatchedFile, dataset: h5py.Dataset, found: int, bad: dict[int, str]) -> list[np.ndarray]:
@@ -392,6 +399,14 @@ def _row_problem(columns: dict[str, list], row: int, last_step: int | None) -> s
         return f"step {step} is not after the previous kept snapshot's"
     if status == "ok" and "influence" in columns and not np.isfinite(columns["influence"][row]).all():
         return "status 'ok' with non-finite influence (its data never reached the disk)"
+    for name, column in columns.items():
+        if isinstance(column[row], bytes):
+            try:
+                text = column[row].decode()
+                if name == "calibration" and text:
+                    json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return f"{name} is not readable text (overwritten)"
     return None
 
 
@@ -431,13 +446,19 @@ def _salvage(source: Path, target: Path, mode: int | None = None, keep_as: Path 
             datasets = _datasets(stored)
             per_row = {name: d for name, d in datasets.items() if d.maxshape and d.maxshape[0] is None}
             fixed = {name: d for name, d in datasets.items() if name not in per_row}
-            if "step" not in per_row or "status" not in per_row or not {"train_ids", "probe_ids"} <= fixed.keys():
+            if not {"train_ids", "probe_ids"} <= fixed.keys() or not {"step", "status"} <= per_row.keys():
                 raise DamagedLogError(source, "its ids or its step or status column are lost: nothing can be "
                                               "salvaged")
             labels = {name: d[()] for name, d in fixed.items()}
             found = len(per_row["step"])
             bad: dict[int, str] = {}
             columns = {name: _column(view, dataset, found, bad) for name, dataset in per_row.items()}
+            # A column whose header is lost is recreated empty (its fill value) rather than losing every row.
+            layout = {name: (tail, np.dtype(dtype)) for name, (tail, dtype) in _file_layout(stored).items()}
+            lost_columns = sorted(set(layout) - set(per_row))
+            if set(lost_columns) & _CORE_COLUMNS:
+                raise DamagedLogError(source, f"its {', '.join(sorted(set(lost_columns) & _CORE_COLUMNS))} column "
+                                              "is lost: no snapshot is intact")
             lost: list[tuple[int, str]] = []
             kept: list[int] = []
             for row in range(found):
@@ -447,14 +468,18 @@ def _salvage(source: Path, target: Path, mode: int | None = None, keep_as: Path 
                 else:
                     lost.append((row, problem))
             needed = sum(d.dtype.itemsize * int(np.prod(d.shape[1:])) for d in per_row.values()) * len(kept)
-            _write_log(target, attrs, fixed, labels, per_row, columns, kept, needed, mode, keep_as)
+            shapes = {name: (d.shape[1:], d.dtype, d.chunks, d.fillvalue) for name, d in per_row.items()}
+            shapes.update({name: (tail, dtype, None, None) for name, (tail, dtype) in layout.items()
+                           if name in lost_columns})
+            _write_log(target, attrs, fixed, labels, shapes, columns, kept, needed, mode, keep_as)
     finally:
         view.close()
-    return SalvageReport(source=source, target=target, found=found, kept=len(kept), lost=lost)
+    return SalvageReport(source=source, target=target, found=found, kept=len(kept), lost=lost,
+                         lost_columns=lost_columns)
 
 
 def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels: dict[str, np.ndarray],
-               per_row: dict[str, h5py.Dataset], columns: dict[str, list], kept: list[int], needed: int,
+               shapes: dict[str, tuple], columns: dict[str, list], kept: list[int], needed: int,
                mode: int | None, keep_as: Path | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     check_space(target.parent, needed + (1 << 20), f"writing the salvaged log {target}")
@@ -465,14 +490,15 @@ def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels
             for name, dataset in fixed.items():
                 copy.create_dataset(name, data=labels[name], dtype=dataset.dtype)
             # ``step`` last, as the writer does: its length is the number of committed rows.
-            for name in sorted(per_row, key=lambda n: n == "step"):
-                dataset = per_row[name]
-                tail = dataset.shape[1:]
+            for name in sorted(shapes, key=lambda n: n == "step"):
+                tail, dtype, chunks, fill = shapes[name]
+                if fill is None and dtype.kind == "f":
+                    fill = np.nan
                 out = copy.create_dataset(name, shape=(len(kept), *tail), maxshape=(None, *tail),
-                                          chunks=dataset.chunks, dtype=dataset.dtype,
-                                          fillvalue=dataset.fillvalue)
-                if kept:
-                    out[...] = np.stack([np.asarray(columns[name][row], dtype=dataset.dtype) for row in kept])
+                                          chunks=chunks or _row_chunks(tail), dtype=dtype, fillvalue=fill,
+                                          fletcher32=True)
+                if kept and name in columns:
+                    out[...] = np.stack([np.asarray(columns[name][row], dtype=dtype) for row in kept])
         if mode is not None:
             os.chmod(temporary, mode)
         if keep_as is not None:

@@ -214,8 +214,10 @@ class LogWriter:
         layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
                          identity.tokens)
         for name, (tail, dtype) in layout.items():
+            # fletcher32: a checksum per chunk, so bytes overwritten inside a snapshot's data are found when read.
             file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=_row_chunks(tail),
-                                dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
+                                dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None,
+                                fletcher32=True)
         return file
 
     def _open_existing(self) -> h5py.File:
