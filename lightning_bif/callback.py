@@ -91,6 +91,8 @@ class BIFCallback(Callback):
     **Resume.** The callback's state (the last snapshot step and the log path) is saved in
     checkpoints. ``trainer.fit(ckpt_path=...)`` continues the same log: rows written after the
     checkpoint's last snapshot (an abandoned timeline) are removed, then new snapshots are appended.
+    A missing log is an error (pass ``if_exists="overwrite"`` to start a new one); a damaged one
+    raises with the ``lightning-bif repair`` command that salvages it.
 
     **Step-size calibration.** With ``calibrate`` set, the first scheduled snapshot first runs
     :func:`~lightning_bif.calibration.calibrate` from the current weights (short pilot chains
@@ -105,10 +107,14 @@ class BIFCallback(Callback):
     **Reliability.** After an ``ok`` snapshot whose split-half reliability is below
     ``min_split_half`` (or NaN with two or more chains) a warning is shown once per fit.
 
-    **Failures.** A snapshot whose chains diverge is recorded with status ``"diverged"``; one that
-    raises is recorded as ``"failed"`` (with NaN arrays and the error message). A warning is shown
-    once per kind and training goes on. Bad input is rejected at fit start, before any training
-    step, with a :class:`MisconfigurationException`.
+    **Failures.** A snapshot whose chains diverge (non-finite values, or a loss rise beyond
+    :func:`~lightning_bif.health.loss_rise_bound`) is recorded with status ``"diverged"`` and the
+    reason in its message; one that raises is recorded as ``"failed"`` (with NaN arrays and the
+    error message). A warning is shown once per kind and training goes on. A snapshot that cannot
+    be written to the log (disk full, I/O error) is left out, reported once with the OS error, and
+    the end of the fit says how many were lost. Bad input is rejected at fit start, before any
+    training step and before the log file exists, with a :class:`MisconfigurationException`.
+    See docs/reliability.md.
 
     Args:
         train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
