@@ -214,7 +214,8 @@ def test_a_log_that_cannot_be_created_leaves_no_file(tmp_path, monkeypatch):
 
 def test_training_goes_on_through_write_errors_and_the_end_says_how_many_were_lost(tmp_path, monkeypatch):
     pl_seed(0)
-    callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, log_path=tmp_path / "bif.h5")
+    callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, min_split_half=None,
+                           log_path=tmp_path / "bif.h5")
     trainer = toy_trainer(tmp_path, callback, max_steps=10)
     injected = FailingFlush(monkeypatch, set())
     original_append = LogWriter.append
@@ -414,7 +415,8 @@ def test_resuming_with_the_log_deleted_is_an_error(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_steps: int, **fit_kwargs) -> None:
-        callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, log_path=tmp_path / "bif.h5")
+        callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, min_split_half=None,
+                               log_path=tmp_path / "bif.h5")
         checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
         toy_trainer(tmp_path, [callback, checkpoints], max_steps=max_steps).fit(ToyClassifier(), loader(DATA),
                                                                                 **fit_kwargs)

@@ -18,7 +18,8 @@ if __name__ == "__main__":
     out_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
     pl.seed_everything(0, verbose=False)
     train, probes = tracked_sets(toy_dataset())
-    callback = BIFCallback(train, probes, every_n_steps=1, config=FAST, log_path=out_dir / "bif.h5")
+    callback = BIFCallback(train, probes, every_n_steps=1, config=FAST, min_split_half=None,
+                           log_path=out_dir / "bif.h5")
     trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out_dir)
     trainer.fit(ToyClassifier(), loader(toy_dataset()))
