@@ -411,7 +411,7 @@ def test_kill_and_resume_storm_loses_nothing_that_was_committed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bif.h5"]
 
 
-def test_resuming_with_the_log_deleted_is_an_error(tmp_path):
+def test_resuming_with_the_log_deleted_or_damaged_is_an_error_that_says_what_to_do(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_steps: int, **fit_kwargs) -> None:
@@ -423,10 +423,21 @@ def test_resuming_with_the_log_deleted_is_an_error(tmp_path):
 
     pl_seed(0)
     run(4)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    shutil.copy(tmp_path / "bif.h5", tmp_path / "saved.h5")
     os.unlink(tmp_path / "bif.h5")
     with pytest.raises(MisconfigurationException, match=r"influence log .*bif.h5 is missing"):
-        run(6, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+        run(6, ckpt_path=checkpoint)
     assert not (tmp_path / "bif.h5").exists()
+
+    shutil.copy(tmp_path / "saved.h5", tmp_path / "bif.h5")
+    os.truncate(tmp_path / "bif.h5", (tmp_path / "bif.h5").stat().st_size - 1000)
+    with pytest.raises(MisconfigurationException, match=r"is damaged: it is truncated.*lightning-bif repair"):
+        run(6, ckpt_path=checkpoint)
+    assert cli(["repair", str(tmp_path / "bif.h5"), "--in-place"]) == 0
+    run(6, ckpt_path=checkpoint)
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist()[-1] == 6 and log.steps.tolist() == sorted(set(log.steps.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------- honest statuses

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import glob
 import io
 import json
@@ -169,6 +170,7 @@ def check_file(path: PathLike) -> None:
         time.sleep(0.05)
 
 
+@functools.cache
 def _hdf5_library() -> ctypes.CDLL | None:
     """The HDF5 library h5py runs on, for the one setting h5py does not expose (Linux only; else ``None``)."""
     if not sys.platform.startswith("linux"):
@@ -568,6 +570,8 @@ def remove_stale_temporaries(path: PathLike) -> None:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # this process holds the writer lock: a file of its own here is from an earlier attempt
+    if sys.platform == "win32":
+        return True  # os.kill would terminate the process there; keep the file
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
