@@ -411,6 +411,29 @@ def test_kill_and_resume_storm_loses_nothing_that_was_committed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bif.h5"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_reader_never_sees_a_log_being_created_or_resumed(tmp_path):
+    """Before: a reader opening right after creation sometimes got "file is not already open for SWMR writing"."""
+    path = tmp_path / "bif.h5"
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: create, append, close, resume, again and again
+        try:
+            for round_ in range(15):
+                with LogWriter(path, make_identity(), if_exists="overwrite" if round_ % 3 == 0 else "resume") as writer:
+                    writer.append(record(len(writer) + 1))
+        finally:
+            os._exit(0)
+    opened = 0
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        try:
+            with open_log(path) as log:
+                assert log.steps.tolist() == list(range(1, len(log) + 1))
+                opened += 1
+        except FileNotFoundError:  # before the first log is renamed into place
+            continue
+    assert opened > 0
+
+
 def test_resuming_with_the_log_deleted_or_damaged_is_an_error_that_says_what_to_do(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
