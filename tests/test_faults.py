@@ -132,6 +132,11 @@ def test_half_written_rows_are_refused_with_what_is_intact_and_repair_leaves_the
         assert log.path == tmp_path / "bif.repaired.h5" and log.steps.tolist() == [10, 20, 30, 40, 50]
     report = salvage(path, tmp_path / "again.h5")
     assert [row for row, _ in report.lost] == [5, 6] and "non-finite influence" in report.lost[1][1]
+    with h5py.File(path, "r+") as file:  # only the NaN 'ok' row left: the reader finds it from its scalars
+        file["step"][5] = 60
+        file["status"][5] = b"failed"
+    error = opens_fast_as_damaged(path)
+    assert error.intact == 6 and "is 'ok' but its values are missing" in error.problem
 
 
 def test_raw_errors_of_damaged_logs_become_one_clear_exception(tmp_path):

@@ -203,7 +203,7 @@ class InfluenceLog:
                 raise DamagedLogError(self.path, f"{short} has {rows[short]} rows but step has {rows['step']}",
                                       intact=rows[short])
             self._read_rows()
-        problem = first_inconsistent_row(self.steps, self.status)
+        problem = first_inconsistent_row(self.steps, self.status, self.loss_rise)
         if problem is not None:
             raise DamagedLogError(self.path, problem[1], intact=problem[0])
 

@@ -240,17 +240,21 @@ def damage_as_error(path: PathLike, intact: int | None = None) -> Iterator[None]
         raise DamagedLogError(path, f"HDF5 cannot read a part of it ({error})", intact) from error
 
 
-def first_inconsistent_row(steps: np.ndarray, status: np.ndarray) -> tuple[int, str] | None:
-    """The first row that no writer could have written (unknown status, step not after the previous one).
+def first_inconsistent_row(steps: np.ndarray, status: np.ndarray, loss_rise: np.ndarray) -> tuple[int, str] | None:
+    """The first row that no writer could have written: an unknown status, a step not after the previous
+    one, or an ``ok`` row without a finite loss rise (every ``ok`` estimate has one; a row whose data never
+    reached the disk reads as NaN). Only these per-snapshot scalars are read, so the check stays cheap.
 
     Returns:
         ``(row, what is wrong)``, or ``None`` when every row is consistent.
     """
-    for row, (step, state) in enumerate(zip(steps.tolist(), status.tolist(), strict=True)):
+    for row, (step, state, rise) in enumerate(zip(steps.tolist(), status.tolist(), loss_rise.tolist(), strict=True)):
         if state not in STATUSES:
             return row, f"snapshot row {row} has status {state!r} (a row that was never completely written)"
         if step < 0 or (row and step <= steps[row - 1]):
             return row, f"snapshot row {row} has step {step}, not after the previous row's (a half-written row)"
+        if state == "ok" and not np.isfinite(rise):
+            return row, f"snapshot row {row} (step {step}) is 'ok' but its values are missing (never written)"
     return None
 
 
