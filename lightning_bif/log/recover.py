@@ -365,7 +365,7 @@ def _datasets(group: h5py.Group, prefix: str = "") -> dict[str, h5py.Dataset]:
 
 _READ_ERRORS = (OSError, RuntimeError, ValueError, KeyError, IndexError)
 # Without these a snapshot is not a snapshot; any other lost column is recreated empty (see SalvageReport).
-_CORE_COLUMNS = frozenset({"step", "status", "influence", "correlation", "stderr"})
+_CORE_COLUMNS = frozenset({"step", "status", "influence", "correlation", "stderr", "loss_rise"})
 
 
 def _column(view: _PatchedFile, dataset: h5py.Dataset, found: int, bad: dict[int, str]) -> list[np.ndarray]:
@@ -403,8 +403,8 @@ def _row_problem(columns: dict[str, list], row: int, last_step: int | None) -> s
         return f"status {status!r}: never completely written"
     if step < 0 or (last_step is not None and step <= last_step):
         return f"step {step} is not after the previous kept snapshot's"
-    if status == "ok" and "influence" in columns and not np.isfinite(columns["influence"][row]).all():
-        return "status 'ok' with non-finite influence (its data never reached the disk)"
+    if status == "ok" and not (np.isfinite(columns["influence"][row]).all() and np.isfinite(columns["loss_rise"][row])):
+        return "status 'ok' with non-finite influence or loss rise (its data never reached the disk)"
     for name, column in columns.items():
         if isinstance(column[row], bytes):
             try:
