@@ -417,6 +417,27 @@ def test_kill_and_resume_storm_loses_nothing_that_was_committed(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_log_whose_writer_died_before_switching_to_swmr_is_read_as_it_is(tmp_path):
+    path = tmp_path / "bif.h5"
+    write_log(path, range(10, 40, 10))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: open for writing without SWMR, then die
+        file = h5py.File(path, "r+", libver=("v110", "latest"), locking=False)  # as LogWriter opens it
+        file.attrs["format"] = file.attrs["format"]  # any change that reaches the disk marks the file open
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with pytest.raises(OSError, match="not already open for SWMR writing"):
+        h5py.File(path, "r", swmr=True, locking=False)  # what open_log ran into before
+    with open_log(path) as log:
+        assert log.steps.tolist() == [10, 20, 30]
+        log.refresh()
+        assert len(log) == 3
+    with LogWriter(path, make_identity(), if_exists="resume") as writer:  # and a resume recovers it
+        assert writer.recovered is not None and writer.steps.tolist() == [10, 20, 30]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_a_reader_never_sees_a_log_being_created_or_resumed(tmp_path):
     """Before: a reader opening right after creation sometimes got "file is not already open for SWMR writing"."""
     path = tmp_path / "bif.h5"
