@@ -23,10 +23,10 @@ import numpy as np
 from ..analysis import flatten_config
 from .recover import (
     SalvageReport,
-    check_file,
     check_space,
     damage_as_error,
     new_temporary,
+    open_swmr,
     recover_in_place,
     remove_stale_temporaries,
 )
@@ -221,8 +221,7 @@ class LogWriter:
         return file
 
     def _open_existing(self) -> h5py.File:
-        check_file(self.path)
-        with damage_as_error(self.path), h5py.File(self.path, "r", swmr=True, locking=False) as stored:
+        with open_swmr(self.path) as stored, damage_as_error(self.path):
             _check_format(stored, self.path)
             self._check_identity(stored)
         try:
