@@ -14,7 +14,7 @@ import numpy as np
 
 from ..analysis import SignChange, sign_changes
 from .recover import DamagedLogError, damage_as_error, first_inconsistent_row, open_swmr, salvage
-from .schema import PathLike, _check_format, _file_layout, _read_labels, _stored_tokens
+from .schema import PathLike, _check_format, _file_layout, _read_labels, _read_texts, _stored_tokens
 
 
 @dataclass
@@ -149,7 +149,9 @@ class InfluenceLog:
     ``probe_loss``, ``sampling_loss``, ``draw_loss``, ``diverged``) are lazy :class:`RowView`
     objects that read from disk only what is indexed. Logs of per-token runs also have ``tokens`` (T)
     and the views ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]`` (``None``, like
-    ``tokens``, in other logs; see :meth:`token_trajectory`). ``step_size`` ``[S]`` is the SGLD step
+    ``tokens``, in other logs; see :meth:`token_trajectory`). ``probe_tokens`` (the display string of
+    every probe token, ``[P][T]``) and ``train_text`` (of every tracked training example, ``[N]``) are
+    lists of str when the run stored them (format 2), else ``None``. ``step_size`` ``[S]`` is the SGLD step
     size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
     step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
     or ``None``. Call :meth:`refresh` to see snapshots appended since opening.
@@ -189,6 +191,9 @@ class InfluenceLog:
         self.probe_ids = _read_labels(self._file["probe_ids"])
         self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
         self.probe_groups = _read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
+        probe_tokens, train_text = _read_texts(self._file, "probe_tokens"), _read_texts(self._file, "train_text")
+        self.probe_tokens: list[list[str]] | None = None if probe_tokens is None else probe_tokens.tolist()
+        self.train_text: list[str] | None = None if train_text is None else train_text.tolist()
         # One handle per dataset for the reader's lifetime: a SWMR refresh applies to the handle it
         # is called on, and a handle opened later can still see stale chunks.
         names = ["step", *(name for name in _file_layout(self._file) if name != "step")]

@@ -46,8 +46,10 @@ from .schema import (
     _label_dataset,
     _layout,
     _read_labels,
+    _read_texts,
     _row_chunks,
     _stored_tokens,
+    _text_dataset,
 )
 
 _MODES = ("error", "overwrite", "resume")
@@ -211,6 +213,10 @@ class LogWriter:
             labels = getattr(identity, name)
             if labels is not None:
                 _label_dataset(file, name, labels)
+        for name in ("probe_tokens", "train_text"):
+            texts = getattr(identity, name)
+            if texts is not None:
+                _text_dataset(file, name, texts)
         layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
                          identity.tokens)
         for name, (tail, dtype) in layout.items():
@@ -266,6 +272,10 @@ class LogWriter:
             if (mine is None) != (theirs is None) or (
                 mine is not None and (mine.shape != theirs.shape or not np.array_equal(mine, theirs))
             ):
+                differences.append(name)
+        for name in ("probe_tokens", "train_text"):
+            mine, theirs = getattr(identity, name), _read_texts(stored, name)
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
                 differences.append(name)
         if differences:
             raise ValueError(
