@@ -30,7 +30,8 @@ Methods, on every set-up and checkpoint:
 
 Scores follow ``lds_digits.py``'s convention (predicted contribution of including z_i to probe j's
 loss, positive = harmful); LDS = mean over probes of the Spearman correlation over subsets, ± the
-standard error over probes. CPU seconds are ``time.process_time`` with one thread.
+standard error over probes (BIF rows with ``--seeds`` > 1: mean ± s.e. over sampler seeds). CPU
+seconds are ``time.process_time`` with one thread.
 
 Run ``python benchmarks/lds_suite.py --help``; rows go to ``benchmarks/results/lds_suite_<time>.json``.
 """
@@ -374,20 +375,36 @@ def ekfac_scores(problem: Problem) -> list[Score]:
 
 # --- one problem ------------------------------------------------------------------------------------
 
+def bif_rows(problem: Problem, name: str, config: SGLDConfig, seeds: int) -> dict:
+    """One BIF method's row: with ``seeds`` > 1 the mean over sampler seeds ± s.e. over seeds, else ± s.e. over probes.
+
+    The details (split-half, resolved config, ...) are the first seed's; per-seed LDS and split-half are added.
+    """
+    truth = problem.losses.mean(1)
+    runs = [bif_score(problem, name, config.replace(seed=config.seed + k)) for k in range(seeds)]
+    values = [lds(run.scores, problem.masks, truth) for run in runs]
+    mean = sum(v for v, _ in values) / seeds
+    se = values[0][1] if seeds == 1 else math.sqrt(sum((v - mean) ** 2 for v, _ in values) / (seeds - 1) / seeds)
+    details = {**runs[0].details, "lds_per_seed": [v for v, _ in values],
+               "split_half_per_seed": [run.details["split_half"] for run in runs]}
+    return {"lds": mean, "se": se, "cpu_s": sum(run.cpu_s for run in runs) / seeds, "details": details}
+
+
 def score_problem(problem: Problem, recipes: list[tuple[str, dict]], kronfluence: bool,
-                  default_fields: dict | None = None) -> dict[str, dict]:
+                  default_fields: dict | None = None, seeds: int = 1) -> dict[str, dict]:
     """Every method's LDS, CPU s and details on ``problem``; the best damping of the IF sweep as its own row.
 
-    ``default_fields`` replace fields of the default BIF's config (smoke runs shrink its draws).
+    ``default_fields`` replace fields of the default BIF's config (smoke runs shrink its draws);
+    every BIF row is the mean over ``seeds`` sampler seeds.
     """
     truth = problem.losses.mean(1)
     config = callback_config(problem).replace(**(default_fields or {}))
-    scores = [bif_score(problem, DEFAULT, config)]
-    scores += [bif_score(problem, f"BIF recipe {name}", config.replace(**fields)) for name, fields in recipes]
-    scores += classical_scores(problem)
+    rows: dict[str, dict] = {DEFAULT: bif_rows(problem, DEFAULT, config, seeds)}
+    for name, fields in recipes:
+        rows[f"BIF recipe {name}"] = bif_rows(problem, f"BIF recipe {name}", config.replace(**fields), seeds)
+    scores = classical_scores(problem)
     if kronfluence:
         scores += ekfac_scores(problem)
-    rows: dict[str, dict] = {}
     for score in scores:
         value, se = lds(score.scores, problem.masks, truth)
         rows[score.method] = {"lds": value, "se": se, "cpu_s": score.cpu_s, "details": score.details}
@@ -412,7 +429,7 @@ def targets(report: dict) -> dict[str, dict]:
         rows = list(checkpoints.values())
         margin = [r[DEFAULT]["lds"] - r[GRAD_DOT]["lds"] for r in rows]
         ratio = [r[DEFAULT]["lds"] / r[BEST_IF]["lds"] for r in rows]
-        split = [r[DEFAULT]["details"]["split_half"] for r in rows]
+        split = [h for r in rows for h in r[DEFAULT]["details"]["split_half_per_seed"]]
         entry = {"beats_gradient_dot": all(m > 0 for m in margin), "margin_vs_gradient_dot_min": min(margin),
                  "split_half_min": min(split), "split_half_max": max(split), "split_half_ok": min(split) >= 0.5,
                  "ratio_to_best_if_min": min(ratio), "ratio_ok": min(ratio) >= 0.8}
@@ -525,6 +542,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "config (repeatable), e.g. --bif lowrank=preconditioner=lowrank")
     parser.add_argument("--default", default="",
                         help="key=value,... applied to the default BIF itself (e.g. chains=2,draws=10 for a smoke run)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="sampler seeds per BIF row: its LDS is then the mean ± s.e. over seeds")
     parser.add_argument("--no-kronfluence", action="store_true", help="skip kronfluence EK-FAC")
     parser.add_argument("--tiny", action="store_true", help="toy sizes of every set-up (the smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/lds_suite_<time>.json)")
@@ -547,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
         report.setdefault("ground_truth_cpu_s", {})[name] = problems[0].truth_cpu_s
         report["setups"][name] = {}
         for problem in problems:
-            rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields)
+            rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields, args.seeds)
             report["setups"][name][problem.checkpoint] = rows
             print(f"{name} step {problem.checkpoint}: " + ", ".join(
                 f"{m} {r['lds']:.3f}" for m, r in rows.items() if m.startswith("BIF") or m in (

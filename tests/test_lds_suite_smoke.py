@@ -87,7 +87,7 @@ def test_tiny_suite_end_to_end(tmp_path) -> None:
     out = tmp_path / "rows.json"
     report = lds_suite.main(["--tiny", "--cache", str(tmp_path / "cache"), "--setups", "digits,markov,midtrain",
                              "--no-kronfluence", "--default", "chains=2,draws=8", "--bif", "two=chains=2,draws=4",
-                             "--out", str(out)])
+                             "--seeds", "2", "--out", str(out)])
     assert json.loads(out.read_text())["roles"] == {"digits": "held out", "markov": "held out",
                                                     "midtrain": "development"}
     assert list(report["setups"]["midtrain"]) == [0, 20]
@@ -96,6 +96,8 @@ def test_tiny_suite_end_to_end(tmp_path) -> None:
             for method in (lds_suite.DEFAULT, "BIF recipe two", lds_suite.GRAD_DOT, lds_suite.BEST_IF):
                 assert math.isfinite(rows[method]["lds"]), (setup, method)
             assert rows["BIF recipe two"]["details"]["config"]["draws"] == 4
+            per_seed = rows[lds_suite.DEFAULT]["details"]["lds_per_seed"]
+            assert len(per_seed) == 2 and rows[lds_suite.DEFAULT]["lds"] == pytest.approx(sum(per_seed) / 2)
             # An attribution with the wrong sign or misaligned subsets would score near or below 0.
             assert rows[lds_suite.BEST_IF]["lds"] > 0.3, setup
         assert set(report["targets"][setup]) >= {"beats_gradient_dot", "split_half_min", "ratio_to_best_if_min"}
