@@ -29,7 +29,7 @@ from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
 from .functional import preserved_state
-from .log import LogWriter, RunIdentity, SnapshotRecord
+from .log import LogWriter, RunIdentity, SnapshotRecord, check_group_names
 from .schedule import Event, LogSpaced, SnapshotSchedule
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -120,7 +120,7 @@ class BIFCallback(Callback):
             With ``SGLDConfig(per_token=True)`` it returns ``[B, T]`` and the log gains per-token influence.
         train_groups: A label per tracked training example (e.g. its class), ``[N]``.
         probe_groups: A label per probe, ``[P]``.
-        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
+        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags, stored in the log).
         probe_group_names: Display names of probe groups.
         every_n_steps: A snapshot after every n-th optimizer step.
         every_n_epochs: A snapshot at the end of every n-th training epoch.
@@ -224,8 +224,11 @@ class BIFCallback(Callback):
         self.probe_ids = probe_set.ids().numpy()
         self.train_groups = _groups(train_groups, len(train_set), "train_groups", "train")
         self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
-        self.train_group_names = dict(train_group_names) if train_group_names else None
-        self.probe_group_names = dict(probe_group_names) if probe_group_names else None
+        try:
+            self.train_group_names = check_group_names(train_group_names, self.train_groups, "train")
+            self.probe_group_names = check_group_names(probe_group_names, self.probe_groups, "probe")
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback: {error}") from error
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
         self.config = config or SGLDConfig()
@@ -443,6 +446,8 @@ class BIFCallback(Callback):
             chains=cfg.chains,
             draws=cfg.draws,
             tokens=self._tokens,
+            train_group_names=self.train_group_names,
+            probe_group_names=self.probe_group_names,
         )
 
     def _open_log(self, trainer: pl.Trainer) -> None:

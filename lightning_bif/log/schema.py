@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..estimator import BIFResult
 
 FORMAT = "lightning-bif"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATUSES = ("ok", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
@@ -52,6 +52,9 @@ class RunIdentity:
         draws: Draws per chain (D).
         tokens: Tokens per probe (T) of a per-token run (``SGLDConfig(per_token=True)``): the log then
             stores ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]``. ``None``: no token axis.
+        train_group_names: Optional display name of each train group label, ``{label: name}`` (format
+            version 2). Display only: a resumed log keeps the names it was created with.
+        probe_group_names: Optional display name of each probe group label.
     """
 
     config: dict[str, Any]
@@ -62,6 +65,8 @@ class RunIdentity:
     chains: int = 4
     draws: int = 200
     tokens: int | None = None
+    train_group_names: Any = None
+    probe_group_names: Any = None
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +88,8 @@ class RunIdentity:
                 raise ValueError(f"RunIdentity.{name} must be a positive integer, got {value!r}.")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"RunIdentity.tokens must be a positive integer or None, got {self.tokens!r}.")
+        self.train_group_names = check_group_names(self.train_group_names, self.train_groups, "train")
+        self.probe_group_names = check_group_names(self.probe_group_names, self.probe_groups, "probe")
 
     @property
     def config_json(self) -> str:
@@ -142,6 +149,50 @@ def _labels(values: Any, name: str) -> np.ndarray:
             raise ValueError(f"{name}: keys are limited to {_MAX_ID_BYTES} UTF-8 bytes; the longest has {longest}.")
         return array
     raise TypeError(f"{name} must be integers or strings, got dtype {array.dtype}.")
+
+
+def check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str] | None:
+    """Group display names as ``{label: name}`` with plain int or str labels of the same kind as ``groups``.
+
+    Args:
+        names: ``{label: name}`` (labels may be NumPy or tensor scalars), or ``None`` / empty.
+        groups: The group label of each example (``[N]`` or ``[P]``), or ``None``.
+        kind: ``"train"`` or ``"probe"``, for messages.
+
+    Returns:
+        The checked mapping, or ``None`` when ``names`` is empty.
+
+    Raises:
+        ValueError: Names are given without group labels.
+        TypeError: A label is not of the kind (integer or string) of the group labels.
+    """
+    if not names:
+        return None
+    if groups is None:
+        raise ValueError(f"{kind}_group_names needs {kind}_groups: names are given per group label.")
+    want_int = _labels(groups, f"{kind}_groups").dtype.kind == "i"
+    checked: dict[int | str, str] = {}
+    for label, name in dict(names).items():
+        label = label.item() if hasattr(label, "item") else label
+        if isinstance(label, bool) or not isinstance(label, int if want_int else str):
+            expected = "an integer" if want_int else "a string"
+            raise TypeError(f"{kind}_group_names: label {label!r} is not {expected} like the {kind}_groups labels.")
+        checked[label] = str(name)
+    return checked
+
+
+def _store_group_names(file: h5py.File, identity: RunIdentity) -> None:
+    """Group names as root attributes holding JSON ``[[label, name], ...]`` (JSON keeps int labels int)."""
+    for kind in ("train", "probe"):
+        names = getattr(identity, f"{kind}_group_names")
+        if names is not None:
+            file.attrs[f"{kind}_group_names"] = json.dumps([[label, name] for label, name in names.items()])
+
+
+def _read_group_names(file: h5py.File, kind: str) -> dict[int | str, str] | None:
+    """``{label: name}`` stored by :func:`_store_group_names`; ``None`` in logs without them (all version-1 logs)."""
+    text = file.attrs.get(f"{kind}_group_names")
+    return None if text is None else {label: name for label, name in json.loads(text)}
 
 
 def _label_dataset(group: h5py.Group, name: str, labels: np.ndarray) -> None:

@@ -35,6 +35,7 @@ from .schema import (
     _layout,
     _read_labels,
     _row_chunks,
+    _store_group_names,
     _stored_tokens,
 )
 
@@ -157,6 +158,7 @@ class LogWriter:
             labels = getattr(identity, name)
             if labels is not None:
                 _label_dataset(file, name, labels)
+        _store_group_names(file, identity)
         layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
                          identity.tokens)
         for name, (tail, dtype) in layout.items():
