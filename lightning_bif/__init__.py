@@ -3,12 +3,12 @@
 from typing import TYPE_CHECKING
 
 from .config import SGLDConfig
-from .estimator import BIFResult, Diagnostics, estimate_bif
 from .log import open_log
 from .schedule import LogSpaced
 
 if TYPE_CHECKING:
     from .callback import BIFCallback
+    from .estimator import BIFResult, Diagnostics, estimate_bif
 
 __version__ = "0.1.0"
 
@@ -24,9 +24,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # BIFCallback imports Lightning (seconds); open_log, the CLI and estimate_bif do not need it.
+    # BIFCallback imports Lightning and the estimator torch (seconds); open_log and the CLI need neither.
     if name == "BIFCallback":
         from .callback import BIFCallback
 
         return BIFCallback
+    if name in ("BIFResult", "Diagnostics", "estimate_bif"):
+        from . import estimator
+
+        return getattr(estimator, name)
     raise AttributeError(f"module 'lightning_bif' has no attribute {name!r}")
