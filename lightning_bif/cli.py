@@ -94,13 +94,7 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
     Raises:
         ValueError: The log has no snapshots, or ``step`` is outside its logged steps.
     """
-    row = len(log) - 1 if step is None else log.nearest(step)
-    if row < 0:
-        raise ValueError(f"The influence log {log.path} has no snapshots yet.")
-    if tokens and log.tokens is None:
-        raise ValueError(f"The influence log {log.path} has no per-token influence (it was written without "
-                         "SGLDConfig(per_token=True)); export it without --tokens.")
-    snapshot = log.snapshot(row)
+    snapshot = log.snapshot(_export_row(log, step, tokens))
     writer = csv.writer(out)
     no_groups = lambda size: np.full(size, "")  # noqa: E731
     probe_groups = log.probe_groups if log.probe_groups is not None else no_groups(len(log.probe_ids))
@@ -130,6 +124,17 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
                              *([] if probe_name is None else [probe_name[probe]]),
                              *([] if train_name is None else [train_name[train]])])
     return snapshot.step
+
+
+def _export_row(log: InfluenceLog, step: int | None, tokens: bool) -> int:
+    """The snapshot ``export`` writes; raises before any output is opened when there is none."""
+    row = len(log) - 1 if step is None else log.nearest(step)
+    if row < 0:
+        raise ValueError(f"The influence log {log.path} has no snapshots yet.")
+    if tokens and log.tokens is None:
+        raise ValueError(f"The influence log {log.path} has no per-token influence (it was written without "
+                         "SGLDConfig(per_token=True)); export it without --tokens.")
+    return row
 
 
 def print_sign_changes(log: InfluenceLog, out: TextIO, z: float = 3.0, top: int | None = 20) -> int:
@@ -203,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.csv == "-":
                 export(log, sys.stdout, args.step, args.tokens)
             else:
+                _export_row(log, args.step, args.tokens)  # an error leaves no empty CSV behind
                 with open(args.csv, "w", newline="") as out:
                     step = export(log, out, args.step, args.tokens)
                 shape = f"{len(log.probe_ids)} x {log.tokens} x {len(log.train_ids)} triples" if args.tokens else \

@@ -439,6 +439,8 @@ class InfluenceLog:
             ``probe_group_name``, ``train_id``, ``train_group``, ``train_group_name``, ``influence``,
             ``stderr``, ``correlation`` (the group columns only when the log has groups, the name
             columns only when it stores group names; a label without a name shows as its text).
+            Text columns (``status``, string ids, labels and names) are pandas categoricals: one
+            small code per table row.
 
         Raises:
             ImportError: pandas is not installed.

@@ -196,6 +196,14 @@ def _member_columns(log: InfluenceLog, kind: str, positions: np.ndarray) -> dict
     return columns
 
 
+def _expand(pd: Any, values: np.ndarray, repeat: int, tile: int) -> Any:
+    """``np.tile(np.repeat(values, repeat), tile)``; text as a categorical column (one code per table row)."""
+    if values.dtype.kind != "U":
+        return np.tile(np.repeat(values, repeat), tile)
+    categories, codes = np.unique(values, return_inverse=True)
+    return pd.Categorical.from_codes(np.tile(np.repeat(codes.reshape(-1), repeat), tile), categories=categories)
+
+
 def to_dataframe(log: InfluenceLog, selection: Selection) -> Any:
     """The long table of a selection; see :meth:`InfluenceLog.to_dataframe`."""
     pd = _optional_import("pandas", "pandas", "InfluenceLog.to_dataframe()")
@@ -203,12 +211,12 @@ def to_dataframe(log: InfluenceLog, selection: Selection) -> Any:
     per_row, per_probe = len(probes) * len(trains), len(trains)
     columns: dict[str, Any] = {
         "step": np.repeat(log.steps[rows], per_row),
-        "status": np.repeat(log.status[rows], per_row),
+        "status": _expand(pd, log.status[rows], per_row, 1),
     }
     for name, values in _member_columns(log, "probe", probes).items():
-        columns[name] = np.tile(np.repeat(values, per_probe), len(rows))
+        columns[name] = _expand(pd, values, per_probe, len(rows))
     for name, values in _member_columns(log, "train", trains).items():
-        columns[name] = np.tile(values, len(rows) * len(probes))
+        columns[name] = _expand(pd, values, 1, len(rows) * len(probes))
     for name in VALUES:
         columns[name] = read(getattr(log, name), selection).reshape(-1)
     return pd.DataFrame(columns)
