@@ -10,6 +10,7 @@ events and the HDF5 influence log ``influence.h5``.
     python examples/digits.py --preconditioner lowrank   # curvature-preconditioned SGLD
     tensorboard --logdir runs             # curves: bif/<probe digit>/<train digit>, heatmaps, diagnostics
     lightning-bif summary runs/digits/version_0/influence.h5
+    python examples/analyze_digits.py     # offline analysis of the newest log: sign changes, top digits
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def per_class(dataset: TensorDataset, count: int) -> Subset:
     return Subset(dataset, [int(i) for c in range(10) for i in (labels == c).nonzero().flatten()[:count]])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-bif", action="store_true", help="train without the callback (timing baseline)")
     parser.add_argument("--epochs", type=int, default=20)
@@ -84,7 +85,7 @@ def main() -> None:
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
     parser.add_argument("--preconditioner", choices=["none", "lowrank"], default="none",
                         help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (README)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny model: threads cost more than they give
     start = time.perf_counter()
 
@@ -126,6 +127,7 @@ def main() -> None:
               f"of another class {last[~same].mean():+.2e} (negative = helpful)")
     print(f"Summary:       lightning-bif summary {path}")
     print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
+    print(f"Analysis:      python examples/analyze_digits.py {path}   (sign-change curves, most influential digits)")
     print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")
 
 
