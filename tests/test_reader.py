@@ -236,6 +236,8 @@ def test_group_names_round_trip_and_are_checked(tmp_path: Path) -> None:
         make_identity(train_groups=None, train_group_names={0: "zero"})
     with pytest.raises(TypeError, match="label '0' is not an integer like the probe_groups labels"):
         make_identity(probe_group_names={"0": "zero"})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        make_identity(probe_group_names=["zero", "one"])
 
 
 def test_callback_refuses_group_names_of_the_wrong_kind() -> None:

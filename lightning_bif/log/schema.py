@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -164,15 +165,18 @@ def check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str
 
     Raises:
         ValueError: Names are given without group labels.
-        TypeError: A label is not of the kind (integer or string) of the group labels.
+        TypeError: ``names`` is not a mapping, or a label is not of the kind (integer or string) of the
+            group labels.
     """
     if not names:
         return None
+    if not isinstance(names, Mapping):
+        raise TypeError(f"{kind}_group_names must be a mapping {{label: name}}, got {type(names).__name__}.")
     if groups is None:
         raise ValueError(f"{kind}_group_names needs {kind}_groups: names are given per group label.")
     want_int = _labels(groups, f"{kind}_groups").dtype.kind == "i"
     checked: dict[int | str, str] = {}
-    for label, name in dict(names).items():
+    for label, name in names.items():
         label = label.item() if hasattr(label, "item") else label
         if isinstance(label, bool) or not isinstance(label, int if want_int else str):
             expected = "an integer" if want_int else "a string"
