@@ -260,6 +260,7 @@ class InfluenceLog:
 
         Raises:
             ValueError: Not exactly one of each kind was given.
+            TypeError: A position is not an integer (an id passed as ``probe=`` / ``train=``).
             IndexError: A position is out of range.
             UnknownIdError: An id is not in the log (also a ``KeyError``).
         """
