@@ -29,7 +29,7 @@ from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
 from .functional import preserved_state
-from .log import LogWriter, RunIdentity, SnapshotRecord, check_group_names
+from .log import LogWriter, RunIdentity, SnapshotRecord
 from .schedule import Event, LogSpaced, SnapshotSchedule
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -224,11 +224,8 @@ class BIFCallback(Callback):
         self.probe_ids = probe_set.ids().numpy()
         self.train_groups = _groups(train_groups, len(train_set), "train_groups", "train")
         self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
-        try:
-            self.train_group_names = check_group_names(train_group_names, self.train_groups, "train")
-            self.probe_group_names = check_group_names(probe_group_names, self.probe_groups, "probe")
-        except (TypeError, ValueError) as error:
-            raise MisconfigurationException(f"BIFCallback: {error}") from error
+        self.train_group_names = dict(train_group_names) if train_group_names else None
+        self.probe_group_names = dict(probe_group_names) if probe_group_names else None
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
         self.config = config or SGLDConfig()

@@ -37,7 +37,6 @@ from .schema import STATUSES as STATUSES
 from .schema import PathLike as PathLike
 from .schema import RunIdentity as RunIdentity
 from .schema import SnapshotRecord as SnapshotRecord
-from .schema import check_group_names as check_group_names
 from .tables import UnknownIdError as UnknownIdError
 from .writer import LogWriter as LogWriter
 from .writer import check_writable as check_writable

@@ -89,8 +89,8 @@ class RunIdentity:
                 raise ValueError(f"RunIdentity.{name} must be a positive integer, got {value!r}.")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"RunIdentity.tokens must be a positive integer or None, got {self.tokens!r}.")
-        self.train_group_names = check_group_names(self.train_group_names, self.train_groups, "train")
-        self.probe_group_names = check_group_names(self.probe_group_names, self.probe_groups, "probe")
+        self.train_group_names = _check_group_names(self.train_group_names, self.train_groups, "train")
+        self.probe_group_names = _check_group_names(self.probe_group_names, self.probe_groups, "probe")
 
     @property
     def config_json(self) -> str:
@@ -152,7 +152,7 @@ def _labels(values: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be integers or strings, got dtype {array.dtype}.")
 
 
-def check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str] | None:
+def _check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str] | None:
     """Group display names as ``{label: name}`` with plain int or str labels of the same kind as ``groups``.
 
     Args:
@@ -164,14 +164,14 @@ def check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str
         The checked mapping, or ``None`` when ``names`` is empty.
 
     Raises:
-        ValueError: Names are given without group labels.
-        TypeError: ``names`` is not a mapping, or a label is not of the kind (integer or string) of the
-            group labels.
+        ValueError: ``names`` is not a mapping, names are given without group labels, or a label is not
+            of the kind (integer or string) of the group labels. One exception type: the callback turns
+            it into a configuration error on every rank at fit start.
     """
     if not names:
         return None
     if not isinstance(names, Mapping):
-        raise TypeError(f"{kind}_group_names must be a mapping {{label: name}}, got {type(names).__name__}.")
+        raise ValueError(f"{kind}_group_names must be a mapping {{label: name}}, got {type(names).__name__}.")
     if groups is None:
         raise ValueError(f"{kind}_group_names needs {kind}_groups: names are given per group label.")
     want_int = _labels(groups, f"{kind}_groups").dtype.kind == "i"
@@ -180,7 +180,7 @@ def check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str
         label = label.item() if hasattr(label, "item") else label
         if isinstance(label, bool) or not isinstance(label, int if want_int else str):
             expected = "an integer" if want_int else "a string"
-            raise TypeError(f"{kind}_group_names: label {label!r} is not {expected} like the {kind}_groups labels.")
+            raise ValueError(f"{kind}_group_names: label {label!r} is not {expected} like the {kind}_groups labels.")
         checked[label] = str(name)
     return checked
 
