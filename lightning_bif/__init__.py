@@ -8,6 +8,7 @@ from .schedule import LogSpaced
 
 if TYPE_CHECKING:
     from .callback import BIFCallback
+    from .datamodule_source import DataModuleExamples
     from .estimator import BIFResult, Diagnostics, estimate_bif
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BIFCallback",
     "BIFResult",
+    "DataModuleExamples",
     "Diagnostics",
     "LogSpaced",
     "SGLDConfig",
@@ -33,4 +35,8 @@ def __getattr__(name: str) -> object:
         from . import estimator
 
         return getattr(estimator, name)
+    if name == "DataModuleExamples":
+        from .datamodule_source import DataModuleExamples
+
+        return DataModuleExamples
     raise AttributeError(f"module 'lightning_bif' has no attribute {name!r}")

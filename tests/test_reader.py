@@ -81,7 +81,7 @@ def test_methods_take_ids_or_positions_and_agree(log_path: Path) -> None:
         assert log.nearest(5000, clip=True) == 3 and log.nearest(40) == 2
 
 
-def test_token_trajectory_takes_ids(tmp_path: Path) -> None:
+def test_token_trajectory_takes_ids(tmp_path: Path, capsys) -> None:
     tokens = 4
     identity = make_identity(train_ids=TRAIN_IDS, probe_ids=PROBE_IDS, tokens=tokens)
     generator = torch.Generator().manual_seed(0)
@@ -95,6 +95,8 @@ def test_token_trajectory_takes_ids(tmp_path: Path) -> None:
         np.testing.assert_array_equal(by_id.influence[0], result.token_influence[1, :, 7].numpy())
         with pytest.raises(UnknownIdError, match="No probe example with id 1 "):
             log.token_trajectory(probe_id=1, train=7)
+    assert main(["tokens", str(tmp_path / "bif.h5"), "--step", "5000"]) == 1  # like export --step
+    assert "Step 5000 is after the last snapshot (step 10)" in capsys.readouterr().err
 
 
 def test_sign_changes_carry_ids_and_positions(tmp_path: Path) -> None:
