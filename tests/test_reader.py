@@ -16,7 +16,7 @@ from test_log import C, D, N, P, make_identity, make_result, record
 
 from lightning_bif import open_log
 from lightning_bif.cli import main
-from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, UnknownIdError
+from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, UnknownIdError, repair
 
 DATA = Path(__file__).parent / "data"
 TRAIN_IDS = [f"doc{i}" for i in range(N)]  # string ids: a position can never be mistaken for one
@@ -226,6 +226,9 @@ def test_group_names_round_trip_and_are_checked(tmp_path: Path) -> None:
         assert log.format_version == FORMAT_VERSION == 2
         assert log.train_group_names == TRAIN_NAMES and log.probe_group_names == PROBE_NAMES
         assert all(type(label) is int for label in log.train_group_names)
+    repair(tmp_path / "ints.h5")  # a repaired copy keeps the names
+    with open_log(tmp_path / "ints.repaired.h5") as log:
+        assert log.train_group_names == TRAIN_NAMES and log.probe_group_names == PROBE_NAMES
     write_log(tmp_path / "strings.h5", train_groups=["even", "odd"] * (N // 2), train_group_names={"odd": "Odd ✓"},
               probe_group_names=None)
     with open_log(tmp_path / "strings.h5") as log:
