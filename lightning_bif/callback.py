@@ -31,6 +31,7 @@ from .estimator import BIFEstimator, BIFResult
 from .functional import preserved_state
 from .log import LogWriter, RunIdentity, SnapshotRecord
 from .schedule import Event, LogSpaced, SnapshotSchedule
+from .tensorboard import TensorBoardSink, check_charts
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
@@ -140,7 +141,9 @@ class BIFCallback(Callback):
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
             config and ids). A fit resumed from a checkpoint always resumes its log.
-        tensorboard: Write curves, histograms and heatmaps to the trainer's ``TensorBoardLogger``.
+        tensorboard: Write group curves, a matrix figure and diagnostics to the trainer's
+            ``TensorBoardLogger`` (``True``); ``False`` for none, ``"all"``, or a list of chart names
+            to add the opt-in ones (see :mod:`lightning_bif.tensorboard` and docs/tensorboard.md).
         progress: Show progress during a snapshot (in the progress bar, or as log lines).
         calibrate: Choose the SGLD step size from pilot chains at the first snapshot (see
             above): ``True`` for :func:`~lightning_bif.calibration.calibrate`'s defaults, or a
@@ -190,7 +193,7 @@ class BIFCallback(Callback):
         precision_from_trainer: bool = True,
         log_path: str | Path | None = None,
         if_exists: Literal["error", "overwrite", "resume"] = "error",
-        tensorboard: bool = True,
+        tensorboard: bool | str | Sequence[str] = True,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
@@ -208,6 +211,10 @@ class BIFCallback(Callback):
                 f"BIFCallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'resume'."
             )
         self.calibrate = _calibration_options(calibrate)
+        try:
+            check_charts(tensorboard)
+        except ValueError as error:
+            raise MisconfigurationException(f"BIFCallback(tensorboard=...): {error}") from error
         if min_split_half is not None and not (
             isinstance(min_split_half, (int, float)) and not isinstance(min_split_half, bool)
             and -1 <= min_split_half <= 1
@@ -475,10 +482,8 @@ class BIFCallback(Callback):
         if self.tensorboard:
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if logger is not None:
-                from .tensorboard import TensorBoardSink  # imports tensorboard: only when a TensorBoardLogger is used
-
                 self._sink = TensorBoardSink(logger.experiment, self._identity(),
-                                             self.train_group_names, self.probe_group_names)
+                                             self.train_group_names, self.probe_group_names, self.tensorboard)
         return None
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:
@@ -498,6 +503,8 @@ class BIFCallback(Callback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._sink is not None:
+            self._sink.close()
         self._sink = None
 
     # ------------------------------------------------------------------ snapshots
