@@ -483,7 +483,8 @@ class BIFCallback(Callback):
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if logger is not None:
                 self._sink = TensorBoardSink(logger.experiment, self._identity(),
-                                             self.train_group_names, self.probe_group_names, self.tensorboard)
+                                             self.train_group_names, self.probe_group_names, self.tensorboard,
+                                             log_path=path)
         return None
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:

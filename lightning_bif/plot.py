@@ -31,9 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
 FORMATS = ("png", "pdf", "svg")
-QUANTITIES = {"influence": "stderr", "correlation": None}  # what a curve can show -> its standard errors
 FIGURES = ("groups", "pairs", "matrix", "sign_changes", "top_examples")
-COLORBAR_LABEL = "BIF   blue < 0: helps  ·  red > 0: harms"
 SPLIT_HALF_WARN = 0.3  # BIFCallback's default min_split_half: below it a snapshot's ranking is mostly noise
 _LINE_STYLES = ("-", "--", ":", "-.")
 _NON_OK = "#9e9e9e"
@@ -62,15 +60,47 @@ def _check_plottable(log: InfluenceLog) -> None:
                          "`lightning-bif summary` shows why they failed.")
 
 
-def _check_quantity(log: InfluenceLog, quantity: str) -> str | None:
-    """The standard-error field of ``quantity`` (``None``: it has none); refuses per-token and unknown names."""
-    if quantity.startswith("token_"):
-        raise ValueError(f"{quantity!r} is per-token; the figures show probe-level quantities "
-                         f"({', '.join(QUANTITIES)}; for a per-token log, influence is the token mean). Read "
+@dataclass(frozen=True)
+class Quantity:
+    """What a figure can show: a ``[S, P, N]`` field of the log, its standard errors and which sign helps."""
+
+    field: str
+    error: str | None
+    name: str
+    helps: int  # -1: negative values help the probe (BIF = -Cov); +1: positive ones do (correlation of losses)
+
+    @property
+    def sense(self) -> str:
+        """E.g. ``"< 0 helps, > 0 harms"``."""
+        return "< 0 helps, > 0 harms" if self.helps < 0 else "> 0 helps, < 0 harms"
+
+    @property
+    def colorbar_label(self) -> str:
+        """Blue always marks helping, red harming."""
+        helps, harms = ("< 0", "> 0")[:: -self.helps]
+        return f"{self.name}   blue {helps}: helps  ·  red {harms}: harms"
+
+
+QUANTITIES = {
+    "influence": Quantity("influence", "stderr", "BIF", -1),
+    # The log's correlation is Corr(ℓ_train, φ_probe): the opposite sign of BIF = -Cov.
+    "correlation": Quantity("correlation", None, "correlation", +1),
+}
+
+
+def quantity_of(name: str) -> Quantity:
+    """The :class:`Quantity` called ``name``; per-token and unknown names are refused with what to use instead.
+
+    Raises:
+        ValueError: ``name`` is a per-token quantity or unknown.
+    """
+    if name.startswith("token_"):
+        raise ValueError(f"{name!r} is per-token; the figures show probe-level quantities "
+                         f"({', '.join(QUANTITIES)}; in a per-token log, influence is the token mean). Read "
                          "per-token values with log.token_trajectory(...) or `lightning-bif export --tokens`.")
-    if quantity not in QUANTITIES:
-        raise ValueError(f"Unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
-    return QUANTITIES[quantity]
+    if name not in QUANTITIES:
+        raise ValueError(f"Unknown quantity {name!r}; choose one of {', '.join(QUANTITIES)}.")
+    return QUANTITIES[name]
 
 
 @dataclass
@@ -173,8 +203,11 @@ def _time_axis(axis: Axes, steps: np.ndarray, label: bool = True) -> None:
         axis.xaxis.set_major_locator(FixedLocator([*([0.0] if steps.min() <= 0 else []), *10.0 ** decades]))
         axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     low, high = float(steps.min()), float(steps.max())
-    pad = 0.03 * (high - low) if axis.get_xscale() == "linear" else 0.0
-    axis.set_xlim(low - pad, high + pad * 1.0 + (0.08 * high if axis.get_xscale() != "linear" else 0.0))
+    if axis.get_xscale() == "linear":
+        pad = 0.03 * (high - low) or 1.0
+        axis.set_xlim(low - pad, high + pad)
+    else:
+        axis.set_xlim(low, high * 1.08)
     if label:
         axis.set_xlabel("training step" + ("  (log scale)" if axis.get_xscale() != "linear" else ""))
 
@@ -221,10 +254,10 @@ def _styles(count: int) -> list[tuple[Any, str]]:
     return [(palette[i % len(palette)], _LINE_STYLES[(i // len(palette)) % len(_LINE_STYLES)]) for i in range(count)]
 
 
-def _curves(log: InfluenceLog, rows: np.ndarray, quantity: str, error: str | None, probes: Any, train: Any):
-    """``[R, ...]`` values and standard errors (NaN without them) of ``log.<quantity>[row][probes, train]``."""
-    values = getattr(log, quantity)
-    errors = getattr(log, error) if error else None
+def _curves(log: InfluenceLog, rows: np.ndarray, quantity: Quantity, probes: Any, train: Any):
+    """``[R, ...]`` values and standard errors (NaN without them) of ``log.<field>[row][probes, train]``."""
+    values = getattr(log, quantity.field)
+    errors = getattr(log, quantity.error) if quantity.error else None
     picked = np.array([np.asarray(values[row], dtype=np.float64)[probes, train] for row in rows])
     se = (np.array([np.asarray(errors[row], dtype=np.float64)[probes, train] for row in rows]) if errors is not None
           else np.full_like(picked, np.nan))
@@ -242,10 +275,10 @@ def _draw(axis: Axes, steps: np.ndarray, value: np.ndarray, se: np.ndarray, colo
         axis.fill_between(steps, value - 2 * se, value + 2 * se, color=color, alpha=0.12, lw=0)
 
 
-def _value_axis(axis: Axes, quantity: str, label: str) -> None:
+def _value_axis(axis: Axes, label: str) -> None:
     axis.axhline(0, color="black", lw=0.6)
     axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    axis.set_ylabel(label if quantity == "influence" else f"{label.split(' ', 1)[0]} correlation")
+    axis.set_ylabel(label)
 
 
 def plot_groups(log: InfluenceLog | PathLike, quantity: str = "influence") -> Figure:
@@ -268,15 +301,15 @@ def plot_groups(log: InfluenceLog | PathLike, quantity: str = "influence") -> Fi
     """
     with _opened(log) as log:
         _check_plottable(log)
-        error = _check_quantity(log, quantity)
+        shown = quantity_of(quantity)
         probe_groups, train_groups = _groups(log, "probe"), _groups(log, "train")
         rows = np.flatnonzero(log.status != "failed")
         steps = log.steps[rows]
         means, errors = [], []
         for row in rows:
-            means.append(group_means(getattr(log, quantity)[row], log.probe_groups, log.train_groups).means)
-            errors.append(group_means(getattr(log, error)[row], log.probe_groups, log.train_groups).means if error
-                          else np.full_like(means[-1], np.nan))
+            means.append(group_means(getattr(log, shown.field)[row], log.probe_groups, log.train_groups).means)
+            errors.append(group_means(getattr(log, shown.error)[row], log.probe_groups, log.train_groups).means
+                          if shown.error else np.full_like(means[-1], np.nan))
         means_array, errors_array = np.array(means), np.array(errors)  # [R, Gp, Gt]
 
         panels = len(probe_groups.labels)
@@ -285,8 +318,8 @@ def plot_groups(log: InfluenceLog | PathLike, quantity: str = "influence") -> Fi
         figure = _pyplot_free_figure(figsize=(3.3 * columns + 1.6, 2.3 + 2.4 * grid_rows))
         top, bottom = figure.subfigures(2, 1, height_ratios=[2.3, 2.4 * grid_rows])
         _header(top, log)
-        top.suptitle(f"Mean {'BIF' if quantity == 'influence' else 'correlation'} of each train group on each "
-                     "probe group (< 0: the group helps, > 0: it harms; bands ±2 SE)", fontsize="medium")
+        top.suptitle(f"Mean {shown.name} of each train group on each probe group ({shown.sense}"
+                     f"{'; bands ±2 SE' if shown.error else ''})", fontsize="medium")
         axes = np.atleast_1d(bottom.subplots(grid_rows, columns, sharex=True, squeeze=False)).ravel()
         styles = _styles(len(train_groups.labels))
         for index, axis in enumerate(axes):
@@ -297,8 +330,8 @@ def plot_groups(log: InfluenceLog | PathLike, quantity: str = "influence") -> Fi
                 same = train_groups.labels[column] == probe_groups.labels[index]
                 _draw(axis, steps, means_array[:, index, column], errors_array[:, index, column], color, style,
                       train_groups.names[column], width=2.6 if same else 1.2)
-            axis.set_title(f"probes: {probe_groups.names[index]}", fontsize="medium")
-            _value_axis(axis, quantity, "mean BIF" if index % columns == 0 else "")
+            axis.set_title(f"probe group {probe_groups.names[index]}", fontsize="medium")
+            _value_axis(axis, f"mean {shown.name}" if index % columns == 0 else "")
             _mark_non_ok(axis, log)
             _time_axis(axis, log.steps, label=index >= panels - columns)
         from matplotlib.lines import Line2D
@@ -346,7 +379,7 @@ def plot_pairs(log: InfluenceLog | PathLike, pairs: Sequence[tuple[Any, Any]] | 
     """
     with _opened(log) as log:
         _check_plottable(log)
-        error = _check_quantity(log, quantity)
+        shown = quantity_of(quantity)
         chosen = list(pairs) if pairs is not None else default_pairs(log)
         if not chosen:
             raise ValueError("No pairs to plot: pass (probe id, train id) pairs.")
@@ -359,10 +392,10 @@ def plot_pairs(log: InfluenceLog | PathLike, pairs: Sequence[tuple[Any, Any]] | 
         top.suptitle(f"Influence of chosen training examples on chosen probes{why}", fontsize="medium")
         axis = bottom.subplots()
         for (probe, train), (color, style) in zip(positions, _styles(len(positions)), strict=True):
-            value, se = _curves(log, rows, quantity, error, probe, train)
+            value, se = _curves(log, rows, shown, probe, train)
             _draw(axis, log.steps[rows], value, se, color, style,
                   f"{_example_label(log, 'probe', probe)} ← {_example_label(log, 'train', train)}", bars=True)
-        _value_axis(axis, quantity, "BIF  (< 0 helps, > 0 harms; ±2 SE)")
+        _value_axis(axis, f"{shown.name}  ({shown.sense}{'; ±2 SE' if shown.error else ''})")
         _mark_non_ok(axis, log)
         _time_axis(axis, log.steps)
         axis.legend(fontsize="small", loc="best")
@@ -405,7 +438,8 @@ def matrix_figure(matrices: Sequence[np.ndarray], titles: Sequence[str], probe_g
     grid_rows = -(-len(matrices) // columns)
     figure = _pyplot_free_figure(figsize=(6.2 * columns + 1.4, 0.8 + 2.9 * grid_rows))
     axes = np.atleast_1d(figure.subplots(grid_rows, columns, squeeze=False)).ravel()
-    cmap = colormaps["RdBu_r"].with_extremes(bad="0.6")
+    shown = quantity_of(quantity)
+    cmap = colormaps["RdBu_r" if shown.helps < 0 else "RdBu"].with_extremes(bad="0.6")
     norm = Normalize(-limit, limit)
 
     def borders(members: np.ndarray, names: Sequence[str] | None, labels: np.ndarray):
@@ -435,11 +469,11 @@ def matrix_figure(matrices: Sequence[np.ndarray], titles: Sequence[str], probe_g
         axis.set_xlabel(f"training examples ({len(train_members)}) by group", fontsize="small")
         axis.set_ylabel(f"probes ({len(probe_members)}) by group", fontsize="small")
     extend = "both" if finite.size and finite.max() > limit else "neither"
-    name = COLORBAR_LABEL if quantity == "influence" else COLORBAR_LABEL.replace("BIF", "correlation")
-    figure.suptitle(f"{'BIF' if quantity == 'influence' else 'Correlation'} of each training example (columns) on "
-                    "each probe (rows), sorted by group; one colour scale for all panels", fontsize="medium")
+    if len(matrices) > 1:
+        figure.suptitle(f"{shown.name[:1].upper()}{shown.name[1:]} of each training example (columns) "
+                        "on each probe (rows), sorted by group; one colour scale for all panels", fontsize="medium")
     colorbar = figure.colorbar(image, ax=axes.tolist(), extend=extend, shrink=0.7, aspect=30)
-    colorbar.set_label(name)
+    colorbar.set_label(shown.colorbar_label)
     colorbar.formatter.set_powerlimits((-2, 3))
     return figure
 
@@ -463,9 +497,9 @@ def plot_matrix(log: InfluenceLog | PathLike, steps: Sequence[int] | None = None
     """
     with _opened(log) as log:
         _check_plottable(log)
-        _check_quantity(log, quantity)
+        shown = quantity_of(quantity)
         rows = _rows_at(log, steps) if steps else _spread_rows(np.flatnonzero(log.status != "failed"), panels)
-        values = getattr(log, quantity)
+        values = getattr(log, shown.field)
         probe_groups, train_groups = _groups(log, "probe"), _groups(log, "train")
         titles = [f"step {log.steps[row]}" + ("" if log.status[row] == "ok" else f"  ({log.status[row]})")
                   for row in rows]
@@ -555,30 +589,32 @@ def plot_top_examples(log: InfluenceLog | PathLike, probe: Any | None = None, k:
         raise ValueError(f"k must be at least 1, got {k}.")
     with _opened(log) as log:
         _check_plottable(log)
-        error = _check_quantity(log, quantity)
+        shown = quantity_of(quantity)
         ok = np.flatnonzero(log.status == "ok")
         if probe is None:
             last = np.nan_to_num(np.abs(np.asarray(log.influence[ok[-1]], dtype=np.float64)), nan=-1.0)
             position = int(np.unravel_index(np.argmax(last), last.shape)[0])
         else:
             position = _position(log, "probe", probe)
-        values = getattr(log, quantity)
+        values = getattr(log, shown.field)
         mean = np.nanmean([np.asarray(values[row][position], dtype=np.float64) for row in ok], axis=0)  # [N]
-        ranked = np.argsort(np.nan_to_num(mean, nan=0.0), kind="stable")
-        picks = {"most helpful (most negative)": ranked[:k], "most harmful (most positive)": ranked[::-1][:k]}
+        ranked = np.argsort(np.nan_to_num(-shown.helps * mean, nan=0.0), kind="stable")  # most helpful first
+        helpful, harmful = ("most negative", "most positive")[:: -shown.helps]
+        picks = {f"most helpful ({helpful})": ranked[:k], f"most harmful ({harmful})": ranked[::-1][:k]}
         rows = np.flatnonzero(log.status != "failed")
         figure = _pyplot_free_figure(figsize=(11, 6.4))
         top, bottom = figure.subfigures(2, 1, height_ratios=[2.3, 3.2])
         _header(top, log)
         top.suptitle(f"Top {k} training examples of {_example_label(log, 'probe', position)} "
-                     "(ranked by mean over ok snapshots; bands ±2 SE)", fontsize="medium")
+                     f"(ranked by mean {shown.name} over ok snapshots{'; bands ±2 SE' if shown.error else ''})",
+                     fontsize="medium")
         axes = bottom.subplots(1, 2, sharex=True, sharey=True)
         for axis, (title, chosen) in zip(axes, picks.items(), strict=True):
             for train, (color, style) in zip(chosen, _styles(len(chosen)), strict=True):
-                value, se = _curves(log, rows, quantity, error, position, int(train))
+                value, se = _curves(log, rows, shown, position, int(train))
                 _draw(axis, log.steps[rows], value, se, color, style, _example_label(log, "train", int(train)))
             axis.set_title(title, fontsize="medium")
-            _value_axis(axis, quantity, "BIF (< 0 helps, > 0 harms)" if axis is axes[0] else "")
+            _value_axis(axis, f"{shown.name} ({shown.sense})" if axis is axes[0] else "")
             _mark_non_ok(axis, log)
             _time_axis(axis, log.steps)
             axis.legend(fontsize="x-small", loc="best")

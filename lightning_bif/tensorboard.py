@@ -14,7 +14,10 @@ Per snapshot (``step`` is the training step) it writes, by default:
   ``bif_diag/status`` (Text) for every snapshot that is not ``ok``.
 
 Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``ess``, ``sampling_loss``,
-``duration_s``, ``step_size`` (scalars under ``bif_diag/``) and ``histogram`` (``bif/influence_hist``).
+``duration_s``, ``step_size`` (scalars under ``bif_diag/``), ``histogram`` (``bif/influence_hist``) and
+``groups_figure`` (``bif/groups``, Images: :func:`lightning_bif.plot.plot_groups` of the log so far,
+with a log step axis and a colour per train group; it re-reads the log and draws a figure of
+several panels at every snapshot, so it costs seconds per snapshot).
 """
 
 from __future__ import annotations
@@ -28,16 +31,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .analysis import group_labels, group_means
-from .log import RunIdentity, SnapshotRecord
+from .log import PathLike, RunIdentity, SnapshotRecord, open_log
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
 DEFAULT_CHARTS = ("groups", "matrix", "split_half", "loss_rise", "diverged_chains", "status")
-OPTIONAL_CHARTS = ("ess", "sampling_loss", "duration_s", "step_size", "histogram")
+OPTIONAL_CHARTS = ("ess", "sampling_loss", "duration_s", "step_size", "histogram", "groups_figure")
 GROUP_TAG = "bif_x_nbeta/probes_{}"
 _DIAGNOSTICS = ("split_half", "loss_rise", "diverged_chains", "ess", "sampling_loss")
-_MATRIX_DPI = 80
+_DPI = 100
 
 
 def _tag_part(label: Any) -> str:
@@ -66,16 +70,11 @@ def check_charts(charts: bool | Collection[str]) -> tuple[str, ...]:
     return tuple(name for name in DEFAULT_CHARTS + OPTIONAL_CHARTS if name in charts)
 
 
-def matrix_image(influence: np.ndarray, title: str, identity: RunIdentity, train_names: list[str],
-                 probe_names: list[str]) -> np.ndarray:
-    """The labelled matrix figure of one snapshot as an RGB image ``[H, W, 3]`` (uint8)."""
+def figure_image(figure: Figure, dpi: int = _DPI) -> np.ndarray:
+    """A matplotlib figure rendered as an RGB image ``[H, W, 3]`` (uint8), without pyplot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .plot import matrix_figure
-
-    figure = matrix_figure([influence], [title], identity.probe_groups, identity.train_groups, probe_names,
-                           train_names)
-    figure.set_dpi(_MATRIX_DPI)
+    figure.set_dpi(dpi)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -93,12 +92,14 @@ class TensorBoardSink:
         probe_group_names: Optional display names of probe group labels.
         charts: Which charts to write: ``True`` (:data:`DEFAULT_CHARTS`), ``"all"``, or names from
             :data:`DEFAULT_CHARTS` and :data:`OPTIONAL_CHARTS`.
+        log_path: The HDF5 log the snapshots are appended to (before they reach the sink); needed
+            by ``"groups_figure"``.
+
+    Raises:
+        ValueError: An unknown chart name, or ``"groups_figure"`` without ``log_path``.
 
     Attributes:
         group_runs: Directories of the train-group runs, in sorted label order (empty without ``"groups"``).
-
-    Raises:
-        ValueError: An unknown chart name.
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter        # doctest: +SKIP
@@ -114,10 +115,14 @@ class TensorBoardSink:
         train_group_names: Mapping[Any, str] | None = None,
         probe_group_names: Mapping[Any, str] | None = None,
         charts: bool | Collection[str] = True,
+        log_path: PathLike | None = None,
     ) -> None:
         self.writer = writer
         self.identity = identity
         self.charts = check_charts(charts)
+        if "groups_figure" in self.charts and log_path is None:
+            raise ValueError("The TensorBoard chart 'groups_figure' draws from the HDF5 log: pass log_path.")
+        self.log_path = log_path
         train_labels, _ = group_labels(identity.train_groups, len(identity.train_ids))
         probe_labels, _ = group_labels(identity.probe_groups, len(identity.probe_ids))
         self._train_names = [str((train_group_names or {}).get(label, label)) for label in train_labels.tolist()]
@@ -160,9 +165,19 @@ class TensorBoardSink:
             if "histogram" in charts and finite.size:
                 writer.add_histogram("bif/influence_hist", finite, step)
             if "matrix" in charts:
-                title = f"step {step}" + ("" if record.status == "ok" else f" ({record.status})")
-                writer.add_image("bif/matrix", matrix_image(influence, title, self.identity, self._train_names,
-                                                            self._probe_names), step, dataformats="HWC")
+                from .plot import matrix_figure
+
+                title = f"BIF at step {step}" + ("" if record.status == "ok" else f" ({record.status})")
+                figure = matrix_figure([influence], [title], self.identity.probe_groups, self.identity.train_groups,
+                                       self._probe_names, self._train_names)
+                writer.add_image("bif/matrix", figure_image(figure), step, dataformats="HWC")
+            if "groups_figure" in charts and self.log_path is not None:
+                from .plot import plot_groups
+
+                with open_log(self.log_path) as log:
+                    if (log.status == "ok").any():
+                        writer.add_image("bif/groups", figure_image(plot_groups(log), dpi=80), step,
+                                         dataformats="HWC")
             diagnostics = result.diagnostics
             sampling = diagnostics.sampling_loss.detach().cpu().double().numpy()
             sampling = sampling[np.isfinite(sampling)]

@@ -28,7 +28,7 @@ def read_events(directory: Path) -> event_accumulator.EventAccumulator:
 
 def write_run(tmp_path: Path, records, charts=True, **names) -> TensorBoardSink:
     writer = SummaryWriter(str(tmp_path / "tb"))
-    sink = TensorBoardSink(writer, make_identity(), charts=charts, **names)
+    sink = TensorBoardSink(writer, make_identity(), charts=charts, log_path=tmp_path / "bif.h5", **names)
     with LogWriter(tmp_path / "bif.h5", make_identity()) as log_writer:
         for r in records:
             log_writer.append(r)
@@ -97,6 +97,16 @@ def test_opt_in_charts_write_the_other_diagnostics_and_the_histogram(tmp_path: P
         [float(log.sampling_loss[0].astype(np.float64).mean())], rel=1e-5)
     (histogram,) = events.Histograms("bif/influence_hist")
     assert histogram.step == 10 and histogram.histogram_value.num == log.influence.shape[1] * log.influence.shape[2]
+
+
+def test_groups_figure_draws_the_log_so_far_at_each_snapshot_with_an_estimate(tmp_path: Path) -> None:
+    write_run(tmp_path, [record(10), record(20, "failed", message="boom"), record(40)], charts=["groups_figure"])
+    images = read_events(tmp_path / "tb").Images("bif/groups")
+    assert [image.step for image in images] == [10, 40]
+    first, last = (Image.open(io.BytesIO(image.encoded_image_string)) for image in images)
+    assert first.size == last.size and first.size[0] > 600
+    with pytest.raises(ValueError, match="groups_figure.*log_path"):
+        TensorBoardSink(SummaryWriter(str(tmp_path / "other")), make_identity(), charts=["groups_figure"])
 
 
 def test_chart_names_are_checked() -> None:
