@@ -657,6 +657,13 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
     out = Path(out)
     with _opened(log) as log:
         _check_plottable(log)
+        # Bad ids and steps are refused before any figure is drawn.
+        for probe_id, train_id in pairs or ():
+            _position(log, "probe", probe_id), _position(log, "train", train_id)
+        if probe is not None:
+            _position(log, "probe", probe)
+        if steps:
+            _rows_at(log, steps)
         makers = {
             "groups": lambda: plot_groups(log),
             "pairs": lambda: plot_pairs(log, pairs),
