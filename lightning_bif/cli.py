@@ -143,7 +143,8 @@ def plot(log: InfluenceLog, out: TextIO, args: argparse.Namespace) -> None:
         pairs = [*(pairs or []), (figures.parse_id(log, "probe", probe), figures.parse_id(log, "train", train))]
     probe = None if args.probe is None else figures.parse_id(log, "probe", args.probe)
     written = figures.write_figures(log, args.out, args.format, pairs=pairs, steps=args.steps, probe=probe,
-                                    top_k=args.top_k, prefix=args.prefix, figures=args.figures or figures.FIGURES)
+                                    top_k=args.top_k, prefix=args.prefix, figures=args.figures or figures.FIGURES,
+                                    quantity=args.quantity)
     for path in written:
         print(f"wrote {path}", file=out)
 
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
                       choices=["groups", "pairs", "matrix", "sign_changes", "top_examples"],
                       help="only these figures (default: all five)")
     draw.add_argument("--prefix", default="", help="prepended to each file name, e.g. 'digits_'")
+    draw.add_argument("--quantity", default="influence", metavar="NAME",
+                      help="'influence' (BIF, default) or 'correlation' (posterior correlation: > 0 helps)")
     return parser
 
 

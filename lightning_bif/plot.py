@@ -315,8 +315,8 @@ def plot_groups(log: InfluenceLog | PathLike, quantity: str = "influence") -> Fi
         panels = len(probe_groups.labels)
         columns = min(panels, 5)
         grid_rows = -(-panels // columns)
-        figure = _pyplot_free_figure(figsize=(3.3 * columns + 1.6, 2.3 + 2.4 * grid_rows))
-        top, bottom = figure.subfigures(2, 1, height_ratios=[2.3, 2.4 * grid_rows])
+        figure = _pyplot_free_figure(figsize=(2.6 * columns + 1.4, 2.2 + 2.1 * grid_rows))
+        top, bottom = figure.subfigures(2, 1, height_ratios=[2.2, 2.1 * grid_rows])
         _header(top, log)
         top.suptitle(f"Mean {shown.name} of each train group on each probe group ({shown.sense}"
                      f"{'; bands ±2 SE' if shown.error else ''})", fontsize="medium")
@@ -436,7 +436,7 @@ def matrix_figure(matrices: Sequence[np.ndarray], titles: Sequence[str], probe_g
     limit = limit if limit > 0 else 1.0
     columns = 1 if len(matrices) == 1 else 2
     grid_rows = -(-len(matrices) // columns)
-    figure = _pyplot_free_figure(figsize=(6.2 * columns + 1.4, 0.8 + 2.9 * grid_rows))
+    figure = _pyplot_free_figure(figsize=(5.4 * columns + 1.2, 0.6 + 2.7 * grid_rows))
     axes = np.atleast_1d(figure.subplots(grid_rows, columns, squeeze=False)).ravel()
     shown = quantity_of(quantity)
     cmap = colormaps["RdBu_r" if shown.helps < 0 else "RdBu"].with_extremes(bad="0.6")
@@ -624,7 +624,7 @@ def plot_top_examples(log: InfluenceLog | PathLike, probe: Any | None = None, k:
 def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "png", *,
                   pairs: Sequence[tuple[Any, Any]] | None = None, steps: Sequence[int] | None = None,
                   probe: Any | None = None, top_k: int = 5, prefix: str = "", dpi: int = 110,
-                  figures: Sequence[str] = FIGURES) -> list[Path]:
+                  figures: Sequence[str] = FIGURES, quantity: str = "influence") -> list[Path]:
     """Save the figures of a log as ``<out>/<prefix><name>.<format>``.
 
     Names: ``groups`` (:func:`plot_groups`), ``pairs`` (:func:`plot_pairs`), ``matrix``
@@ -642,6 +642,7 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
         prefix: Prepended to every file name.
         dpi: Resolution of PNGs.
         figures: Which figures to write.
+        quantity: ``"influence"`` or ``"correlation"`` (sign changes always use influence).
 
     Returns:
         The files written.
@@ -657,6 +658,7 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
     out = Path(out)
     with _opened(log) as log:
         _check_plottable(log)
+        quantity_of(quantity)
         # Bad ids and steps are refused before any figure is drawn.
         for probe_id, train_id in pairs or ():
             _position(log, "probe", probe_id), _position(log, "train", train_id)
@@ -665,11 +667,11 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
         if steps:
             _rows_at(log, steps)
         makers = {
-            "groups": lambda: plot_groups(log),
-            "pairs": lambda: plot_pairs(log, pairs),
-            "matrix": lambda: plot_matrix(log, steps),
+            "groups": lambda: plot_groups(log, quantity),
+            "pairs": lambda: plot_pairs(log, pairs, quantity),
+            "matrix": lambda: plot_matrix(log, steps, quantity=quantity),
             "sign_changes": lambda: plot_sign_changes(log),
-            "top_examples": lambda: plot_top_examples(log, probe, top_k),
+            "top_examples": lambda: plot_top_examples(log, probe, top_k, quantity),
         }
         drawn = {name: makers[name]() for name in FIGURES if name in figures}  # all checks pass before any file
         out.mkdir(parents=True, exist_ok=True)

@@ -190,6 +190,8 @@ def test_write_figures_in_each_format_and_from_the_cli(log_path: Path, tmp_path:
                                (["--probe", "x"], "probe id 'x' is not an integer")):
         assert cli_main(["plot", str(log_path), "--out", str(tmp_path / "bad"), *arguments]) == 1
         assert message in capsys.readouterr().err
+    assert cli_main(["plot", str(log_path), "--out", str(tmp_path / "bad"), "--quantity", "token_influence"]) == 1
+    assert "'token_influence' is per-token" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
