@@ -472,7 +472,8 @@ def matrix_figure(matrices: Sequence[np.ndarray], titles: Sequence[str], probe_g
     if len(matrices) > 1:
         figure.suptitle(f"{shown.name[:1].upper()}{shown.name[1:]} of each training example (columns) "
                         "on each probe (rows), sorted by group; one colour scale for all panels", fontsize="medium")
-    colorbar = figure.colorbar(image, ax=axes.tolist(), extend=extend, shrink=0.7, aspect=30)
+    colorbar = figure.colorbar(image, ax=axes.tolist(), extend=extend, shrink=1.0 if grid_rows == 1 else 0.8,
+                               aspect=25 if grid_rows == 1 else 35)
     colorbar.set_label(shown.colorbar_label)
     colorbar.formatter.set_powerlimits((-2, 3))
     return figure
