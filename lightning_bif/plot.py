@@ -111,11 +111,6 @@ class _Groups:
     names: list[str]
     members: np.ndarray
 
-    @property
-    def order(self) -> np.ndarray:
-        """Positions sorted by group (stable: the log's order inside a group)."""
-        return np.argsort(self.members, kind="stable")
-
 
 def _groups(log: InfluenceLog, side: str) -> _Groups:
     ids = log.train_ids if side == "train" else log.probe_ids
@@ -254,14 +249,13 @@ def _styles(count: int) -> list[tuple[Any, str]]:
     return [(palette[i % len(palette)], _LINE_STYLES[(i // len(palette)) % len(_LINE_STYLES)]) for i in range(count)]
 
 
-def _curves(log: InfluenceLog, rows: np.ndarray, quantity: Quantity, probes: Any, train: Any):
-    """``[R, ...]`` values and standard errors (NaN without them) of ``log.<field>[row][probes, train]``."""
-    values = getattr(log, quantity.field)
-    errors = getattr(log, quantity.error) if quantity.error else None
-    picked = np.array([np.asarray(values[row], dtype=np.float64)[probes, train] for row in rows])
-    se = (np.array([np.asarray(errors[row], dtype=np.float64)[probes, train] for row in rows]) if errors is not None
-          else np.full_like(picked, np.nan))
-    return picked, se
+def _curves(log: InfluenceLog, rows: np.ndarray, quantity: Quantity, probe: int,
+            train: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values ``[R]`` of one (probe, train) entry at snapshot ``rows`` and their standard errors (NaN without)."""
+    picked = np.asarray(getattr(log, quantity.field)[rows, probe, train], dtype=np.float64)
+    if quantity.error is None:
+        return picked, np.full_like(picked, np.nan)
+    return picked, np.asarray(getattr(log, quantity.error)[rows, probe, train], dtype=np.float64)
 
 
 def _draw(axis: Axes, steps: np.ndarray, value: np.ndarray, se: np.ndarray, color: Any, style: str,
@@ -598,7 +592,7 @@ def plot_top_examples(log: InfluenceLog | PathLike, probe: Any | None = None, k:
         else:
             position = _position(log, "probe", probe)
         values = getattr(log, shown.field)
-        mean = np.nanmean([np.asarray(values[row][position], dtype=np.float64) for row in ok], axis=0)  # [N]
+        mean = np.nanmean([np.asarray(values[row, position], dtype=np.float64) for row in ok], axis=0)  # [N]
         ranked = np.argsort(np.nan_to_num(-shown.helps * mean, nan=0.0), kind="stable")  # most helpful first
         helpful, harmful = ("most negative", "most positive")[:: -shown.helps]
         picks = {f"most helpful ({helpful})": ranked[:k], f"most harmful ({harmful})": ranked[::-1][:k]}
