@@ -60,7 +60,7 @@ BIF_SETTINGS: dict[str, dict[str, object]] = {
     "bif-quick": dict(_RECIPE, chains=32, draws=25),
     "bif-fast": dict(_RECIPE, chains=32, draws=50),
     "bif-long": dict(_RECIPE, chains=64, draws=200, localization=750.0),
-    # The low-rank curvature preconditioner (README "Curvature preconditioning"): the stiffest direction keeps
+    # The low-rank curvature preconditioner (docs/how-it-works.md "Preconditioners"): the stiffest direction keeps
     # its step, so ε is set for it (ε·nβ·λ_max ≈ 0.7), and the flat directions move ~40x faster.
     "bif-lowrank": dict(_RECIPE, chains=32, draws=100, thin=2, step_size=5e-6, localization=735.0,
                         preconditioner="lowrank"),

@@ -17,10 +17,9 @@ time, so both chains have spread equally far — and accepted when
   that difference (estimated from the spread over chains).
 
 Candidates are tried from the largest down; the chosen step size is the first accepted one
-divided by ``safety`` (default 2). The margin is measured: on the digits LDS benchmark the BIF's
-LDS was flat below the stability edge (0.510, 0.522, 0.525 at ε·nβ = 1, 1.25, 2) and fell off a
-cliff just above it (0.396 at ε·nβ = 2.5), where the pilots' estimated bias (+17 %) still passed
-— halving costs little and keeps the choice off the cliff.
+divided by ``safety`` (default 2): the BIF's accuracy is flat below the stability edge and falls
+off a cliff just above it, where the pilots' bias estimate can still pass, so halving costs little
+and keeps the choice off the cliff (measured in docs/benchmarks.md, "Step-size calibration").
 """
 
 from __future__ import annotations

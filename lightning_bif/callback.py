@@ -28,12 +28,11 @@ from .calibration import calibrate as calibrate_step_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
-from .functional import preserved_state
+from .functional import LossFn, preserved_state
 from .log import LogWriter, RunIdentity, SnapshotRecord
 from .schedule import Event, LogSpaced, SnapshotSchedule
 from .tensorboard import TensorBoardSink, check_charts
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 
 #: Name of the LightningModule method used when no ``loss_fn`` is given.
@@ -58,58 +57,17 @@ class BIFCallback(Callback):
     r"""Take Bayesian-influence-function snapshots of the model while it trains.
 
     On a schedule the callback pauses training, runs ``config.chains`` localized SGLD chains from
-    the current weights w* (see :func:`~lightning_bif.estimate_bif`), and appends the snapshot —
-    ``influence = -Cov(loss_train, probe)`` as ``[probe, train]``, its standard errors,
-    correlations, the losses at w* and the SGLD diagnostics — to an HDF5 log (global rank 0
-    writes it) and to the trainer's ``TensorBoardLogger`` when there is one. Sign convention:
-    negative = the training example helps the probe, positive = it hurts.
+    the current weights w* (as :func:`~lightning_bif.estimate_bif` does), and appends the snapshot
+    — ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors,
+    correlations, losses at w* and sampler diagnostics — to an HDF5 log written by global rank 0,
+    and to the trainer's ``TensorBoardLogger`` when there is one. Negative = the training example
+    helps the probe, positive = it hurts. Training is left bitwise as it would have been without
+    the callback (parameters, gradients, optimizer state, buffers, modes, global RNG).
 
-    Training is left exactly as it would have been without the callback: parameters, gradients,
-    optimizer state, buffers, train/eval modes and the global RNG are untouched by a snapshot.
-
-    **Per-example loss.** Without ``loss_fn`` the LightningModule must define
-    ``per_example_loss(self, batch) -> Tensor[B]`` (one loss per example, e.g.
-    ``F.cross_entropy(self(x), y, reduction="none")``); ``batch`` is what a default-collate
-    ``DataLoader`` over the example sets yields.
-
-    **Weight decay.** The SGLD prior should match the weight decay the model is trained with, so
-    that w* is a stationary point of the sampled posterior. When ``config.weight_decay`` is 0 (its
-    default) and ``weight_decay_from_optimizer`` is true, the callback reads ``weight_decay`` from
-    the trainer's optimizer param groups at fit start (the largest group's value when they differ).
-    This is exact for SGD and Adam (L2-coupled decay) and an approximation for AdamW.
-
-    **Precision.** When ``config.autocast`` is None (its default) and ``precision_from_trainer`` is
-    true, a trainer that runs in bfloat16 (``precision="bf16-mixed"`` or ``"bf16-true"``) makes the
-    snapshot's forward passes run under bf16 autocast too (``autocast="bf16"``), while the
-    sampled weights, the SGLD update and the statistics stay float32. fp16 trainers keep float32
-    snapshots: SGLD gradients carry no loss scaling, so fp16 would underflow them.
-
-    **DDP.** Every rank samples its share of the chains from the same w* (chain ``c`` runs on
-    rank ``c % world_size``) and the per-chain sums are added up with the strategy's ``reduce``,
-    so the result equals a single-process run with the same config. Global rank 0 alone writes
-    files. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused.
-
-    **Resume.** The callback's state (the last snapshot step and the log path) is saved in
-    checkpoints. ``trainer.fit(ckpt_path=...)`` continues the same log: rows written after the
-    checkpoint's last snapshot (an abandoned timeline) are removed, then new snapshots are appended.
-
-    **Step-size calibration.** With ``calibrate`` set, the first scheduled snapshot first runs
-    :func:`~lightning_bif.calibration.calibrate` from the current weights (short pilot chains
-    with the snapshot's model, loss, data and config; training is left untouched as for a
-    snapshot). An accepted step size is used for that snapshot and every later one. When none is
-    accepted — typical near initialisation, where the weights are not yet a stationary point —
-    a warning is shown once, the configured step size is kept, and calibration is tried again at
-    the next snapshot until it succeeds. The log records each snapshot's ``step_size`` and each
-    calibration's evidence (``open_log(...).calibration``); its stored config stays the
-    configured one. Under DDP global rank 0 calibrates and broadcasts its answer.
-
-    **Reliability.** After an ``ok`` snapshot whose split-half reliability is below
-    ``min_split_half`` (or NaN with two or more chains) a warning is shown once per fit.
-
-    **Failures.** A snapshot whose chains diverge is recorded with status ``"diverged"``; one that
-    raises is recorded as ``"failed"`` (with NaN arrays and the error message). A warning is shown
-    once per kind and training goes on. Bad input is rejected at fit start, before any training
-    step, with a :class:`MisconfigurationException`.
+    Without ``loss_fn`` the LightningModule must define ``per_example_loss(self, batch) -> Tensor[B]``.
+    Bad input stops the fit at fit start with a :class:`MisconfigurationException`; a snapshot that
+    diverges or fails is logged with its status and training goes on. docs/user-guide.md covers
+    schedules, the prior read from the optimizer, precision, DDP, resume, calibration and failures.
 
     Args:
         train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
@@ -134,9 +92,9 @@ class BIFCallback(Callback):
         data: Where SGLD minibatches come from; default: the dataset of the trainer's training
             ``DataLoader`` (indexed directly, so no sampler or shuffling RNG is involved).
         weight_decay_from_optimizer: Read the L2 prior from the optimizer when
-            ``config.weight_decay`` is 0 (see above).
+            ``config.weight_decay`` is 0 (the largest param group's; exact for SGD and Adam).
         precision_from_trainer: Run the snapshot's forward passes in bf16 when the trainer trains in
-            bf16 and ``config.autocast`` is None (see above).
+            bf16 and ``config.autocast`` is None (fp16 trainers keep float32 snapshots).
         log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5``.
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
@@ -145,9 +103,9 @@ class BIFCallback(Callback):
             ``TensorBoardLogger`` (``True``); ``False`` for none, ``"all"``, or a list of chart names
             to add the opt-in ones (see :mod:`lightning_bif.tensorboard` and docs/tensorboard.md).
         progress: Show progress during a snapshot (in the progress bar, or as log lines).
-        calibrate: Choose the SGLD step size from pilot chains at the first snapshot (see
-            above): ``True`` for :func:`~lightning_bif.calibration.calibrate`'s defaults, or a
-            dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
+        calibrate: Choose the SGLD step size from pilot chains at the first snapshot, and again at
+            later ones until one is accepted: ``True`` for :func:`~lightning_bif.calibration.calibrate`'s
+            defaults, or a dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
             "step_sizes": [...]}`` (keys: ``step_sizes``, ``pilot_steps``, ``pilot_chains``,
             ``tracked``, ``tolerance``, ``drift_tolerance``, ``safety``). The default ladder is
             ``config.step_size`` times 16, 8, ..., 1/16, tried from the largest down; a
@@ -639,7 +597,7 @@ class BIFCallback(Callback):
             f"BIFCallback: the snapshot at step {record.step} has split-half reliability {split_half:.2f}, below "
             f"min_split_half={self.min_split_half:g}: the BIF of two halves of the chains disagree, so single "
             "entries are mostly Monte-Carlo noise (group means may still be usable). Raise SGLDConfig.chains "
-            "(most effective) or draws; see the README section 'How much to trust a curve'. (Shown once per fit; "
+            "(most effective) or draws; see 'How much to trust a curve' in docs/user-guide.md. (Shown once per fit; "
             "the log's split_half column has every snapshot's value.)"
         )
 

@@ -35,48 +35,42 @@ class SGLDConfig:
 
         w ← w - ε/2 · G ⊙ [nβ·∇L_batch(w) + nβ·λ·w + γ·(w - w*)] + √(ε·G) ⊙ N(0, I)
 
-    where G is 1 without a preconditioner and a frozen diagonal estimated in burn-in with one.
+    where G is 1 without a preconditioner, a frozen diagonal with ``"rmsprop"`` and a low-rank-plus-identity
+    matrix with ``"lowrank"`` (G ⊙ then reads G ·). docs/how-it-works.md explains the choices and
+    docs/benchmarks.md measures them.
 
     Args:
-        chains: Number of independent chains C. Two or more give per-entry standard errors.
-            Default 16: at similar cost many short chains from w* beat a few long ones (digits LDS
-            0.35–0.38 over 3 seeds vs 0.22–0.23 for the former 4 × 200 draws; see the README's
-            "How much to trust a curve").
+        chains: Number of independent chains C. Two or more give per-entry standard errors; at
+            equal cost many short chains from w* estimate better than a few long ones.
         draws: Draws D kept per chain after burn-in. Default 50 (with ``thin=4``: 200 steps a chain).
-        burn_in: SGLD steps discarded at the start of every chain. Default 25: a chain started at
-            w* needs none (digits: 0.37 with 0 vs 0.38 with 25), but ``preconditioner="rmsprop"``
-            is estimated during burn-in.
-        thin: SGLD steps between two kept draws. Default 4: a draw evaluates all tracked examples,
-            a minibatch step only m of them, and on digits 16 × 25 draws at ``thin=4`` matched
-            16 × 50 at ``thin=2`` (0.33 both) with half the evaluations.
+        burn_in: SGLD steps discarded at the start of every chain. A chain started at w* needs
+            none; ``preconditioner="rmsprop"`` is estimated during burn-in.
+        thin: SGLD steps between two kept draws: a draw evaluates all tracked examples, a
+            minibatch step only m of them, so thinning saves evaluations at little loss.
         step_size: The SGLD step size ε. The right value depends on the model and nβ (ε·nβ·λ_max
             must stay well below the stability bound 4): prefer
             :func:`lightning_bif.calibration.calibrate` to the default.
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
-        localization: Strength γ of the pull towards w*. On digits at the default nβ, γ = 30, 100
-            and 300 scored alike (0.37, 0.37, 0.36).
+        localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature.
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
         preconditioner: ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
             estimated from the mean squared drift over burn-in and then frozen, ``"lowrank"`` for
             one built from the top ``preconditioner_rank`` eigenpairs of the training objective's
             Hessian at w* (from Hessian-vector products, once per estimate): the stiffest direction
-            keeps the step size, the flat ones move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster. Digits
-            LDS: 0.707 in 8 CPU s against 0.525 in 6 s without it (README, "Curvature
-            preconditioning"); choose ε for the stiffest direction.
-        preconditioner_rank: K for ``"lowrank"``: how many stiff directions keep their own step
-            (digits: 20, 50, 100 scored 0.67, 0.68, 0.68). It costs 3·(K + 20) Hessian-vector
+            keeps the step size, the flat ones move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster;
+            choose ε for the stiffest direction.
+        preconditioner_rank: K for ``"lowrank"``: how many stiff directions keep their own step.
+            It costs 3·(K + 20) Hessian-vector
             products per estimate, each about 1.5 gradients, on the full batch (full-batch SGLD) or on
             four minibatches' worth of SGLD examples.
         preconditioner_damping: δ for ``"lowrank"``, added to every eigenvalue before taking ratios;
             ``None`` uses 10 × the mean eigenvalue of the Hessian (estimated from the same
             products). It is raised to γ/nβ when below, which keeps every direction no stiffer
-            than the stiffest (δ = γ/nβ equalises all of them); on digits a larger δ, which
-            equalises less, scored better.
+            than the stiffest (δ = γ/nβ equalises all of them; a larger δ equalises less).
         batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch).
-            At the default nβ (= n) minibatch noise is small (digits: LDS 0.218 with m = 64 and full
-            batch alike); with nβ ≫ n it dominates: use full batch there.
+            Minibatch gradient noise grows with nβ/m: with nβ ≫ n use the full batch.
         eval_batch_size: Batch size of the per-draw evaluation of tracked losses.
         seed: Seed of the sampler's own random generators; chain c always gets the same stream.
         sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay

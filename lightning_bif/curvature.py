@@ -127,13 +127,12 @@ class LowRankPreconditioner:
     posterior's curvature is A_k = nβ·λ_k + γ, and g_k·A_k ≤ A_1 exactly when δ ≥ γ/nβ: δ is
     raised to γ/nβ when it is below, so no direction becomes stiffer than the stiffest one and a
     step size that is stable without the preconditioner stays stable with it (in the quadratic
-    approximation). δ = γ/nβ equalises every direction; a larger δ equalises less, which on digits
-    kept chains closer to the region where the posterior is quadratic and scored better
-    (benchmarks/README.md, "Curvature preconditioning").
+    approximation). δ = γ/nβ equalises every direction; a larger δ equalises less and keeps chains
+    closer to the region where the posterior is quadratic (docs/benchmarks.md compares settings).
 
     Args:
         curvature: The top eigenpairs.
-        damping: δ; ``None`` means 10 × the mean eigenvalue (the best setting on digits).
+        damping: δ; ``None`` means 10 × the mean eigenvalue.
         floor: The least δ, γ/nβ.
     """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils._pytree import tree_map
@@ -19,8 +20,8 @@ from .functional import FunctionalModel, LossFn
 
 ProgressFn = Callable[[int, int], None]
 
-# Minibatches' worth of SGLD examples whose Hessian the "lowrank" preconditioner uses (digits, m = 64:
-# LDS 0.466 from one minibatch, 0.512 from four, 0.515 from all 1000 examples at four times the cost).
+# Minibatches' worth of SGLD examples whose Hessian the "lowrank" preconditioner uses: one minibatch
+# gives a noticeably worse preconditioner, all the data no better than four (docs/benchmarks.md).
 _CURVATURE_MINIBATCHES = 4
 
 
@@ -70,6 +71,69 @@ class _ChainRandomness:
         for row, g in zip(out, self.noise_gens, strict=True):
             row.normal_(generator=g)
         return out
+
+
+class Preconditioner(Protocol):
+    """A constant positive-definite G applied to rows ``[G, D]``; either method may overwrite its argument."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``G x``."""
+        ...
+
+    def apply_sqrt(self, x: torch.Tensor) -> torch.Tensor:
+        """``G^{1/2} x``."""
+        ...
+
+
+class _DiagonalPreconditioner:
+    """Elementwise G per chain (``preconditioner="rmsprop"`` once frozen), applied in place."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.diagonal_sqrt = diagonal.sqrt()
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.diagonal)
+
+    def apply_sqrt(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.diagonal_sqrt)
+
+
+def sgld_drift(
+    w: torch.Tensor, grads: torch.Tensor, center: torch.Tensor, nbeta: float, localization: float, weight_decay: float
+) -> torch.Tensor:
+    """Gradient of the localized posterior's potential, ``nβ·∇L + nβλ·w + γ·(w − w*)``, per chain.
+
+    Args:
+        w: Chain positions ``[G, D]``.
+        grads: Minibatch gradients of the mean loss at ``w``, ``[G, D]``; overwritten with the result
+            (so a step allocates nothing of the size of the parameters).
+        center: w*, ``[D]``.
+        nbeta: nβ.
+        localization: γ.
+        weight_decay: λ.
+
+    Returns:
+        ``grads``, now holding the drift.
+    """
+    return grads.mul_(nbeta).add_(w, alpha=localization + nbeta * weight_decay).sub_(center, alpha=localization)
+
+
+def sgld_step(
+    w: torch.Tensor, drift: torch.Tensor, noise: torch.Tensor, step_size: float, precondition: Preconditioner | None
+) -> None:
+    """The SGLD update, in place: ``w ← w − ε/2·G·drift + √ε·G^{1/2}·ξ`` (G = 1 when ``precondition`` is None).
+
+    Args:
+        w: Chain positions ``[G, D]``, updated in place.
+        drift: :func:`sgld_drift` at ``w`` (may be overwritten).
+        noise: Standard Gaussian noise ξ, ``[G, D]`` (may be overwritten).
+        step_size: ε.
+        precondition: G, or None for the identity.
+    """
+    if precondition is not None:
+        drift, noise = precondition.apply(drift), precondition.apply_sqrt(noise)
+    w.add_(drift, alpha=-step_size / 2).add_(noise, alpha=step_size**0.5)
 
 
 class SGLDSampler:
@@ -154,41 +218,23 @@ class SGLDSampler:
         chain_index = torch.as_tensor(chains, dtype=torch.long, device=fmodel.device)
         w = center.expand(groups, -1).clone()
         noise = torch.empty_like(w)
-        precondition: torch.Tensor | None = None  # G = 1 until a preconditioner is frozen
-        noise_scale: torch.Tensor | None = None
+        precondition: Preconditioner | None = (  # G = 1 until the "rmsprop" preconditioner is frozen
+            self.lowrank_preconditioner(buffers) if cfg.preconditioner == "lowrank" else None
+        )
         second_moment = torch.zeros_like(w) if cfg.preconditioner == "rmsprop" else None
-        lowrank = self.lowrank_preconditioner(buffers) if cfg.preconditioner == "lowrank" else None
-        half_step = cfg.step_size / 2
-        # With G = 1 the update is w ← (1 - ε/2·(γ + nβλ))·w + ε/2·γ·w* - ε/2·nβ·∇L + √ε·ξ: applied
-        # in place, it makes no [G, D] temporaries (memory traffic dominates it on a GPU).
-        shrink = 1 - half_step * (cfg.localization + self.nbeta * cfg.weight_decay)
         loss_since_draw = torch.zeros(groups, device=fmodel.device, dtype=w.dtype)
         for step in range(self.steps_per_chain):
             batch, shared = self._minibatches(rng, groups, vectorized)
             grads, values = fmodel.batched_grads(
                 w, batch, self.minibatch, self.loss_fn, buffers, vectorized=vectorized, shared_batch=shared
             )
-            rng.noise(noise)
-            if precondition is None and second_moment is None and lowrank is None:
-                w.mul_(shrink).add_(center, alpha=half_step * cfg.localization)
-                w.add_(grads, alpha=-half_step * self.nbeta).add_(noise, alpha=cfg.step_size**0.5)
-            else:
-                drift = self.nbeta * grads + cfg.localization * (w - center)
-                if cfg.weight_decay:
-                    drift += (self.nbeta * cfg.weight_decay) * w
-                if second_moment is not None:
-                    second_moment += drift.square()
-                    if step == cfg.burn_in - 1:
-                        precondition = self._frozen_preconditioner(second_moment / cfg.burn_in)
-                        noise_scale = (cfg.step_size * precondition).sqrt()
-                        second_moment = None
-                if lowrank is not None:
-                    w.add_(lowrank.apply(drift), alpha=-half_step)
-                    w.add_(lowrank.apply_sqrt(noise), alpha=cfg.step_size**0.5)
-                elif precondition is None or noise_scale is None:
-                    w.add_(drift, alpha=-half_step).add_(noise, alpha=cfg.step_size**0.5)
-                else:
-                    w.addcmul_(precondition, drift, value=-half_step).addcmul_(noise_scale, noise)
+            drift = sgld_drift(w, grads, center, self.nbeta, cfg.localization, cfg.weight_decay)
+            if second_moment is not None:
+                second_moment += drift.square()
+                if step == cfg.burn_in - 1:
+                    precondition = _DiagonalPreconditioner(self._frozen_preconditioner(second_moment / cfg.burn_in))
+                    second_moment = None
+            sgld_step(w, drift, rng.noise(noise), cfg.step_size, precondition)
             if progress is not None:
                 progress(step + 1, self.steps_per_chain)
             kept = step - cfg.burn_in + 1

@@ -175,15 +175,3 @@ class SnapshotSchedule:
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             return True
         return step in self.at_steps or step in (self._log_steps or ())
-
-    def to_dict(self) -> dict:
-        """The schedule as JSON-compatible values (stored with the log for reference)."""
-        spaced = self.log_spaced
-        return {
-            "every_n_steps": self.every_n_steps,
-            "every_n_epochs": self.every_n_epochs,
-            "at_steps": list(self.at_steps),
-            "log_spaced": None if spaced is None else {"num": spaced.num, "first": spaced.first, "last": spaced.last},
-            "at_fit_start": self.at_fit_start,
-            "at_fit_end": self.at_fit_end,
-        }
