@@ -210,3 +210,18 @@ def test_many_groups_get_line_styles_and_linear_schedules_a_linear_axis(tmp_path
     assert [axis.get_title() for axis in figure.axes if axis.get_title()] == ["probe group all"]
     assert all(axis.get_xscale() == "linear" for axis in figure.axes)
     assert log_spaced(np.array(STEPS)) and not log_spaced(np.arange(0, 500, 50))
+
+
+def test_group_names_stored_in_the_log_label_panels_legends_and_axes(log_path: Path) -> None:
+    with open_log(log_path) as log:
+        # Logs of format 2 carry {label: name}; older logs have none and show the labels (tests above).
+        log.train_group_names, log.probe_group_names = {0: "zeros", 1: "ones"}, {1: "held out"}
+        groups = plot_groups(log)
+        assert [axis.get_title() for axis in groups.axes if axis.get_title()] == [
+            "probe group 0", "probe group held out"]
+        (legend,) = [legend for sub in groups.subfigs for legend in sub.legends]
+        assert legend_texts(legend) == ["zeros", "ones", "2"]
+        (panel, *_) = [axis for axis in plot_matrix(log, steps=[64]).axes if axis.get_images()]
+        assert [t.get_text() for t in panel.get_yticklabels()] == ["0", "held out"]
+        pairs = plot_pairs(log, [(2, 49)])
+        assert legend_texts(pairs.axes[-1].get_legend()) == ["probe 2 (held out) ← train 49 (ones)"]
