@@ -8,6 +8,7 @@ events, the HDF5 influence log ``influence.h5`` and its figures in ``figures/`` 
     python examples/digits.py             # train with BIF snapshots
     python examples/digits.py --no-bif    # the same training without the callback (for timing)
     python examples/digits.py --preconditioner lowrank   # curvature-preconditioned SGLD
+    python examples/digits.py --horizon none   # the config's γ and ε instead of the horizon's (docs/horizon.md)
     tensorboard --logdir runs --samples_per_plugin images=100   # group curves, matrices, diagnostics
     lightning-bif summary runs/digits/version_0/influence.h5
 """
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
     parser.add_argument("--preconditioner", choices=["none", "lowrank"], default="none",
                         help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (docs/how-it-works.md)")
+    parser.add_argument("--horizon", choices=["interval", "rest", "none"], default="interval",
+                        help="the question a snapshot answers (docs/horizon.md); 'none': the config's γ and ε")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny model: threads cost more than they give
     start = time.perf_counter()
@@ -105,6 +108,7 @@ def main() -> None:
             at_fit_start=True,
             config=SGLDConfig(chains=4, draws=100, burn_in=50, thin=1, step_size=1e-4, localization=1000.0,
                               batch_size=64, preconditioner=args.preconditioner),
+            horizon=None if args.horizon == "none" else args.horizon,
         ))
     logger = TensorBoardLogger(args.root, name="digits")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=logger, log_every_n_steps=10,

@@ -9,12 +9,14 @@ from .schedule import LogSpaced
 
 if TYPE_CHECKING:
     from .callback import BIFCallback
+    from .datamodule_source import DataModuleExamples
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BIFCallback",
     "BIFResult",
+    "DataModuleExamples",
     "Diagnostics",
     "LogSpaced",
     "SGLDConfig",
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> object:
         from .callback import BIFCallback
 
         return BIFCallback
+    if name == "DataModuleExamples":
+        from .datamodule_source import DataModuleExamples
+
+        return DataModuleExamples
     raise AttributeError(f"module 'lightning_bif' has no attribute {name!r}")

@@ -27,11 +27,15 @@ from .accumulator import CovarianceAccumulator
 from .calibration import calibrate as calibrate_step_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
+from .datamodule_source import DataModuleExamples
 from .estimator import BIFEstimator, BIFResult
 from .functional import LossFn, preserved_state
+from .horizon import optimizer_step
 from .log import LogWriter, RunIdentity, SnapshotRecord
-from .schedule import Event, LogSpaced, SnapshotSchedule
+from .log_path import default_log_path
+from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
 from .tensorboard import TensorBoardSink, check_charts
+from .threads import oversubscription, snapshot_threads
 
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 
@@ -71,8 +75,9 @@ class BIFCallback(Callback):
 
     Args:
         train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
-            or tuple of tensors); N examples. Their ids in the log are dataset indices.
-        probes: Probe examples whose behaviour is explained; P examples.
+            or tuple of tensors); N examples. Their ids in the log are dataset indices. A
+            :class:`~lightning_bif.DataModuleExamples` takes them from the trainer's DataModule at setup.
+        probes: Probe examples whose behaviour is explained; P examples (same kinds).
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses; drives SGLD and gives the
             training losses ℓ_i. Default: the module's ``per_example_loss`` method.
         probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j; default ``loss_fn``.
@@ -81,7 +86,13 @@ class BIFCallback(Callback):
         probe_groups: A label per probe, ``[P]``.
         train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
         probe_group_names: Display names of probe groups.
-        every_n_steps: A snapshot after every n-th optimizer step.
+        probe_tokens: The display string of every token of every probe, ``[P][T]`` (a list of lists of
+            str), stored in the log for the token view (``lightning-bif tokens``). Needs
+            ``SGLDConfig(per_token=True)``; T is checked against ``probe_fn``'s ``[B, T]`` at fit start.
+        train_text: The display text of every tracked training example, ``[N]``, stored in the log
+            (each cut to 1024 UTF-8 bytes) so the token view can show the most helpful and harmful ones.
+        every_n_steps: A snapshot after every n-th optimizer step (``trainer.global_step``: under manual
+            optimization every ``optimizer.step()`` counts; see docs/lightning.md).
         every_n_epochs: A snapshot at the end of every n-th training epoch.
         at_steps: Snapshots after exactly these optimizer steps.
         log_spaced: ``LogSpaced(num, first=1, last=None)`` or just ``num``: log-spaced steps up to
@@ -95,7 +106,8 @@ class BIFCallback(Callback):
             ``config.weight_decay`` is 0 (the largest param group's; exact for SGD and Adam).
         precision_from_trainer: Run the snapshot's forward passes in bf16 when the trainer trains in
             bf16 and ``config.autocast`` is None (fp16 trainers keep float32 snapshots).
-        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5``.
+        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` with a ``TensorBoardLogger`` or
+            ``CSVLogger``, else ``<default_root_dir>/bif_logs/version_<N>/influence.h5`` (next free N).
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
             config and ids). A fit resumed from a checkpoint always resumes its log.
@@ -112,9 +124,20 @@ class BIFCallback(Callback):
             candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
             half-step reference runs too. The time is not part of the snapshot's ``duration_s``
             (it is in the calibration evidence).
+        horizon: The question a snapshot answers (docs/horizon.md): how up-weighting z_i from the snapshot's
+            step on changes φ_j over the next H optimizer steps, with the optimizer's current learning rate
+            and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
+            number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
+            the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
+            and ε per snapshot, in place of ``localization`` and ``step_size`` (and of a calibrated step
+            size); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
+            ``horizon_steps``, keeps the config's γ and ε.
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
             warning off.
+        num_threads: ``torch.set_num_threads`` during snapshots (restored after each), e.g. 1 on a CPU
+            shared with dataloader workers or other processes; ``None`` keeps torch's setting. On a CPU,
+            a warning at fit start says when torch's threads plus the workers exceed the cores.
 
     Example::
 
@@ -130,8 +153,8 @@ class BIFCallback(Callback):
 
     def __init__(
         self,
-        train: ExampleSource,
-        probes: ExampleSource,
+        train: ExampleSource | DataModuleExamples,
+        probes: ExampleSource | DataModuleExamples,
         *,
         loss_fn: LossFn | None = None,
         probe_fn: LossFn | None = None,
@@ -139,6 +162,8 @@ class BIFCallback(Callback):
         probe_groups: Groups | None = None,
         train_group_names: Mapping[Any, str] | None = None,
         probe_group_names: Mapping[Any, str] | None = None,
+        probe_tokens: Sequence[Sequence[str]] | None = None,
+        train_text: Sequence[str] | None = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_steps: Iterable[int] | None = None,
@@ -155,11 +180,15 @@ class BIFCallback(Callback):
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
+        num_threads: int | None = None,
+        horizon: int | Literal["interval", "rest"] | None = "interval",
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
                                                        at_fit_start, at_fit_end)
-            train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
+            for name, source in (("train", train), ("probes", probes)):
+                if not isinstance(source, DataModuleExamples):
+                    ExampleSet(source, name)
             if data is not None:
                 ExampleSet(data, "data")
         except (TypeError, ValueError) as error:
@@ -181,14 +210,30 @@ class BIFCallback(Callback):
                 f"BIFCallback(min_split_half={min_split_half!r}) must be a correlation in [-1, 1] or None."
             )
         self.min_split_half = min_split_half
+        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
+                                        or num_threads < 1):
+            raise MisconfigurationException(f"BIFCallback(num_threads={num_threads!r}) must be a positive integer "
+                                            "or None.")
+        self.num_threads = num_threads
+        if horizon not in ("interval", "rest", None) and not (
+            isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1
+        ):
+            raise MisconfigurationException(
+                f"BIFCallback(horizon={horizon!r}) must be 'interval', 'rest', a number of steps >= 1, or None."
+            )
+        self.horizon = horizon
         for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
         self.train, self.probes, self.data = train, probes, data
-        self.train_ids = train_set.ids().numpy()
-        self.probe_ids = probe_set.ids().numpy()
-        self.train_groups = _groups(train_groups, len(train_set), "train_groups", "train")
-        self.probe_groups = _groups(probe_groups, len(probe_set), "probe_groups", "probes")
+        self._groups_given = (train_groups, probe_groups)
+        self._texts_given = (probe_tokens, train_text)
+        self.train_ids = self.probe_ids = self.train_groups = self.probe_groups = None
+        self.probe_tokens = self.train_text = None
+        self._train_source: ExampleSource | None = None  # the examples themselves, from train/probes at setup
+        self._probe_source: ExampleSource | None = None
+        if not isinstance(train, DataModuleExamples) and not isinstance(probes, DataModuleExamples):
+            self._use_examples(train, probes)
         self.train_group_names = dict(train_group_names) if train_group_names else None
         self.probe_group_names = dict(probe_group_names) if probe_group_names else None
         self.loss_fn = loss_fn
@@ -205,9 +250,12 @@ class BIFCallback(Callback):
         self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
         self._data_source = data
         self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
+        self._vectorized: bool | None = None  # chains under vmap: decided at the first train start (checkpointed)
+        self._sequential_reason: str | None = None  # why not, under vectorize="auto"; in each snapshot's message
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
+        self._start = (0, 0)  # global step at train start, training batches since (sizes log_spaced under manual opt.)
         self._snapshots = 0
         self._resumed_log_path: Path | None = None
         self._resumed = False
@@ -220,7 +268,27 @@ class BIFCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(log_path=None if self.log_path is None else str(self.log_path),
-                                        train=len(self.train_ids), probes=len(self.probe_ids))
+                                        train=_key(self.train), probes=_key(self.probes))
+
+    def _use_examples(self, train: ExampleSource, probes: ExampleSource) -> None:
+        """Adopt concrete example sets: their ids, and the group labels checked against their sizes."""
+        train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
+        self._train_source, self._probe_source = train, probes
+        self.train_ids = train_set.ids().numpy()
+        self.probe_ids = probe_set.ids().numpy()
+        self.train_groups = _groups(self._groups_given[0], len(train_set), "train_groups", "train")
+        self.probe_groups = _groups(self._groups_given[1], len(probe_set), "probe_groups", "probes")
+        self.probe_tokens = _texts(self._texts_given[0], len(probe_set), "probe_tokens", "probes", nested=True)
+        self.train_text = _texts(self._texts_given[1], len(train_set), "train_text", "train", nested=False)
+
+    def _resolve_examples(self, trainer: pl.Trainer) -> None:
+        """Take ``DataModuleExamples`` from the trainer's dataloaders (after the DataModule's setup)."""
+        try:
+            train, probes = (source.resolve(trainer, name) if isinstance(source, DataModuleExamples) else source
+                             for name, source in (("train", self.train), ("probes", self.probes)))
+            self._use_examples(train, probes)
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback: {error}") from error
 
     # ------------------------------------------------------------------ customisation point
 
@@ -228,7 +296,9 @@ class BIFCallback(Callback):
         """Whether to take a snapshot now. Override to customise the schedule.
 
         Called on every rank with the same arguments (the answer must not depend on the rank).
-        A step that already has a snapshot never gets a second one.
+        A step that already has a snapshot never gets a second one. When one batch takes several
+        optimizer steps (manual optimization), it is asked about each of them, and a yes for any
+        takes one snapshot at the end of that batch.
 
         Args:
             event: ``"fit_start"``, ``"step"`` (after an optimizer step), ``"epoch_end"`` or ``"fit_end"``.
@@ -263,19 +333,29 @@ class BIFCallback(Callback):
         if stage == "fit":
             self._check_strategy(trainer)
             self._check_loss_hook(pl_module)
+            if isinstance(self.train, DataModuleExamples) or isinstance(self.probes, DataModuleExamples):
+                self._resolve_examples(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
         self._config = self._resolve_config(trainer)
-        self._check_losses_at_start(pl_module)
+        with snapshot_threads(self.num_threads):
+            self._check_losses_at_start(pl_module)
         self._open_log(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data is None:
             self._data_source = self._trainer_data(trainer)
-        self._active_schedule = self._bind_schedule(trainer)
+        self._active_schedule = self.schedule
+        # Under manual optimization the optimizer steps per batch are known only once a batch stepped.
+        if self.schedule.needs_total_steps and pl_module.automatic_optimization:
+            self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
+        self._start = (trainer.global_step, 0)
+        self._check_threads(trainer, pl_module)
+        if self._vectorized is None:
+            self._decide_vectorized(trainer, pl_module)
         self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
@@ -284,11 +364,18 @@ class BIFCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
+        start_step, batches = self._start[0], self._start[1] + 1
+        self._start = (start_step, batches)
         # With gradient accumulation most batches end without an optimizer step: global_step is unchanged.
         if trainer.global_step == self._last_seen_step:
             return
-        self._last_seen_step = trainer.global_step
-        self._maybe_snapshot(trainer, pl_module, "step")
+        previous, self._last_seen_step = self._last_seen_step, trainer.global_step
+        if self._active_schedule is self.schedule and self.schedule.needs_total_steps:
+            steps_per_batch = (trainer.global_step - start_step) / batches
+            self._active_schedule = self._bind_schedule(manual_optimization_steps(trainer, steps_per_batch))
+        if trainer.global_step - previous > 1:
+            self._warn_steps_per_batch(trainer.global_step - previous)
+        self._maybe_snapshot(trainer, pl_module, "step", previous)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -314,7 +401,8 @@ class BIFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         path = self._resolved_log_path or self._resumed_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
-                "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size}
+                "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size,
+                "vectorized": self._vectorized, "sequential_reason": self._sequential_reason}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -322,6 +410,8 @@ class BIFCallback(Callback):
         self._snapshots = int(state_dict["snapshots"])
         self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
         self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
+        self._vectorized = state_dict.get("vectorized")
+        self._sequential_reason = state_dict.get("sequential_reason")
         self._resumed = True
 
     # ------------------------------------------------------------------ fit-start checks
@@ -359,13 +449,57 @@ class BIFCallback(Callback):
     def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:
         """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
         model = _float32_model(pl_module)
-        estimator = self._estimator(model, pl_module.device, data=self._data_source)
+        estimator = self._estimator(model, pl_module.device, data=self._data_source, vectorized=False)
         try:
             with preserved_state(model, [pl_module.device]):
                 estimator.prepare()
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
         self._tokens = estimator.tokens
+        if self.probe_tokens is not None:
+            lengths = sorted({len(row) for row in self.probe_tokens})
+            if self._tokens is None:
+                raise MisconfigurationException(
+                    "BIFCallback(probe_tokens=...) needs per-token probe losses: set SGLDConfig(per_token=True) "
+                    "with a probe_fn that returns [B, T], or leave probe_tokens out."
+                )
+            if lengths != [self._tokens]:
+                raise MisconfigurationException(
+                    f"BIFCallback(probe_tokens=...) has rows of length {', '.join(map(str, lengths))}, but probe_fn "
+                    f"returns T = {self._tokens} token losses per probe: pass one string per token loss."
+                )
+
+    def _decide_vectorized(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Decide once, before the first snapshot, whether chains run under vmap; rank 0's answer holds everywhere.
+
+        At train start, when the SGLD data (by default the trainer's training DataLoader) is known:
+        every function a snapshot calls is tried under vmap on it.
+        """
+        model = _float32_model(pl_module)
+        estimator = self._estimator(model, pl_module.device, data=self._data_source)
+        try:
+            with snapshot_threads(self.num_threads), preserved_state(model, [pl_module.device]):
+                estimator.decide_vectorized()
+        except (TypeError, ValueError) as error:
+            raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
+        self._vectorized, self._sequential_reason = trainer.strategy.broadcast(
+            (estimator.vectorized, estimator.sequential_reason))
+
+    def _check_threads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset).
+
+        Called at train start, once the training DataLoader (and its workers) is known.
+        """
+        if self.num_threads is not None or pl_module.device.type != "cpu":
+            return
+        loader = trainer.train_dataloader
+        reason = oversubscription(loader.num_workers if isinstance(loader, DataLoader) else 0)
+        if reason is not None:
+            rank_zero_warn(
+                f"BIFCallback: {reason}. Snapshots of small models are many tiny kernels, which slow down many "
+                "times over when threads outnumber free cores; pass BIFCallback(num_threads=1) (set only during "
+                "snapshots) or call torch.set_num_threads(1). See docs/lightning.md, 'Threads'."
+            )
 
     def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -382,13 +516,26 @@ class BIFCallback(Callback):
             ) from error
         return loader
 
-    def _bind_schedule(self, trainer: pl.Trainer) -> SnapshotSchedule:
-        if not self.schedule.needs_total_steps:
-            return self.schedule
+    def _bind_schedule(self, total_steps: int | float) -> SnapshotSchedule:
         try:
-            return self.schedule.bind(trainer.estimated_stepping_batches)
+            return self.schedule.bind(total_steps)
         except ValueError as error:
             raise MisconfigurationException(f"BIFCallback: {error}") from error
+
+    def _warn_steps_per_batch(self, steps: int) -> None:
+        """Say once what the schedule counts when one batch takes several optimizer steps."""
+        schedule = self.schedule
+        if "steps_per_batch" in self._warned or not (schedule.every_n_steps or schedule.at_steps
+                                                     or schedule.log_spaced):
+            return
+        self._warned.add("steps_per_batch")
+        rank_zero_warn(
+            f"BIFCallback: one training batch advanced trainer.global_step by {steps} (manual optimization stepping "
+            "several optimizers, or several optimizer.step() calls a batch). The schedule counts global_step, as "
+            "max_steps, checkpoints and the log's step column do: a step it names inside a batch is taken at the "
+            f"end of that batch. To count batches instead, multiply: every_n_steps=n*{steps}, at_steps=[s*{steps}, "
+            "...]. (Shown once.)"
+        )
 
     # ------------------------------------------------------------------ the log
 
@@ -398,6 +545,7 @@ class BIFCallback(Callback):
             "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
             "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
             "data": "trainer training data" if self.data is None else "data argument",
+            "horizon": self.horizon,
         }
         return RunIdentity(
             config={"sgld": cfg.to_dict(), "callback": callback},
@@ -408,13 +556,15 @@ class BIFCallback(Callback):
             chains=cfg.chains,
             draws=cfg.draws,
             tokens=self._tokens,
+            probe_tokens=self.probe_tokens,
+            train_text=self.train_text,
         )
 
     def _open_log(self, trainer: pl.Trainer) -> None:
         """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
         path = self.log_path or self._resumed_log_path
         if path is None:
-            path = Path(trainer.log_dir or trainer.default_root_dir) / "influence.h5"  # log_dir: call on all ranks
+            path = default_log_path(trainer)
         self._resolved_log_path = path
         error = None
         if trainer.is_global_zero:
@@ -468,30 +618,99 @@ class BIFCallback(Callback):
 
     # ------------------------------------------------------------------ snapshots
 
-    def _maybe_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
+    def _maybe_snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event, previous: int | None = None
+    ) -> None:
+        """Snapshot when ``event`` is due at the current step or, for steps, at any step passed since ``previous``.
+
+        A batch can take several optimizer steps (manual optimization with several optimizers):
+        a step the schedule names inside it is taken at the end of that batch.
+        """
         step = trainer.global_step
-        if step > self._last_step and self.should_snapshot(event, step, trainer.current_epoch):
+        first = step if previous is None else max(previous + 1, self._last_step + 1)
+        if step > self._last_step and any(self.should_snapshot(event, s, trainer.current_epoch)
+                                          for s in range(first, step + 1)):
             self._snapshot(trainer, pl_module)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step, epoch = trainer.global_step, trainer.current_epoch
         calibration = None
-        if self.calibrate is not None and self._calibrated_step_size is None:
-            calibration = self._calibrate(trainer, pl_module, step)
-        config = self.resolved_config
-        start = time.perf_counter()
-        result, message = self._estimate(trainer, pl_module, step, config)
-        duration = time.perf_counter() - start
+        with snapshot_threads(self.num_threads):
+            if self.calibrate is not None and self._calibrated_step_size is None:
+                calibration = self._calibrate(trainer, pl_module, step)
+            config = self._with_horizon(trainer, self.resolved_config, step)
+            start = time.perf_counter()
+            result, message, result_reason = self._estimate(trainer, pl_module, step, config)
+            duration = time.perf_counter() - start
         wall_time = time.time()
         status = "failed" if result is None else ("ok" if result.ok else "diverged")
+        if result is not None and not result.diagnostics.vectorized and self._vectorized:
+            # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
+            self._vectorized = False
+            self._sequential_reason = result_reason or "torch.func.vmap failed during sampling on another rank"
+        if result is not None and self._sequential_reason is not None and not message:
+            message = f"chains ran one after another: {self._sequential_reason}"
         record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
-                                status=status, result=result, message=message, step_size=config.step_size,
+                                status=status, result=result, message=message,
+                                step_size=config.step_size if result is None else result.config.step_size,
                                 calibration=calibration)
         self._last_step = step
         self._snapshots += 1
         if trainer.is_global_zero:
             self._write(record)
         self._report(record)
+
+    def _with_horizon(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
+        """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
+        if self.horizon is None or config.horizon_steps is not None:
+            return config
+        found = optimizer_step(trainer.optimizers)
+        steps = self._horizon_steps(trainer, step)
+        if found is None or steps is None:
+            why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
+                   "or it has taken no step yet (Adam, RMSprop)" if found is None
+                   else "the number of steps to come is unknown")
+            message = (f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
+                       f"SGLDConfig.localization={config.localization:g} and step_size={config.step_size:g}. Set "
+                       "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.")
+            if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
+                rank_zero_info(message)
+            elif "horizon" not in self._warned:
+                self._warned.add("horizon")
+                rank_zero_warn(message + " (Shown once.)")
+            return config
+        return config.replace(horizon_steps=steps, learning_rate=found.learning_rate, momentum=found.momentum)
+
+    def _horizon_steps(self, trainer: pl.Trainer, step: int) -> int | None:
+        """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end.
+
+        Where nothing follows (the last snapshot), H is the length of the interval that led to it (from the
+        previous snapshot, or from step 0).
+        """
+        if not isinstance(self.horizon, str):
+            return self.horizon
+        total = trainer.estimated_stepping_batches
+        end = int(total) if math.isfinite(total) else None
+        following = end if self.horizon == "rest" else self._next_snapshot_step(trainer, step, end)
+        if following is not None and following > step:
+            return following - step
+        previous = max(self._last_step, 0)
+        return step - previous if step > previous else None
+
+    def _next_snapshot_step(self, trainer: pl.Trainer, step: int, end: int | None) -> int | None:
+        """The step of the next scheduled snapshot after ``step``, at most ``end``; ``None`` when none is known."""
+        schedule = self._active_schedule
+        candidates = [s for s in schedule.steps if s > step]
+        if schedule.every_n_steps:
+            candidates.append((step // schedule.every_n_steps + 1) * schedule.every_n_steps)
+        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+            if math.isfinite(trainer.num_training_batches) else 0
+        if schedule.every_n_epochs and per_epoch > 0:
+            epochs = schedule.every_n_epochs
+            candidates.append(((step // per_epoch) // epochs + 1) * epochs * per_epoch)
+        if end is not None:  # training stops there, scheduled or not
+            candidates.append(end)
+        return min(candidates) if candidates else None
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size on global rank 0 and broadcast the evidence; adopt an accepted step size.
@@ -532,8 +751,12 @@ class BIFCallback(Callback):
 
     def _estimate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, config: SGLDConfig
-    ) -> tuple[BIFResult | None, str]:
-        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere."""
+    ) -> tuple[BIFResult | None, str, str | None]:
+        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere.
+
+        Returns the result (``None`` when failed), the error message, and why this rank's chains
+        fell back from vmap during sampling (``None`` when they did not).
+        """
         device = pl_module.device
         world = trainer.world_size
         chains = [c for c in range(config.chains) if c % world == trainer.global_rank]
@@ -547,22 +770,30 @@ class BIFCallback(Callback):
                 accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
         except Exception as caught:  # a failed snapshot is recorded; training goes on
             error = caught
+        if world > 1:
+            # A rank whose chains fell back from vmap makes every rank's result count as sequential.
+            fell_back = trainer.strategy.reduce_boolean_decision(
+                error is None and bool(self._vectorized) and not estimator.vectorized, all=False)
+            if fell_back and error is None:
+                estimator.vectorized = False
         failed = error is not None
         if world > 1:
             failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
         if failed:
             message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            return None, message
+            return None, message, None
         if world > 1:
             _merge(trainer, accumulator)
-        return estimator.summarize(accumulator, time.perf_counter() - start), ""
+        return estimator.summarize(accumulator, time.perf_counter() - start), "", estimator.sequential_reason
 
     def _estimator(
-        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None
+        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None,
+        vectorized: bool | None = None,
     ) -> BIFEstimator:
         loss_fn = self.loss_fn or module_per_example_loss
-        return BIFEstimator(model, loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=data,
-                            config=config or self._config, device=device)
+        vectorized = self._vectorized if vectorized is None else vectorized
+        return BIFEstimator(model, loss_fn, self._train_source, self._probe_source, probe_fn=self.probe_fn, data=data,
+                            config=config or self._config, device=device, vectorized=vectorized)
 
     def _write(self, record: SnapshotRecord) -> None:
         if self._writer is not None:
@@ -644,6 +875,28 @@ def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarra
             f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
         )
     return array if array.dtype.kind in "US" else array.astype(np.int64)
+
+
+def _key(source: ExampleSource | DataModuleExamples) -> int | str:
+    """What identifies an example set in the state key: its size (known before setup for ``DataModuleExamples``)."""
+    if isinstance(source, DataModuleExamples):
+        return f"{source.dataloader}:{source.size}"
+    return len(ExampleSet(source, "examples"))
+
+
+def _texts(texts: Sequence | None, size: int, name: str, what: str, nested: bool) -> list | None:
+    """Display strings as lists, one entry per example (``nested``: a list of token strings per example)."""
+    if texts is None:
+        return None
+    if isinstance(texts, str) or len(texts) != size or not all(
+        not isinstance(entry, str) and all(isinstance(v, str) for v in entry) if nested else isinstance(entry, str)
+        for entry in texts
+    ):
+        kind = "a list of token strings" if nested else "a str"
+        raise MisconfigurationException(
+            f"BIFCallback({name}=...) needs {kind} for each of the {size} examples of {what}, in order."
+        )
+    return [list(entry) for entry in texts] if nested else list(texts)
 
 
 def _qualname(fn: Callable) -> str:

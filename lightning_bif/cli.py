@@ -4,6 +4,7 @@
     lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
     lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
     lightning-bif plot runs/exp/influence.h5 --out figures  # group curves, pairs, matrices, sign changes, top-k
+    lightning-bif tokens runs/exp/influence.h5 --probe 0 --html tokens.html   # per-token influence on a probe
 """
 
 from __future__ import annotations
@@ -183,7 +184,35 @@ def _parser() -> argparse.ArgumentParser:
     draw.add_argument("--prefix", default="", help="prepended to each file name, e.g. 'digits_'")
     draw.add_argument("--quantity", default="influence", metavar="NAME",
                       help="'influence' (BIF, default) or 'correlation' (posterior correlation: > 0 helps)")
+    tokens = commands.add_parser("tokens", help="a probe's tokens coloured by per-token influence (per_token logs)")
+    tokens.add_argument("log", help="the .h5 influence log")
+    tokens.add_argument("--probe", default=None, metavar="ID", help="probe id (default: the first probe)")
+    chosen = tokens.add_mutually_exclusive_group()
+    chosen.add_argument("--train", default=None, metavar="ID", help="one tracked training example (default: the "
+                        "sum over all tracked examples)")
+    chosen.add_argument("--group", default=None, metavar="G", help="the sum over one training group")
+    tokens.add_argument("--step", type=int, default=None,
+                        help="training step (nearest snapshot that did not fail; default: the last such)")
+    tokens.add_argument("--top", type=int, default=3, metavar="K", help="most helpful/harmful examples to list")
+    tokens.add_argument("--html", default=None, metavar="PATH", help="also write the interactive HTML token view")
+    tokens.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                        help="ANSI colours (auto: when writing to a terminal); without, markers [-helps-] {+harms+}")
     return parser
+
+
+def _tokens(log: InfluenceLog, args: argparse.Namespace, out: TextIO) -> None:
+    """The ``tokens`` command (imported on use: the other commands do not need it)."""
+    from .tokens import format_view, resolve_group, resolve_id, token_view, write_html
+
+    probe = 0 if args.probe is None else resolve_id(log, "probe", args.probe)
+    train = None if args.train is None else resolve_id(log, "train", args.train)
+    group = None if args.group is None else resolve_group(log, args.group)
+    view = token_view(log, probe, train=train, group=group, step=args.step, top=args.top)
+    color = args.color == "always" or (args.color == "auto" and out.isatty())
+    out.write(format_view(view, color))
+    if args.html:
+        path = write_html(args.html, log, probe=probe, train=train, group=group, step=args.step, top=max(args.top, 5))
+        print(f"\nwrote the HTML token view to {path}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print_sign_changes(log, sys.stdout, args.z, args.top or None)
             elif args.command == "plot":
                 plot(log, sys.stdout, args)
+            elif args.command == "tokens":
+                _tokens(log, args, sys.stdout)
             elif args.csv == "-":
                 export(log, sys.stdout, args.step, args.tokens)
             else:

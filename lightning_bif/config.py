@@ -92,6 +92,15 @@ class SGLDConfig:
             return 0 loss, which has zero covariance with everything) and the result gains
             ``token_influence [P, T, N]`` and ``token_stderr [P, T, N]``. ``influence [P, N]`` stays
             the influence on the token mean, as without it.
+        horizon_steps: H, the horizon of the question a snapshot answers: the influence of up-weighting
+            z_i from now on over the next H optimizer steps of training run with ``learning_rate`` η
+            and ``momentum`` μ. Sets γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)) (``localization`` is
+            then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos)
+            and ε = 1/(nβ·λ_max + γ) (``step_size`` is then unused; see :mod:`lightning_bif.horizon`).
+            ``None`` (with the other two): ``localization`` and ``step_size`` are used as given.
+        learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
+            :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
+        momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
@@ -117,6 +126,9 @@ class SGLDConfig:
     autocast: Autocast | None = None
     per_token: bool = False
     max_token_entries: int = 2**26
+    horizon_steps: float | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -173,6 +185,23 @@ class SGLDConfig:
             raise ValueError(
                 f"SGLDConfig.max_token_entries must be a positive integer, got {self.max_token_entries!r}."
             )
+        self._validate_horizon()
+
+    def _validate_horizon(self) -> None:
+        horizon = {"horizon_steps": self.horizon_steps, "learning_rate": self.learning_rate, "momentum": self.momentum}
+        given = [name for name, value in horizon.items() if value is not None]
+        if given and len(given) < 3:
+            missing = sorted(set(horizon) - set(given))
+            raise ValueError(f"SGLDConfig: horizon_steps, learning_rate and momentum are set together or not at all; "
+                             f"{given} given, {missing} missing.")
+        if not given:
+            return
+        if not _is_finite(self.horizon_steps) or not self.horizon_steps >= 1:
+            raise ValueError(f"SGLDConfig.horizon_steps must be a finite number >= 1, got {self.horizon_steps!r}.")
+        if not _is_finite(self.learning_rate) or not self.learning_rate > 0:
+            raise ValueError(f"SGLDConfig.learning_rate must be a finite number > 0, got {self.learning_rate!r}.")
+        if not _is_finite(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"SGLDConfig.momentum must be a number in [0, 1), got {self.momentum!r}.")
 
     def replace(self, **changes: Any) -> SGLDConfig:
         """Return a copy with some fields changed (validated again)."""

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
@@ -46,14 +46,30 @@ def _tensor_view(source: Any) -> tuple[list[torch.Tensor], torch.Tensor | None] 
     return None
 
 
+class _Examples(Dataset):
+    """A Python list of examples as a map-style ``Dataset`` (what ``DataLoader`` accepts as its dataset)."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
 class ExampleSet:
     """A fixed, indexable set of examples that yields collated batches on a device.
 
     Accepts a map-style ``Dataset`` (``TensorDataset`` and ``Subset`` of one take a fast path
-    that gathers rows directly), a ``DataLoader`` over one (its ``collate_fn`` is used), or a
-    tuple/list of tensors sharing their first dimension. Batches look like what a
-    ``DataLoader`` with the default collate function would yield: a list of tensors for
-    tensor sources.
+    that gathers rows directly), a ``DataLoader`` over one (its ``collate_fn`` is used; a
+    ``DataLoader`` over a Python list of examples works too), a tuple of column tensors sharing
+    their first dimension, or a list of examples that are not bare tensors (e.g. ``(x, y)``
+    pairs). Batches look like what a ``DataLoader`` with the default collate function would
+    yield: a list of tensors for tensor sources. A list of bare tensors is refused as ambiguous
+    (columns or examples?), and examples of different shapes need a ``DataLoader`` whose
+    ``collate_fn`` pads them: the error says so.
 
     Args:
         source: The examples.
@@ -68,7 +84,23 @@ class ExampleSet:
         if isinstance(source, DataLoader):
             self._collate = source.collate_fn or default_collate
             source = source.dataset
-        if isinstance(source, (tuple, list)):
+            if isinstance(source, (tuple, list)):  # a DataLoader's dataset may be any sequence of examples
+                source = _Examples(source)
+        if isinstance(source, list) and source and all(isinstance(t, torch.Tensor) for t in source):
+            raise TypeError(
+                f"{name} is a list of {len(source)} tensors, which is ambiguous: columns or examples? Pass columns "
+                f"as a tuple, e.g. {name}=(inputs, targets) sharing their first (example) dimension; pass one "
+                f"example per tensor as {name}=torch.stack(tensors) (equal shapes) or "
+                f"{name}=DataLoader(tensors, collate_fn=pad) (different lengths; its collate_fn makes the batches)."
+            )
+        if isinstance(source, list):
+            if not all(any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(item)[0]) for item in source):
+                raise TypeError(
+                    f"{name}: a tuple/list source must hold tensors only: a tuple of column tensors (inputs, targets), "
+                    "or a list of examples made of tensors, such as (x, y) pairs."
+                )
+            source = _Examples(source)
+        if isinstance(source, tuple):
             source = self._tensor_tuple(source, name)
         if isinstance(source, IterableDataset):
             raise TypeError(
@@ -92,7 +124,7 @@ class ExampleSet:
     @staticmethod
     def _tensor_tuple(tensors: Sequence[Any], name: str) -> TensorDataset:
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-            raise TypeError(f"{name}: a tuple/list source must hold tensors only (e.g. (inputs, targets)).")
+            raise TypeError(f"{name}: a tuple source must hold column tensors only (e.g. (inputs, targets)).")
         lengths = {t.shape[0] if t.ndim else None for t in tensors}
         if len(lengths) != 1 or None in lengths:
             raise ValueError(
@@ -118,7 +150,19 @@ class ExampleSet:
         if self._tensors is not None:
             rows = index if self._index is None else self._index[index]
             return [to_device(t[to_device(rows, t.device)], device) for t in self._tensors]
-        return move_to(self._collate([self.dataset[int(i)] for i in index]), device)
+        items = [self.dataset[int(i)] for i in index]
+        try:
+            batch = self._collate(items)
+        except RuntimeError as error:
+            if self._collate is not default_collate or "equal size" not in str(error):
+                raise
+            raise ValueError(
+                f"{self.name}: the examples have different shapes, so the default collate cannot stack them into a "
+                f"batch ({error}). Pass a DataLoader whose collate_fn pads them: {self.name}=DataLoader(dataset, "
+                "collate_fn=pad) (only its dataset and collate_fn are used), with losses that ignore the padding. "
+                "SGLD minibatches use the training DataLoader's collate_fn (or BIFCallback(data=...)'s)."
+            ) from error
+        return move_to(batch, device)
 
     def batches(self, batch_size: int, device: torch.device) -> list[tuple[int, Batch]]:
         """All examples in order, as ``(size, batch)`` pairs of at most ``batch_size`` examples."""

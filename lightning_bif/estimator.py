@@ -16,7 +16,8 @@ from .accumulator import CovarianceAccumulator, effective_sample_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
-from .sampler import ProgressFn, SGLDSampler
+from .horizon import HorizonCheck, extreme_curvature, horizon_config
+from .sampler import ProgressFn, SGLDSampler, chain_seed
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
 CPU_VMAP_MAX_STEP_S = 0.005
@@ -38,6 +39,9 @@ class Diagnostics:
         vectorized: Whether chains ran batched with ``vmap``.
         nbeta: The nβ actually used.
         duration_s: Wall time of the estimate.
+        horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
+            with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
+            damping was raised by |λ_min|). ``None`` otherwise.
     """
 
     sampling_loss: torch.Tensor
@@ -49,6 +53,7 @@ class Diagnostics:
     vectorized: bool
     nbeta: float
     duration_s: float
+    horizon: HorizonCheck | None = None
 
     @property
     def any_diverged(self) -> bool:
@@ -99,7 +104,10 @@ class BIFEstimator:
     ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
     ranks, and calls ``summarize`` on the merged result.
 
-    Args: as :func:`estimate_bif`.
+    Args: as :func:`estimate_bif`, and
+        vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
+            :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a group of
+            chains that fails under vmap still falls back to running one chain at a time.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class BIFEstimator:
         data: ExampleSource | None = None,
         config: SGLDConfig | None = None,
         device: torch.device | str | None = None,
+        vectorized: bool | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B]; got {loss_fn!r}.")
@@ -128,6 +137,9 @@ class BIFEstimator:
             raise ValueError("The model has no parameters: there is nothing to sample.")
         self.device = torch.device(device) if device is not None else first.device
         self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
+        self._decided = vectorized
+        #: Why chains run one at a time under ``vectorize="auto"`` (``None`` when they run under vmap).
+        self.sequential_reason: str | None = None
 
     def evaluate(
         self, fmodel: FunctionalModel, params: torch.Tensor, vectorized: bool
@@ -155,11 +167,7 @@ class BIFEstimator:
     def prepare(self) -> None:
         """Build the functional model and evaluation batches; compute and check the losses at w*."""
         cfg = self.config
-        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device, autocast=cfg.autocast)
-        self._buffers = self.fmodel.fresh_buffers()
-        self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
-        self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
-        self._joint_batch: tuple[int, Batch] | None = None  # the losses at w* are checked set by set
+        self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
         self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
         _check_finite(self.train_loss0, "loss_fn", "training example")
@@ -170,40 +178,102 @@ class BIFEstimator:
             _check_token_budget(cfg, len(self.probes), self.tokens, len(self.train))
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
-        self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
+        self.horizon: HorizonCheck | None = None
+        if cfg.horizon_steps is not None:
+            size, batch = self.sampler.curvature_sample()
+            low, high = extreme_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
+                                          seed=chain_seed(cfg.seed, -2))
+            self.config, self.horizon = horizon_config(cfg, self.nbeta, low, high)
+            cfg = self.sampler.config = self.config  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             self.sampler.lowrank_preconditioner(self._buffers)
         self.vectorized = self._choose_vectorized()
 
+    def decide_vectorized(self) -> bool:
+        """Resolve ``config.vectorize`` alone (what :meth:`prepare` does last), e.g. once before many estimates.
+
+        Returns:
+            Whether chains would run under vmap; :attr:`sequential_reason` says why not under "auto".
+
+        Raises:
+            ValueError: With ``vectorize=True`` when vmap cannot run one of the functions.
+        """
+        self._build()
+        self.vectorized = self._choose_vectorized()
+        return self.vectorized
+
+    def _build(self) -> None:
+        """The functional model, its buffers, the evaluation batches and the sampler."""
+        cfg = self.config
+        self.fmodel = FunctionalModel(self.model, cfg.sample_params, self.device, autocast=cfg.autocast)
+        self._buffers = self.fmodel.fresh_buffers()
+        self._train_batches = self.train.batches(cfg.eval_batch_size, self.device)
+        self._probe_batches = self.probes.batches(cfg.eval_batch_size, self.device)
+        self._joint_batch: tuple[int, Batch] | None = None  # the losses at w* are checked set by set
+        self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
+
     def _choose_vectorized(self) -> bool:
-        """Resolve ``config.vectorize``.
+        """Resolve ``config.vectorize`` (or adopt the decision passed to the constructor).
 
         "auto" runs chains one after another on a CPU when one chain's SGLD step takes at least
-        ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once, falling back on failure. On a CPU,
-        vmap only saves per-call overhead, while its batched matmuls run slower than one matmul per
-        chain: once a step is long enough for overhead not to matter, vmap loses (16 chains of an MLP,
-        one thread: 3x faster at 1.4 ms a step, on par at 5 ms, 1.7x slower at 10 ms). Both ways give
-        the same draws up to float rounding.
+        ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once on every function a draw runs
+        (:meth:`vmap_error`), falling back on failure. On a CPU, vmap only saves per-call overhead,
+        while its batched matmuls run slower than one matmul per chain: once a step is long enough
+        for overhead not to matter, vmap loses (16 chains of an MLP, one thread: 3x faster at 1.4 ms
+        a step, on par at 5 ms, 1.7x slower at 10 ms). Both ways give the same draws up to float
+        rounding. ``True`` is checked the same way and refused with the failing function named.
         """
-        if self.config.vectorize != "auto":
-            return bool(self.config.vectorize)
-        if self.device.type == "cpu" and self._one_chain_step_seconds() >= CPU_VMAP_MAX_STEP_S:
+        if self._decided is not None:
+            return self._decided
+        if self.config.vectorize is False:
             return False
+        if self.config.vectorize == "auto" and self.device.type == "cpu":
+            seconds = self._one_chain_step_seconds()
+            if seconds >= CPU_VMAP_MAX_STEP_S:
+                self.sequential_reason = (f"one chain's SGLD step takes {seconds * 1e3:.1f} ms on the CPU, where "
+                                          f"vmap is slower from {CPU_VMAP_MAX_STEP_S * 1e3:g} ms on")
+                return False
+        error = self.vmap_error()
+        if error is None:
+            return True
+        if self.config.vectorize is True:
+            raise ValueError(f"SGLDConfig(vectorize=True), but {error} Use vectorize='auto' (falls back to "
+                             "running chains one after another) or vectorize=False.")
+        warnings.warn(f"Chains run one after another because {error} Set SGLDConfig(vectorize=False) to silence this.",
+                      stacklevel=3)
+        self.sequential_reason = error
+        return False
+
+    def vmap_error(self) -> str | None:
+        """Why ``torch.func.vmap`` cannot run this estimate's functions, or ``None`` when it can.
+
+        Runs each function a snapshot calls, for two copies of w*: the SGLD gradient of ``loss_fn``
+        on a minibatch, ``loss_fn`` on the tracked examples and ``probe_fn`` on the probes
+        (per-token when configured). Call after :meth:`prepare` or :meth:`decide_vectorized`.
+        """
         probe = self.fmodel.center.expand(2, -1)
-        try:
-            batch, shared = self.sampler.example_minibatch(groups=2)
-            self.fmodel.batched_grads(probe, batch, self.sampler.minibatch, self.loss_fn, self._buffers,
-                                      vectorized=True, shared_batch=shared)
-            size, first = self._train_batches[0]
-            self.fmodel.batched_losses(probe, first, size, self.loss_fn, self._buffers, "loss_fn", True)
-        except Exception as error:
-            warnings.warn(
-                f"Chains run one after another because torch.func.vmap failed on this model/loss "
-                f"({type(error).__name__}: {error}). Set SGLDConfig(vectorize=False) to silence this.",
-                stacklevel=3,
-            )
-            return False
-        return True
+        buffers, tokens = self._buffers, self.config.per_token
+        batch, shared = self.sampler.example_minibatch(groups=2)
+        trials: list[tuple[str, Callable[[], object]]] = [
+            ("the SGLD gradient of loss_fn", lambda: self.fmodel.batched_grads(
+                probe, batch, self.sampler.minibatch, self.loss_fn, buffers, vectorized=True, shared_batch=shared)),
+            *[("loss_fn on the tracked examples", lambda s=size, b=train: self.fmodel.batched_losses(
+                probe, b, s, self.loss_fn, buffers, "loss_fn", True)) for size, train in self._train_batches],
+            *[("probe_fn on the probes", lambda s=size, b=probes: self.fmodel.batched_losses(
+                probe, b, s, self.probe_fn, buffers, "probe_fn", True, tokens))
+              for size, probes in self._probe_batches],
+        ]
+        for what, trial in trials:
+            try:
+                trial()
+            except Exception as error:  # any failure under vmap means: run chains one at a time
+                if isinstance(error, torch.cuda.OutOfMemoryError) and self.config.vectorize is True:
+                    raise  # memory, not something vmap cannot run: chains_per_batch is the remedy
+                return (f"torch.func.vmap failed on {what} ({type(error).__name__}: "
+                        f"{str(error)[:300]}). Typical causes: Python control flow on a tensor value "
+                        "(`if tensor...:`, `.item()`), stateful objects such as a torchmetrics Metric, or "
+                        "data-dependent masking code.")
+        return None
 
     def _one_chain_step_seconds(self) -> float:
         """Wall time of one SGLD gradient step of one chain (at most two calls)."""
@@ -245,14 +315,27 @@ class BIFEstimator:
             except torch.cuda.OutOfMemoryError:
                 if not split_on_oom or len(group) == 1:
                     raise
-                out_of_memory = True
+                out_of_memory, vmap_failure = True, None
+            except Exception as error:
+                # A draw can take a path the trial in prepare() did not (another minibatch, larger
+                # weights): under "auto" the group reruns one chain at a time, as it would have run
+                # had the trial failed. Its draws do not depend on the group, so the rerun is exact.
+                if not self.vectorized or self.config.vectorize != "auto":
+                    raise
+                out_of_memory, vmap_failure = False, f"{type(error).__name__}: {str(error)[:300]}"
             else:
-                out_of_memory = False
+                out_of_memory, vmap_failure = False, None
             if out_of_memory:  # outside the except block, so the failed group's tensors are freed
                 _forget_chains(accumulator, group)
                 size = len(group) // 2
                 warnings.warn(f"{len(group)} chains at once ran out of GPU memory; running {size} at a time.",
                               stacklevel=2)
+                continue
+            if vmap_failure is not None:
+                _forget_chains(accumulator, group)
+                self.vectorized, size, split_on_oom = False, 1, False
+                self.sequential_reason = f"torch.func.vmap failed during sampling ({vmap_failure})"
+                warnings.warn(f"Chains run one after another from here on: {self.sequential_reason}.", stacklevel=2)
                 continue
             start += len(group)
         return accumulator
@@ -273,6 +356,7 @@ class BIFEstimator:
             vectorized=self.vectorized,
             nbeta=self.nbeta,
             duration_s=duration_s,
+            horizon=self.horizon,
         )
         per_token = {}
         if self.tokens is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -193,17 +193,26 @@ class FunctionalModel:
 
 @contextmanager
 def preserved_state(model: nn.Module, devices: list[torch.device]) -> Iterator[None]:
-    """Put ``model`` in eval mode and fork the global RNGs; restore both on exit.
+    """Put ``model`` in eval mode, fork the global RNGs and run ``torch.compile``d code eagerly; restore on exit.
 
-    Every submodule's own ``training`` flag is restored, so mixed train/eval models come back
-    exactly as they were.
+    Every submodule's own ``torch.compile`` wrapper is bypassed (``set_stance("force_eager")``):
+    a snapshot calling a compiled module with other shapes, under vmap or ``functional_call``
+    would make dynamo recompile, and training would then run a different graph (e.g. one with
+    dynamic shapes) whose floats differ in the last bits. Every submodule's own ``training``
+    flag is restored, so mixed train/eval models come back exactly as they were.
     """
     modes = [(m, m.training) for m in model.modules()]
     cuda = [d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"]
-    with torch.random.fork_rng(devices=cuda):
+    with torch.random.fork_rng(devices=cuda), _eager():
         try:
             model.eval()
             yield
         finally:
             for module, training in modes:
                 module.training = training
+
+
+def _eager() -> AbstractContextManager[object]:
+    """Ignore ``torch.compile`` inside the block (``torch.compiler.set_stance`` exists from torch 2.6 on)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return nullcontext() if set_stance is None else set_stance("force_eager")

@@ -169,17 +169,21 @@ class SGLDSampler:
         """
         if self._lowrank is None:
             cfg = self.config
-            if self._full_batch is not None:
-                size, batch = len(self.data), self._full_batch
-            else:
-                size = min(len(self.data), _CURVATURE_MINIBATCHES * self.minibatch)
-                order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(cfg.seed))
-                batch = self.data.gather(order[:size], self.fmodel.device)
+            size, batch = self.curvature_sample()
             curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
                                       cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
             self._lowrank = LowRankPreconditioner(curvature, cfg.preconditioner_damping,
                                                   floor=cfg.localization / self.nbeta)
         return self._lowrank
+
+    def curvature_sample(self) -> tuple[int, Batch]:
+        """The examples whose Hessian describes the posterior's curvature: all SGLD data with full-batch
+        SGLD, else four minibatches' worth drawn with the sampler's seed. Returns ``(size, batch)``."""
+        if self._full_batch is not None:
+            return len(self.data), self._full_batch
+        size = min(len(self.data), _CURVATURE_MINIBATCHES * self.minibatch)
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed))
+        return size, self.data.gather(order[:size], self.fmodel.device)
 
     @property
     def steps_per_chain(self) -> int:

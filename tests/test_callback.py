@@ -240,7 +240,7 @@ def test_sharded_strategies_are_refused(tmp_path):
 
 
 def test_diverging_chains_are_recorded_warned_once_and_training_goes_on(tmp_path):
-    callback = bif(tmp_path, every_n_steps=2, config=FAST.replace(step_size=1e3))
+    callback = bif(tmp_path, every_n_steps=2, config=FAST.replace(step_size=1e3), horizon=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, model = fit(tmp_path, [callback], max_steps=6)
@@ -351,7 +351,8 @@ def split_half_warnings(caught) -> list[str]:
 
 
 def test_low_split_half_reliability_is_warned_about_once_per_fit(tmp_path):
-    few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0), min_split_half=0.3)
+    few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0), min_split_half=0.3,
+                    horizon=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, model = fit(tmp_path, [few_draws], max_steps=6)
@@ -383,7 +384,7 @@ def test_calibration_picks_the_step_size_once_weights_are_stationary_and_keeps_i
     ladder = [0.1 * 2.0**-k for k in range(9)]
     options = {"pilot_steps": 100, "pilot_chains": 2, "tracked": 32, "step_sizes": ladder}
     callback = bif(tmp_path, at_fit_start=True, at_steps=[60, 100, 110], calibrate=options,
-                   config=FAST.replace(step_size=0.1, batch_size=None))
+                   config=FAST.replace(step_size=0.1, batch_size=None), horizon=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, model = fit(tmp_path, [callback], max_steps=100)

@@ -15,6 +15,13 @@ from lightning_bif import SGLDConfig, estimate_bif, open_log
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+def logged_config(log) -> SGLDConfig:
+    """The stored config with the last snapshot's horizon (H, η, μ) as the callback used it."""
+    return SGLDConfig.from_dict(log.config["sgld"]).replace(
+        horizon_steps=float(log.horizon_steps[-1]), learning_rate=float(log.learning_rate[-1]),
+        momentum=float(log.momentum[-1]))
+
+
 def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_process(tmp_path):
     """Also: a snapshot that raises on rank 1 only is recorded as failed, and training goes on on both ranks;
     step-size calibration (rank 0, broadcast) leaves the ranks agreeing on the step size."""
@@ -42,10 +49,10 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
         assert log.steps.tolist() == [0, 2, 4]
         assert log.status.tolist() == ["ok", "failed", "ok"]  # rank 1 failed at step 2: recorded, nobody hung
         assert "another rank" in log.message[1]
-        influence, stderr = log.influence[-1], log.stderr[-1]
-        assert log.calibration[0] is not None and log.step_size[-1] == reports[0]["step_size"]
-        config = SGLDConfig.from_dict(log.config["sgld"]).replace(step_size=float(log.step_size[-1]))
-    assert config.chains == 4
+        influence, stderr, stored_step_size = log.influence[-1], log.stderr[-1], float(log.step_size[-1])
+        assert log.calibration[0] is not None
+        config = logged_config(log)
+    assert config.chains == 4 and config.horizon_steps == 2  # the default horizon: to the end, 2 steps on
 
     # The last snapshot, recomputed in this one process from the same weights with all chains.
     model = ToyClassifier()
@@ -53,6 +60,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     data = toy_dataset()
     train, probes = tracked_sets(data)
     single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, data=data, config=config)
+    assert single.config.step_size == stored_step_size  # the horizon's ε (and γ) resolve alike on both sides
     np.testing.assert_allclose(influence, single.influence.numpy(), rtol=1e-4, atol=1e-9)
     np.testing.assert_allclose(stderr, single.stderr.numpy(), rtol=1e-4, atol=1e-9)
 
@@ -60,8 +68,8 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     with open_log(tmp_path / "tokens.h5") as log:
         assert log.steps.tolist() == [4] and log.tokens == 3 and log.status.tolist() == ["ok"]
         token_influence, token_se = log.token_influence[-1], log.token_influence_se[-1]
-        config = SGLDConfig.from_dict(log.config["sgld"])
-    assert config.per_token and config.chains == 4
+        config = logged_config(log)
+    assert config.per_token and config.chains == 4 and config.horizon_steps == 4  # no earlier snapshot: from step 0
     single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, probe_fn=class_losses, data=data,
                           config=config)
     np.testing.assert_allclose(token_influence, single.token_influence.numpy(), rtol=1e-4, atol=1e-9)

@@ -128,7 +128,8 @@ def test_the_callback_snapshots_with_the_lowrank_preconditioner(tmp_path) -> Non
     data = toy_dataset()
     train, probes = tracked_sets(data)
     config = FAST.replace(preconditioner="lowrank", preconditioner_rank=8)
-    callback = BIFCallback(train, probes, every_n_steps=3, config=config, log_path=tmp_path / "bif.h5")
+    callback = BIFCallback(train, probes, every_n_steps=3, config=config, log_path=tmp_path / "bif.h5",
+                           min_split_half=None)
     pl.seed_everything(0)
     trainer = pl.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])

@@ -8,6 +8,7 @@ else goes through :class:`LogWriter` (``writer``) and :func:`open_log` (``reader
                                      chains, draws
     train_ids [N], probe_ids [P]            int64 dataset indices or fixed-length UTF-8 keys
     train_groups [N], probe_groups [P]      optional group labels (int64 or UTF-8)
+    probe_tokens [P, T], train_text [N]     optional display strings (variable-length UTF-8; format 2)
     step [S]                                training step of each snapshot (written last: the commit marker)
     epoch [S], wall_time [S], duration_s [S], status [S], message [S]
     influence [S, P, N], correlation [S, P, N], stderr [S, P, N]     float32

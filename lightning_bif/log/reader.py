@@ -12,7 +12,15 @@ import h5py
 import numpy as np
 
 from ..analysis import SignChange, sign_changes
-from .schema import PathLike, _check_format, _file_layout, _read_labels, _stored_tokens
+from .schema import (
+    HORIZON_COLUMNS,
+    PathLike,
+    _check_format,
+    _file_layout,
+    _read_labels,
+    _read_texts,
+    _stored_tokens,
+)
 
 
 @dataclass
@@ -75,6 +83,11 @@ class Snapshot:
     diverged: np.ndarray
     token_influence: np.ndarray | None = None
     token_influence_se: np.ndarray | None = None
+    horizon_steps: float | None = None
+    learning_rate: float | None = None
+    momentum: float | None = None
+    localization: float | None = None
+    lambda_min: float | None = None
 
 
 class RowView:
@@ -141,10 +154,14 @@ class InfluenceLog:
     ``probe_loss``, ``sampling_loss``, ``draw_loss``, ``diverged``) are lazy :class:`RowView`
     objects that read from disk only what is indexed. Logs of per-token runs also have ``tokens`` (T)
     and the views ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]`` (``None``, like
-    ``tokens``, in other logs; see :meth:`token_trajectory`). ``step_size`` ``[S]`` is the SGLD step
+    ``tokens``, in other logs; see :meth:`token_trajectory`). ``probe_tokens`` (the display string of
+    every probe token, ``[P][T]``) and ``train_text`` (of every tracked training example, ``[N]``) are
+    lists of str when the run stored them (format 2), else ``None``. ``step_size`` ``[S]`` is the SGLD step
     size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
     step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
-    or ``None``. Call :meth:`refresh` to see snapshots appended since opening.
+    or ``None``. ``horizon_steps``, ``learning_rate``, ``momentum``, ``localization`` (γ) and
+    ``lambda_min`` ``[S]`` say what horizon question each snapshot answered (NaN without a horizon;
+    ``None`` in logs of format version 1). Call :meth:`refresh` to see snapshots appended since opening.
 
     Args:
         path: The ``.h5`` log.
@@ -180,6 +197,9 @@ class InfluenceLog:
         self.probe_ids = _read_labels(self._file["probe_ids"])
         self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
         self.probe_groups = _read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
+        probe_tokens, train_text = _read_texts(self._file, "probe_tokens"), _read_texts(self._file, "train_text")
+        self.probe_tokens: list[list[str]] | None = None if probe_tokens is None else probe_tokens.tolist()
+        self.train_text: list[str] | None = None if train_text is None else train_text.tolist()
         # One handle per dataset for the reader's lifetime: a SWMR refresh applies to the handle it
         # is called on, and a handle opened later can still see stale chunks.
         names = ["step", *(name for name in _file_layout(self._file) if name != "step")]
@@ -203,6 +223,9 @@ class InfluenceLog:
         self.calibration: list[dict[str, Any] | None] = [
             json.loads(text) if text else None for text in file["calibration"].asstr()[:rows].tolist()
         ]
+        # Format version 2 (None in older logs): H, η, μ, γ and λ_min per snapshot (NaN without a horizon).
+        for name in HORIZON_COLUMNS:
+            setattr(self, name, file[name][:rows] if name in file else None)
         self.influence = RowView(file["influence"], rows)
         self.correlation = RowView(file["correlation"], rows)
         self.stderr = RowView(file["stderr"], rows)
@@ -326,6 +349,8 @@ class InfluenceLog:
             diverged=self.diverged[index],
             token_influence=None if self.token_influence is None else self.token_influence[index],
             token_influence_se=None if self.token_influence_se is None else self.token_influence_se[index],
+            **{name: None if getattr(self, name) is None else float(getattr(self, name)[index])
+               for name in HORIZON_COLUMNS},
         )
 
     def close(self) -> None:

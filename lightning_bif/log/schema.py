@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..estimator import BIFResult
 
 FORMAT = "lightning-bif"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 STATUSES = ("ok", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
@@ -31,6 +31,12 @@ _MAX_ID_BYTES = 256
 _STATUS_BYTES = 16
 _MESSAGE_BYTES = 1024
 _CALIBRATION_BYTES = 4096
+# Version 2: per snapshot, the horizon H, the optimizer's η and μ it was read with, the γ used and the least
+# Hessian eigenvalue of the saddle check (NaN when a snapshot had no horizon). Version-1 files lack them.
+HORIZON_COLUMNS = ("horizon_steps", "learning_rate", "momentum", "localization", "lambda_min")
+# Token strings and training texts (format 2) are display aids: each one is cut to this many UTF-8 bytes.
+_MAX_TOKEN_BYTES = 256
+_MAX_TEXT_BYTES = 1024
 # Largest chunk in elements (4 MiB of float32): one snapshot per chunk unless a row is larger.
 _MAX_CHUNK_ELEMENTS = 1 << 20
 
@@ -52,6 +58,10 @@ class RunIdentity:
         draws: Draws per chain (D).
         tokens: Tokens per probe (T) of a per-token run (``SGLDConfig(per_token=True)``): the log then
             stores ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]``. ``None``: no token axis.
+        probe_tokens: Optional display string of every token of every probe, ``[P][T]`` (needs ``tokens``);
+            each string is cut to 256 UTF-8 bytes.
+        train_text: Optional display text of every tracked training example, ``[N]``; each is cut to
+            1024 UTF-8 bytes.
     """
 
     config: dict[str, Any]
@@ -62,6 +72,8 @@ class RunIdentity:
     chains: int = 4
     draws: int = 200
     tokens: int | None = None
+    probe_tokens: Any = None
+    train_text: Any = None
 
     def __post_init__(self) -> None:
         try:
@@ -83,6 +95,13 @@ class RunIdentity:
                 raise ValueError(f"RunIdentity.{name} must be a positive integer, got {value!r}.")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"RunIdentity.tokens must be a positive integer or None, got {self.tokens!r}.")
+        if self.probe_tokens is not None:
+            if self.tokens is None:
+                raise ValueError("RunIdentity.probe_tokens needs a token axis: set tokens (T) as well.")
+            self.probe_tokens = _texts(self.probe_tokens, (len(self.probe_ids), self.tokens), "probe_tokens",
+                                       _MAX_TOKEN_BYTES)
+        if self.train_text is not None:
+            self.train_text = _texts(self.train_text, (len(self.train_ids),), "train_text", _MAX_TEXT_BYTES)
 
     @property
     def config_json(self) -> str:
@@ -144,6 +163,27 @@ def _labels(values: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be integers or strings, got dtype {array.dtype}.")
 
 
+def _texts(values: Any, shape: tuple[int, ...], name: str, limit: int) -> np.ndarray:
+    """Display strings as an object array of ``shape``, each cut to ``limit`` UTF-8 bytes."""
+    array = np.array(values, dtype=object)
+    if array.shape != shape:
+        raise ValueError(f"RunIdentity.{name} must have shape {list(shape)}, got {list(array.shape)}.")
+    if not all(isinstance(v, str) for v in array.flat):
+        raise TypeError(f"RunIdentity.{name} must hold strings only.")
+    return np.vectorize(lambda v: v.encode()[:limit].decode(errors="ignore"), otypes=[object])(array)
+
+
+def _text_dataset(group: h5py.Group, name: str, texts: np.ndarray) -> None:
+    group.create_dataset(name, data=texts, dtype=h5py.string_dtype("utf-8"))
+
+
+def _read_texts(group: h5py.Group, name: str) -> np.ndarray | None:
+    """A stored ``_texts`` array (object dtype of str), or ``None`` when the log has none (e.g. format 1)."""
+    if name not in group:
+        return None
+    return np.array(group[name].asstr()[()], dtype=object)
+
+
 def _label_dataset(group: h5py.Group, name: str, labels: np.ndarray) -> None:
     if labels.dtype.kind == "U":
         width = max(1, max((len(v.encode()) for v in labels.tolist()), default=1))
@@ -196,6 +236,7 @@ def _layout(
         "nbeta": ((), np.float64),
         "step_size": ((), np.float64),
         "calibration": ((), h5py.string_dtype("utf-8", _CALIBRATION_BYTES)),
+        **{name: ((), np.float64) for name in HORIZON_COLUMNS},
         "diagnostics/sampling_loss": ((chains, draws), np.float32),
         "diagnostics/draw_loss": ((chains, draws), np.float32),
         "diagnostics/diverged": ((chains,), np.bool_),
@@ -210,8 +251,10 @@ def _stored_tokens(file: h5py.File) -> int | None:
 
 
 def _file_layout(file: h5py.File) -> dict[str, tuple[tuple[int, ...], Any]]:
-    return _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
-                   int(file.attrs["draws"]), _stored_tokens(file))
+    """The layout of a stored file: the datasets its format version has (older files lack later columns)."""
+    layout = _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
+                     int(file.attrs["draws"]), _stored_tokens(file))
+    return {name: entry for name, entry in layout.items() if name in file}
 
 
 def _check_format(file: h5py.File, path: PathLike) -> None:

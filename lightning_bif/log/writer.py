@@ -34,8 +34,10 @@ from .schema import (
     _label_dataset,
     _layout,
     _read_labels,
+    _read_texts,
     _row_chunks,
     _stored_tokens,
+    _text_dataset,
 )
 
 _MODES = ("error", "overwrite", "resume")
@@ -157,6 +159,10 @@ class LogWriter:
             labels = getattr(identity, name)
             if labels is not None:
                 _label_dataset(file, name, labels)
+        for name in ("probe_tokens", "train_text"):
+            texts = getattr(identity, name)
+            if texts is not None:
+                _text_dataset(file, name, texts)
         layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
                          identity.tokens)
         for name, (tail, dtype) in layout.items():
@@ -209,6 +215,10 @@ class LogWriter:
             if (mine is None) != (theirs is None) or (
                 mine is not None and (mine.shape != theirs.shape or not np.array_equal(mine, theirs))
             ):
+                differences.append(name)
+        for name in ("probe_tokens", "train_text"):
+            mine, theirs = getattr(identity, name), _read_texts(stored, name)
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
                 differences.append(name)
         if differences:
             raise ValueError(
@@ -283,6 +293,10 @@ class LogWriter:
                     values[name] = np.zeros(tail, bool) if np.dtype(dtype).kind == "b" else np.full(tail, np.nan)
             return values
         d = result.diagnostics
+        horizon = {"horizon_steps": result.config.horizon_steps, "learning_rate": result.config.learning_rate,
+                   "momentum": result.config.momentum, "localization": result.config.localization,
+                   "lambda_min": None if d.horizon is None else d.horizon.lambda_min}
+        values.update({name: np.nan if value is None else float(value) for name, value in horizon.items()})
         arrays = {
             "influence": result.influence, "correlation": result.correlation, "stderr": result.stderr,
             "train_loss": result.train_loss, "probe_loss": result.probe_loss,

@@ -25,7 +25,7 @@ class Slow(Callback):
 def make_callbacks(out: Path) -> list[Callback]:
     train, probes = tracked_sets(toy_dataset())
     return [
-        BIFCallback(train, probes, every_n_steps=3, config=FAST, log_path=out / "bif.h5"),
+        BIFCallback(train, probes, every_n_steps=3, config=FAST, log_path=out / "bif.h5", min_split_half=None),
         ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1),
         Slow(),
     ]
