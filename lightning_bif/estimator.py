@@ -16,6 +16,7 @@ from .accumulator import CovarianceAccumulator, effective_sample_size
 from .config import SGLDConfig
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
+from .health import divergence, loss_rise_bound
 from .horizon import HorizonCheck, extreme_curvature, horizon_config
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 
@@ -42,6 +43,10 @@ class Diagnostics:
         horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
             with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
             damping was raised by |λ_min|). ``None`` otherwise.
+        loss_rise_bound: The largest mean loss rise a chain may show and still count as near w*
+            (:func:`lightning_bif.health.loss_rise_bound`); a chain beyond it makes the result diverged.
+        constant_probes: How many probes took one value in every draw (their BIF is 0 and the
+            split-half reliability cannot use them; NaN when every probe is constant).
     """
 
     sampling_loss: torch.Tensor
@@ -54,6 +59,8 @@ class Diagnostics:
     nbeta: float
     duration_s: float
     horizon: HorizonCheck | None = None
+    loss_rise_bound: float = math.inf
+    constant_probes: int = 0
 
     @property
     def any_diverged(self) -> bool:
@@ -92,9 +99,14 @@ class BIFResult:
     token_stderr: torch.Tensor | None = None
 
     @property
+    def divergence(self) -> str | None:
+        """Why the chains are not a sample from near w* (non-finite, or a loss rise beyond the bound), or ``None``."""
+        return divergence(self)
+
+    @property
     def ok(self) -> bool:
-        """True when no chain diverged and the influence is finite."""
-        return not self.diagnostics.any_diverged and bool(torch.isfinite(self.influence).all())
+        """True when every chain stayed finite and within the loss-rise bound, and the influence is finite."""
+        return self.divergence is None
 
 
 class BIFEstimator:
@@ -357,6 +369,8 @@ class BIFEstimator:
             nbeta=self.nbeta,
             duration_s=duration_s,
             horizon=self.horizon,
+            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss0.double().mean())),
+            constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
         per_token = {}
         if self.tokens is not None:
