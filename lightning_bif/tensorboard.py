@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,7 @@ class TensorBoardSink:
         if "groups_figure" in self.charts and log_path is None:
             raise ValueError("The TensorBoard chart 'groups_figure' draws from the HDF5 log: pass log_path.")
         self.log_path = log_path
+        self._warned_unreadable = False
         train_labels, _ = group_labels(identity.train_groups, len(identity.train_ids))
         probe_labels, _ = group_labels(identity.probe_groups, len(identity.probe_ids))
         self._train_names = [str((train_group_names or {}).get(label, label)) for label in train_labels.tolist()]
@@ -174,10 +176,17 @@ class TensorBoardSink:
             if "groups_figure" in charts and self.log_path is not None:
                 from .plot import plot_groups
 
-                with open_log(self.log_path) as log:
-                    if (log.status == "ok").any():
-                        writer.add_image("bif/groups", figure_image(plot_groups(log), dpi=80), step,
-                                         dataformats="HWC")
+                try:
+                    with open_log(self.log_path) as log:
+                        if (log.status == "ok").any():
+                            writer.add_image("bif/groups", figure_image(plot_groups(log), dpi=80), step,
+                                             dataformats="HWC")
+                except OSError as error:
+                    # A log that cannot be read (a failed write, a full disk) must not stop training.
+                    if not self._warned_unreadable:
+                        self._warned_unreadable = True
+                        warnings.warn(f"TensorBoardSink: no bif/groups image while the log {self.log_path} cannot be "
+                                      f"read ({error}); tried again at every snapshot. (Shown once.)", stacklevel=2)
             diagnostics = result.diagnostics
             sampling = diagnostics.sampling_loss.detach().cpu().double().numpy()
             sampling = sampling[np.isfinite(sampling)]

@@ -135,3 +135,15 @@ def test_failed_snapshot_writes_its_status_and_the_chosen_duration_and_step_size
     assert [(s.step, s.value) for s in events.Scalars("bif_diag/step_size")] == [(4, pytest.approx(2e-4))]
     assert [e.step for e in events.Tensors("bif_diag/status/text_summary")] == [3, 4]
     assert read_events(tmp_path / "tb" / "train_all").Tags()["scalars"] == []
+
+
+def test_an_unreadable_log_skips_the_groups_figure_with_one_warning(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    sink = TensorBoardSink(writer, make_identity(), charts=["groups_figure"], log_path=tmp_path / "missing.h5")
+    with pytest.warns(UserWarning, match=r"no bif/groups image while the log .*missing.h5 cannot be read") as caught:
+        sink.write(10, record(10))
+        sink.write(20, record(20))
+    assert len(caught) == 1
+    sink.close()
+    writer.close()
+    assert read_events(tmp_path / "tb").Tags()["images"] == []
