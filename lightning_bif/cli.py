@@ -3,6 +3,7 @@
     lightning-bif summary runs/exp/influence.h5             # config, snapshots, one line per snapshot
     lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
     lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
+    lightning-bif plot runs/exp/influence.h5 --out figures  # group curves, pairs, matrices, sign changes, top-k
     lightning-bif tokens runs/exp/influence.h5 --probe 0 --html tokens.html   # per-token influence on a probe
     lightning-bif repair runs/exp/influence.h5              # copy the intact snapshots of a damaged log
 
@@ -171,6 +172,24 @@ def print_sign_changes(log: InfluenceLog, out: TextIO, z: float = 3.0, top: int 
     return len(changes)
 
 
+def plot(log: InfluenceLog, out: TextIO, args: argparse.Namespace) -> None:
+    """Write the figures of ``lightning-bif plot`` (matplotlib is imported only here) and list them."""
+    from . import plot as figures
+
+    pairs = None
+    for text in args.pair or ():
+        probe, separator, train = text.partition(":")
+        if not separator:
+            raise ValueError(f"--pair {text!r}: write PROBE_ID:TRAIN_ID (dataset ids, as `summary` prints them).")
+        pairs = [*(pairs or []), (figures.parse_id(log, "probe", probe), figures.parse_id(log, "train", train))]
+    probe = None if args.probe is None else figures.parse_id(log, "probe", args.probe)
+    written = figures.write_figures(log, args.out, args.format, pairs=pairs, steps=args.steps, probe=probe,
+                                    top_k=args.top_k, prefix=args.prefix, figures=args.figures or figures.FIGURES,
+                                    quantity=args.quantity)
+    for path in written:
+        print(f"wrote {path}", file=out)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-bif", description="Inspect a lightning-bif influence log.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +207,24 @@ def _parser() -> argparse.ArgumentParser:
     flips.add_argument("log", help="the .h5 influence log")
     flips.add_argument("--z", type=float, default=3.0, help="standard errors from zero that count (default 3)")
     flips.add_argument("--top", type=int, default=20, metavar="K", help="show the first K changes (0: all)")
+    draw = commands.add_parser("plot", help="figures: group curves, chosen pairs, matrices, sign changes, top-k",
+                               description="Write the figures of docs/figures.md (BIF < 0 helps, > 0 harms).")
+    draw.add_argument("log", help="the .h5 influence log")
+    draw.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    draw.add_argument("--format", choices=["png", "pdf", "svg"], default="png", help="file format (default png)")
+    draw.add_argument("--pair", action="extend", nargs="+", metavar="PROBE_ID:TRAIN_ID",
+                      help="pairs for pairs.<format>, by dataset id (default: the clearest sign changes)")
+    draw.add_argument("--steps", action="extend", nargs="+", type=int, metavar="STEP",
+                      help="training steps of the matrix panels (nearest snapshot; default: 4 spread over the run)")
+    draw.add_argument("--probe", metavar="ID", help="probe id of top_examples.<format> (default: the probe of the "
+                      "largest |BIF| in the last ok snapshot)")
+    draw.add_argument("--top-k", type=int, default=5, metavar="K", help="examples per panel of top_examples (5)")
+    draw.add_argument("--figures", action="extend", nargs="+", metavar="NAME",
+                      choices=["groups", "pairs", "matrix", "sign_changes", "top_examples"],
+                      help="only these figures (default: all five)")
+    draw.add_argument("--prefix", default="", help="prepended to each file name, e.g. 'digits_'")
+    draw.add_argument("--quantity", default="influence", metavar="NAME",
+                      help="'influence' (BIF, default) or 'correlation' (posterior correlation: > 0 helps)")
     tokens = commands.add_parser("tokens", help="a probe's tokens coloured by per-token influence (per_token logs)")
     tokens.add_argument("log", help="the .h5 influence log")
     tokens.add_argument("--probe", default=None, metavar="ID", help="probe id (default: the first probe)")
@@ -245,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary(log, sys.stdout, args.last)
             elif args.command == "sign-changes":
                 print_sign_changes(log, sys.stdout, args.z, args.top or None)
+            elif args.command == "plot":
+                plot(log, sys.stdout, args)
             elif args.command == "tokens":
                 _tokens(log, args, sys.stdout)
             elif args.csv == "-":
