@@ -101,6 +101,12 @@ class SGLDConfig:
         learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
             :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
         momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.
+        control_variates: Subspace control variates (:mod:`lightning_bif.control_variates`): the linear
+            part of the BIF along the top ``preconditioner_rank`` Hessian eigenvectors keeps only its
+            diagonal in that basis, which removes Monte-Carlo noise at the cost of one eigen-decomposition
+            (shared with ``preconditioner="lowrank"``) and K directional derivatives of the tracked losses.
+            ``True``/``False`` force it; ``None`` lets the estimate decide (docs/self-tuning.md). Not with
+            ``per_token`` or ``preconditioner="rmsprop"`` (whose per-coordinate scaling mixes eigendirections).
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
@@ -129,6 +135,7 @@ class SGLDConfig:
     horizon_steps: float | None = None
     learning_rate: float | None = None
     momentum: float | None = None
+    control_variates: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -185,6 +192,11 @@ class SGLDConfig:
             raise ValueError(
                 f"SGLDConfig.max_token_entries must be a positive integer, got {self.max_token_entries!r}."
             )
+        if self.control_variates not in (None, True, False):
+            raise ValueError(f"SGLDConfig.control_variates must be True, False or None, got {self.control_variates!r}.")
+        if self.control_variates and (self.per_token or self.preconditioner == "rmsprop"):
+            raise ValueError("SGLDConfig.control_variates=True works in the Hessian eigenbasis, which per_token and "
+                             "preconditioner='rmsprop' do not support; set control_variates=None or False.")
         self._validate_horizon()
 
     def _validate_horizon(self) -> None:

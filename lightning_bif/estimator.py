@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .accumulator import CovarianceAccumulator, effective_sample_size
 from .config import SGLDConfig
+from .control_variates import Subspace, projected_gradients
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
 from .horizon import HorizonCheck, extreme_curvature, horizon_config
@@ -187,7 +188,17 @@ class BIFEstimator:
             cfg = self.sampler.config = self.config  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             self.sampler.lowrank_preconditioner(self._buffers)
+        self.subspace: Subspace | None = None
+        if cfg.control_variates:
+            self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
         self.vectorized = self._choose_vectorized()
+
+    def _subspace(self, basis: torch.Tensor) -> Subspace:
+        """The control variates' eigenbasis with the tracked losses' gradients projected on it."""
+        train = projected_gradients(self.fmodel, self._train_batches, self.loss_fn, self._buffers, basis, "loss_fn")
+        probes = projected_gradients(self.fmodel, self._probe_batches, self.probe_fn, self._buffers, basis,
+                                     "probe_fn")
+        return Subspace(basis=basis, train=train, probe=probes)
 
     def decide_vectorized(self) -> bool:
         """Resolve ``config.vectorize`` alone (what :meth:`prepare` does last), e.g. once before many estimates.
@@ -294,7 +305,7 @@ class BIFEstimator:
     def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
         cfg = self.config
-        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws)
+        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
         # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
         # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
@@ -311,7 +322,8 @@ class BIFEstimator:
             try:
                 for draw in self.sampler.run(group, self.vectorized, step_progress):
                     train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
-                    accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss)
+                    accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss, draw.params,
+                                    self.fmodel.center)
             except torch.cuda.OutOfMemoryError:
                 if not split_on_oom or len(group) == 1:
                     raise
