@@ -138,6 +138,9 @@ class CovarianceAccumulator:
             mean_z = self.sum_coordinates[chains].sum(0) / n
             cov_z = (self.cross_coordinates[chains].sum(0) - n * mean_z[:, None] * mean_z[None, :]) / (n - 1)
             cov = cov - self.subspace.correction(cov_z)
+            # The same correction on the variances keeps correlations consistent (a duplicate's is 1).
+            var_t = var_t - self.subspace.variance_correction(cov_z, self.subspace.train)
+            var_q = var_q - self.subspace.variance_correction(cov_z, self.subspace.probe)
         return cov, var_t.clamp_min(0), var_q.clamp_min(0), mean_t
 
     def statistics(self, split_half_probes: int | None = None) -> BIFStatistics:
@@ -156,7 +159,7 @@ class CovarianceAccumulator:
             return BIFStatistics(nan, nan.clone(), nan.clone(), math.nan, nan[0].clone(), healthy)
         cov, var_t, var_q, mean_t = self._pooled(ids)
         scale = (var_q[:, None] * var_t[None, :]).sqrt()
-        correlation = torch.where(scale > 0, cov / scale.clamp_min(1e-300), torch.zeros_like(cov))
+        correlation = torch.where(scale > 0, cov / scale.clamp_min(1e-300), torch.zeros_like(cov)).clamp(-1, 1)
         if ids.numel() >= 2:
             per_chain = torch.stack([self._pooled(c.view(1))[0] for c in ids])
             stderr = per_chain.std(dim=0, unbiased=True) / math.sqrt(ids.numel())

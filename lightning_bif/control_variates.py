@@ -68,8 +68,16 @@ class Subspace:
 
     def correction(self, coordinate_covariance: torch.Tensor) -> torch.Tensor:
         """``b offdiag(Σ̂_z) aᵀ``, ``[P, N]``: what to subtract from the sample covariance ``[P, N]``."""
-        off = coordinate_covariance - torch.diag_embed(torch.diagonal(coordinate_covariance))
-        return self.probe @ off @ self.train.T
+        return self.probe @ _off_diagonal(coordinate_covariance) @ self.train.T
+
+    @staticmethod
+    def variance_correction(coordinate_covariance: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """``a_iᵀ offdiag(Σ̂_z) a_i`` per row of ``projected [n, K]``: the correction of each variance."""
+        return ((projected @ _off_diagonal(coordinate_covariance)) * projected).sum(1)
+
+
+def _off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix - torch.diag_embed(torch.diagonal(matrix))
 
 
 def projected_gradients(

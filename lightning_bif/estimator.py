@@ -13,11 +13,14 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .accumulator import CovarianceAccumulator, effective_sample_size
+from .autotune import Tuning, budget_minibatch, lowrank_fits, resolve_budget
 from .config import SGLDConfig
 from .control_variates import Subspace, projected_gradients
+from .curvature import top_curvature
+from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
-from .horizon import HorizonCheck, extreme_curvature, horizon_config
+from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
@@ -43,6 +46,8 @@ class Diagnostics:
         horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
             with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
             damping was raised by |λ_min|). ``None`` otherwise.
+        tuning: The settings chosen automatically, the measurements they rest on (extreme and top
+            eigenvalues) and whether the curvature was reused (:class:`~lightning_bif.autotune.Tuning`).
     """
 
     sampling_loss: torch.Tensor
@@ -55,6 +60,7 @@ class Diagnostics:
     nbeta: float
     duration_s: float
     horizon: HorizonCheck | None = None
+    tuning: Tuning | None = None
 
     @property
     def any_diverged(self) -> bool:
@@ -109,6 +115,8 @@ class BIFEstimator:
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
             :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a group of
             chains that fails under vmap still falls back to running one chain at a time.
+        cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature_cache`), reused while
+            fresh; the new measurement is stored in it.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class BIFEstimator:
         config: SGLDConfig | None = None,
         device: torch.device | str | None = None,
         vectorized: bool | None = None,
+        cache: CurvatureCache | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B]; got {loss_fn!r}.")
@@ -139,6 +148,11 @@ class BIFEstimator:
         self.device = torch.device(device) if device is not None else first.device
         self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
         self._decided = vectorized
+        self.cache = cache
+        #: What was chosen automatically and why (:mod:`lightning_bif.autotune`); filled by :meth:`prepare`.
+        self.tuning = Tuning()
+        self.config = resolve_budget(self.config, len(self.train) + len(self.probes),
+                                     budget_minibatch(self.config, len(self.train)), self.tuning)
         #: Why chains run one at a time under ``vectorize="auto"`` (``None`` when they run under vmap).
         self.sequential_reason: str | None = None
 
@@ -166,7 +180,17 @@ class BIFEstimator:
         return train, torch.cat([tokens.mean(dim=2), tokens.flatten(1)], dim=1)
 
     def prepare(self) -> None:
-        """Build the functional model and evaluation batches; compute and check the losses at w*."""
+        """Build the functional model and evaluation batches; compute and check the losses at w*; tune.
+
+        Tuning (:mod:`lightning_bif.autotune`) resolves the settings left unset from the curvature at
+        w*, which comes from the cache passed to the constructor when it is still fresh.
+        """
+        self.check_losses()
+        self.tune()
+        self.vectorized = self._choose_vectorized()
+
+    def check_losses(self) -> None:
+        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning)."""
         cfg = self.config
         self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
@@ -180,18 +204,82 @@ class BIFEstimator:
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.horizon: HorizonCheck | None = None
+        self.subspace: Subspace | None = None
+
+    def tune(self) -> None:
+        """Resolve the unset settings (:mod:`lightning_bif.autotune`) into :attr:`config` (call check_losses first)."""
+        start = time.perf_counter()
+        self._tune()
+        self.tuning.seconds = time.perf_counter() - start
+
+    def _tune(self) -> None:
+        cfg, tuning = self.config, self.tuning
+        preconditioner = cfg.preconditioner
+        if preconditioner is None:
+            fits, why = lowrank_fits(cfg, self.fmodel.dim, self.fmodel.center.element_size(), tuning)
+            preconditioner = "lowrank" if fits else "none"
+            tuning.choose("preconditioner", preconditioner, why)
+        need_eigenpairs = preconditioner == "lowrank" or bool(cfg.control_variates)
+        need_extremes = cfg.step_size is None or cfg.horizon_steps is not None
+        try:
+            measured = self._measure(need_extremes, need_eigenpairs)
+        except RuntimeError as error:
+            if cfg.preconditioner is not None or cfg.control_variates:
+                raise
+            preconditioner = "none"  # Hessian-vector products failed: plain SGLD, said why
+            tuning.choose("preconditioner", preconditioner, f"Hessian-vector products failed: {str(error)[:300]}")
+            measured = self._measure(need_extremes, need_eigenpairs=False)
+        control_variates = cfg.control_variates
+        if control_variates is None:
+            control_variates = preconditioner == "lowrank" and not cfg.per_token
+            tuning.choose("control_variates", control_variates,
+                          "the top eigenpairs are measured for the preconditioner" if control_variates else
+                          "per-token estimate" if preconditioner == "lowrank" else "no eigenpairs measured")
+        cfg = cfg.replace(preconditioner=preconditioner, control_variates=control_variates)
+        if measured is not None:
+            tuning.lambda_min, tuning.lambda_max = measured.extremes
+            if measured.curvature is not None:
+                tuning.mean_eigenvalue = measured.curvature.mean
+                tuning.top_eigenvalues = measured.curvature.values.tolist()
+                self.sampler.cached_curvature = measured.curvature
         if cfg.horizon_steps is not None:
-            size, batch = self.sampler.curvature_sample()
-            low, high = extreme_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
-                                          seed=chain_seed(cfg.seed, -2))
-            self.config, self.horizon = horizon_config(cfg, self.nbeta, low, high)
-            cfg = self.sampler.config = self.config  # γ and ε are resolved before any chain runs
+            cfg, self.horizon = horizon_config(cfg, self.nbeta, *measured.extremes)
+            if self.config.step_size is None:
+                tuning.choose("step_size", cfg.step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ) with the horizon's γ")
+        elif cfg.step_size is None:
+            step_size = STIFFNESS_STEP / (self.nbeta * max(measured.extremes[1], 0.0) + cfg.localization)
+            cfg = cfg.replace(step_size=step_size)
+            tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ)")
+        self.config = self.sampler.config = cfg  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             self.sampler.lowrank_preconditioner(self._buffers)
-        self.subspace: Subspace | None = None
         if cfg.control_variates:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
-        self.vectorized = self._choose_vectorized()
+
+    def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:
+        """The Hessian's extreme eigenvalues (and top eigenpairs when needed) at w*: from the cache if fresh."""
+        if not (need_extremes or need_eigenpairs):
+            return None
+        cfg = self.config
+        size, batch = self.sampler.curvature_sample()
+        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
+        key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
+        if self.cache is not None:
+            entry, freshness = self.cache.check(key, products, need_eigenpairs)
+            self.tuning.curvature_reused = freshness.fresh
+            self.tuning.curvature_drift = freshness.drift
+            self.tuning.curvature_reason = freshness.reason
+            if entry is not None:
+                return entry
+        extremes, ritz = lanczos_extremes(products, self.fmodel, seed=chain_seed(cfg.seed, -2))
+        curvature = None
+        if need_eigenpairs:
+            curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
+                                      cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+        entry = CachedCurvature(key, extremes, ritz, curvature)
+        if self.cache is not None:
+            self.cache.store(entry)
+        return entry
 
     def _subspace(self, basis: torch.Tensor) -> Subspace:
         """The control variates' eigenbasis with the tracked losses' gradients projected on it."""
@@ -369,6 +457,7 @@ class BIFEstimator:
             nbeta=self.nbeta,
             duration_s=duration_s,
             horizon=self.horizon,
+            tuning=self.tuning,
         )
         per_token = {}
         if self.tokens is not None:
@@ -483,6 +572,7 @@ def estimate_bif(
     config: SGLDConfig | None = None,
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
+    cache: CurvatureCache | None = None,
 ) -> BIFResult:
     """Estimate the local Bayesian influence of each training example on each probe.
 
@@ -504,6 +594,8 @@ def estimate_bif(
         config: Sampler settings; defaults to ``SGLDConfig()``.
         device: Where to compute; defaults to the device of the model's parameters.
         progress: Called as ``progress(done_steps, total_steps)`` during sampling.
+        cache: A :class:`~lightning_bif.curvature_cache.CurvatureCache` shared by several estimates (e.g.
+            of nearby weights): the curvature at w* is reused from it while fresh.
 
     Returns:
         A :class:`BIFResult` with ``[P, N]`` matrices.
@@ -524,5 +616,5 @@ def estimate_bif(
         Kreer et al. 2025, "Bayesian Influence Functions for Hessian-Free Data Attribution".
     """
     estimator = BIFEstimator(model, loss_fn, train, probes, probe_fn=probe_fn, data=data, config=config,
-                             device=device)
+                             device=device, cache=cache)
     return estimator.run(progress=progress)

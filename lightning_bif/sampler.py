@@ -150,6 +150,8 @@ class SGLDSampler:
     def __init__(
         self, fmodel: FunctionalModel, data: ExampleSet, loss_fn: LossFn, config: SGLDConfig, nbeta: float
     ) -> None:
+        if config.draws is None or config.thin is None:
+            raise ValueError("SGLDSampler needs SGLDConfig.draws and thin set (BIFEstimator chooses them when None).")
         self.fmodel = fmodel
         self.data = data
         self.loss_fn = loss_fn
