@@ -46,6 +46,8 @@ class Tuning:
         lambda_max: Lanczos estimate of the largest.
         mean_eigenvalue: Hutchinson estimate of tr(H + λ)/D (with the eigenpairs; else ``None``).
         top_eigenvalues: The K + 1 largest eigenvalues (with the eigenpairs; else ``None``).
+        preconditioned_stiffness: λ_max(G·A) of the low-rank-preconditioned posterior, whose inverse is ε
+            when the step size is automatic (``None`` otherwise).
         lowrank_memory_mib: Working memory the low-rank preconditioner needs (or would need).
         curvature_reused: Whether the curvature came from an earlier estimate (:mod:`lightning_bif.curvature_cache`).
         curvature_drift: The staleness check's Rayleigh-quotient drift (NaN when nothing was checked).
@@ -61,6 +63,7 @@ class Tuning:
     mean_eigenvalue: float | None = None
     top_eigenvalues: list[float] | None = None
     lowrank_memory_mib: float | None = None
+    preconditioned_stiffness: float | None = None
     curvature_reused: bool = False
     curvature_drift: float = float("nan")
     curvature_reason: str = ""

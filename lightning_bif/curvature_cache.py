@@ -74,6 +74,8 @@ class CurvatureCache:
             raise ValueError(f"CurvatureCache(tolerance={tolerance!r}) must be > 0.")
         self.tolerance = tolerance
         self.entry: CachedCurvature | None = None
+        #: Why automatically preconditioned chains ran away at an earlier estimate (then later ones use plain SGLD).
+        self.lowrank_runaway: str | None = None
 
     def check(
         self, key: tuple, products: Callable[[torch.Tensor], torch.Tensor], need_eigenpairs: bool

@@ -16,7 +16,7 @@ from .accumulator import CovarianceAccumulator, effective_sample_size
 from .autotune import Tuning, budget_minibatch, lowrank_fits, resolve_budget
 from .config import SGLDConfig
 from .control_variates import Subspace, projected_gradients
-from .curvature import top_curvature
+from .curvature import LowRankPreconditioner, top_curvature
 from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
@@ -217,6 +217,8 @@ class BIFEstimator:
         preconditioner = cfg.preconditioner
         if preconditioner is None:
             fits, why = lowrank_fits(cfg, self.fmodel.dim, self.fmodel.center.element_size(), tuning)
+            if fits and self.cache is not None and self.cache.lowrank_runaway is not None:
+                fits, why = False, f"its chains ran away at an earlier estimate ({self.cache.lowrank_runaway})"
             preconditioner = "lowrank" if fits else "none"
             tuning.choose("preconditioner", preconditioner, why)
         need_eigenpairs = preconditioner == "lowrank" or bool(cfg.control_variates)
@@ -252,9 +254,33 @@ class BIFEstimator:
             tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ)")
         self.config = self.sampler.config = cfg  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
-            self.sampler.lowrank_preconditioner(self._buffers)
+            lowrank = self.sampler.lowrank_preconditioner(self._buffers)
+            if tuning.chosen.get("step_size") is not None:
+                cfg = self._preconditioned_step(cfg, lowrank)
+        self.config = self.sampler.config = cfg
         if cfg.control_variates:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
+
+    def _preconditioned_step(self, cfg: SGLDConfig, lowrank: LowRankPreconditioner) -> SGLDConfig:
+        """ε from the largest eigenvalue of the preconditioned posterior curvature G^{1/2}·A·G^{1/2} (Lanczos).
+
+        The stability of preconditioned SGLD is set by ε·λ_max(G·A), not by ε·nβ·λ_max: where the top
+        eigenvectors come from a curvature sample smaller than the data, or the spectrum below the K-th
+        eigenvalue is not flat, the amplified complement can be stiffer than the stiffest direction.
+        """
+        products, nbeta, gamma = self._products, self.nbeta, cfg.localization
+
+        def preconditioned(vectors: torch.Tensor) -> torch.Tensor:
+            root = lowrank.apply_sqrt(vectors.T.clone())
+            curved = nbeta * products(root.T.contiguous()).T + gamma * root
+            return lowrank.apply_sqrt(curved).T
+
+        (_, stiffest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
+        step_size = min(STIFFNESS_STEP / stiffest, cfg.step_size)
+        self.tuning.preconditioned_stiffness = stiffest
+        self.tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/λ_max(G·A), the stiffest direction of the "
+                                                   "low-rank-preconditioned posterior (24 Lanczos steps)")
+        return cfg.replace(step_size=step_size)
 
     def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:
         """The Hessian's extreme eigenvalues (and top eigenpairs when needed) at w*: from the cache if fresh."""
@@ -262,7 +288,8 @@ class BIFEstimator:
             return None
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
+        products = self._products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
+                                                        cfg.weight_decay)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)
@@ -391,7 +418,44 @@ class BIFEstimator:
         return first if first < CPU_VMAP_MAX_STEP_S else seconds()
 
     def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
-        """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
+        """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first).
+
+        When the low-rank preconditioner was chosen automatically and its chains ran away (see
+        :meth:`runaway`), they are run again with plain SGLD, and the tuning record says why.
+        """
+        accumulator = self._sample(chains, progress)
+        reason = self.runaway(accumulator) if self.tuning.chosen.get("preconditioner") == "lowrank" else None
+        if reason is None:
+            return accumulator
+        self.tuning.choose("preconditioner", "none", f"the low-rank preconditioned chains ran away ({reason}); "
+                                                     "sampled again with plain SGLD")
+        if self.cache is not None:  # later estimates of the run skip straight to plain SGLD
+            self.cache.lowrank_runaway = reason
+        unset = {name: None for name in ("step_size", "control_variates") if name in self.tuning.chosen}
+        self.config = self.config.replace(preconditioner="none", **unset)
+        self._build()
+        self.subspace = None
+        self.tune()
+        return self._sample(chains, progress)
+
+    def runaway(self, accumulator: CovarianceAccumulator) -> str | None:
+        """Why the chains left the region the posterior describes, or ``None``.
+
+        Under the Laplace approximation the localized posterior's mean rise of the training loss is
+        ½·tr(H·Σ) with Σ ⪯ (nβ·H)⁻¹, so at most D/(2nβ); twice that leaves room for the step's
+        discretization and minibatch noise. A diverged chain or a larger mean rise is a runaway.
+        """
+        diverged = int(accumulator.diverged_chains().sum())
+        if diverged:
+            return f"{diverged} chains diverged"
+        healthy = accumulator.healthy_chains()
+        if not healthy.any():
+            return None
+        rise = float((accumulator.sum_train[healthy].sum(0) / accumulator.count[healthy].sum()).mean())
+        bound = self.fmodel.dim / self.nbeta
+        return f"mean loss rise {rise:.3g} > D/nβ = {bound:.3g}" if rise > bound else None
+
+    def _sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         cfg = self.config
         accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1

@@ -79,9 +79,10 @@ def test_unset_settings_are_chosen_and_recorded_and_set_ones_win() -> None:
     tuning = auto.diagnostics.tuning
     assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates"}
     assert tuning.given == ["draws"] and auto.config.draws == 4
-    # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/(nβ·λ_max + γ).
+    # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/λ_max(G·A), at most 1/(nβ·λ_max + γ).
     assert auto.config.thin == 1
-    assert auto.config.step_size == pytest.approx(1 / (96 * tuning.lambda_max + 100.0))
+    assert auto.config.step_size == pytest.approx(min(1 / (96 * tuning.lambda_max + 100.0),
+                                                      1 / tuning.preconditioned_stiffness))
     assert tuning.lambda_min <= tuning.lambda_max and tuning.mean_eigenvalue > 0
     assert "MiB" in tuning.reasons["preconditioner"] and tuning.lowrank_memory_mib > 0
     given = estimate_bif(model, cross_entropy, train, probes,
@@ -157,11 +158,12 @@ def test_the_curvature_cache_is_reused_while_fresh_and_refreshed_when_stale(monk
 def test_calibration_pilots_measure_the_curvature_once(monkeypatch) -> None:
     model, train, _ = _trained_mlp()
     measured = []
-    original = estimator_module.lanczos_extremes
-    monkeypatch.setattr(estimator_module, "lanczos_extremes", lambda *a, **k: measured.append(1) or original(*a, **k))
+    original = estimator_module.top_curvature
+    monkeypatch.setattr(estimator_module, "top_curvature", lambda *a, **k: measured.append(1) or original(*a, **k))
     found = calibrate(model, cross_entropy, train, SGLDConfig(batch_size=32), pilot_steps=20, pilot_chains=1,
                       tracked=16)
-    assert len(found.candidates) >= 1 and len(measured) == 1  # the automatic centre, then every pilot reuses it
+    # The eigenpairs are measured for the automatic centre; every pilot reuses them.
+    assert len(found.candidates) >= 2 and len(measured) == 1
 
 
 def test_tuning_is_logged_and_summarized_and_a_version_1_log_reads_none(tmp_path, capsys) -> None:
@@ -181,3 +183,27 @@ def test_tuning_is_logged_and_summarized_and_a_version_1_log_reads_none(tmp_path
         del file["tuning"]
     with open_log(path) as log:
         assert log.tuning == [None] and log.snapshot(0).tuning is None
+
+
+def test_runaway_low_rank_chains_are_sampled_again_with_plain_sgld(monkeypatch) -> None:
+    """A mean loss rise beyond D/nβ (the Laplace bound) under the automatic preconditioner: plain SGLD instead."""
+    model, train, probes = _trained_mlp()
+    monkeypatch.setattr(BIFEstimator, "runaway",
+                        lambda self, acc: "forced" if self.config.preconditioner == "lowrank" else None)
+    cache = CurvatureCache()
+    config = SGLDConfig(chains=2, burn_in=2, draws=4)
+    result = estimate_bif(model, cross_entropy, train, probes, config=config, cache=cache)
+    assert result.ok and result.config.preconditioner == "none" and result.config.control_variates is False
+    assert "ran away (forced)" in result.diagnostics.tuning.reasons["preconditioner"]
+    again = estimate_bif(model, cross_entropy, train, probes, config=config, cache=cache)
+    assert "ran away at an earlier estimate" in again.diagnostics.tuning.reasons["preconditioner"]
+
+
+def test_the_runaway_bound_is_the_laplace_bound() -> None:
+    model, train, probes = _trained_mlp()
+    estimator = BIFEstimator(model, cross_entropy, train, probes, config=SGLDConfig(chains=2, burn_in=2, draws=4))
+    estimator.prepare()
+    accumulator = estimator.sample(range(2))
+    assert estimator.runaway(accumulator) is None  # a sane snapshot: rise far below D/nβ
+    accumulator.sum_train += 10 * estimator.fmodel.dim / estimator.nbeta * accumulator.count[:, None]
+    assert "> D/nβ" in estimator.runaway(accumulator)
