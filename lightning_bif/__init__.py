@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from .config import SGLDConfig
 from .estimator import BIFResult, Diagnostics, estimate_bif
-from .log import open_log
+from .log import DamagedLogError, open_log
 from .schedule import LogSpaced
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BIFCallback",
     "BIFResult",
+    "DamagedLogError",
     "DataModuleExamples",
     "Diagnostics",
     "LogSpaced",

@@ -29,6 +29,8 @@ class BIFStatistics:
         split_half: Correlation between the influence matrices of two disjoint halves of the chains.
         mean_shift_train: Posterior mean of ``ℓ_i(w) - ℓ_i(w*)``, ``[N]``.
         healthy: Which chains entered the statistics, ``[C]``.
+        constant_probes: Probes whose observable took one value in every pooled draw, ``[P]`` bool
+            (their BIF is 0 and correlations with them are undefined); ``None`` without healthy chains.
     """
 
     influence: torch.Tensor
@@ -37,6 +39,7 @@ class BIFStatistics:
     split_half: float
     mean_shift_train: torch.Tensor
     healthy: torch.Tensor
+    constant_probes: torch.Tensor | None = None
 
 
 class CovarianceAccumulator:
@@ -167,7 +170,7 @@ class CovarianceAccumulator:
             split_half = _pearson(half_a.flatten(), half_b.flatten())
         else:
             stderr, split_half = nan, math.nan
-        return BIFStatistics(-cov, correlation, stderr, split_half, mean_t, healthy)
+        return BIFStatistics(-cov, correlation, stderr, split_half, mean_t, healthy, constant_probes=var_q == 0)
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -33,7 +33,7 @@ from .datamodule_source import DataModuleExamples
 from .estimator import BIFEstimator, BIFResult
 from .functional import LossFn, preserved_state
 from .horizon import optimizer_step
-from .log import LogWriter, RunIdentity, SnapshotRecord
+from .log import LogWriteError, LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
 from .threads import oversubscription, snapshot_threads
@@ -71,7 +71,8 @@ class BIFCallback(Callback):
 
     Without ``loss_fn`` the LightningModule must define ``per_example_loss(self, batch) -> Tensor[B]``.
     Bad input stops the fit at fit start with a :class:`MisconfigurationException`; a snapshot that
-    diverges or fails is logged with its status and training goes on. docs/user-guide.md covers
+    diverges or fails is logged with its status and training goes on; one that cannot be written (a
+    full disk) is left out, reported and counted (docs/reliability.md). docs/user-guide.md covers
     schedules, the prior read from the optimizer, precision, DDP, resume, calibration and failures.
 
     Args:
@@ -257,6 +258,8 @@ class BIFCallback(Callback):
         self._resumed = False
         self._resolved_log_path: Path | None = None
         self._writer: LogWriter | None = None
+        self._lost: list[int] = []  # steps of snapshots this fit could not write to the log (rank 0)
+        self._write_error = ""  # the first such error
         self._sink: Any = None  # a TensorBoardSink when the trainer has a TensorBoardLogger
         self._warned: set[str] = set()
 
@@ -334,20 +337,22 @@ class BIFCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warned -= {"split_half", "calibration"}  # these two warnings are once per fit
+        self._warned -= {"split_half", "calibration", "write"}  # these warnings are once per fit
+        self._lost, self._write_error = [], ""
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
             self._check_losses_at_start(pl_module)
+        # Bound before the log exists, so that a schedule that cannot be bound leaves no file behind.
+        self._active_schedule = self.schedule
+        # Under manual optimization the optimizer steps per batch are known only once a batch stepped.
+        if self.schedule.needs_total_steps and pl_module.automatic_optimization:
+            self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
         self._open_log(trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data is None:
             self._data_source = self._trainer_data(trainer)
-        self._active_schedule = self.schedule
-        # Under manual optimization the optimizer steps per batch are known only once a batch stepped.
-        if self.schedule.needs_total_steps and pl_module.automatic_optimization:
-            self._active_schedule = self._bind_schedule(trainer.estimated_stepping_batches)
         self._start = (trainer.global_step, 0)
         self._check_threads(trainer, pl_module)
         if self._vectorized is None:
@@ -385,6 +390,7 @@ class BIFCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close_log()
+        self._report_lost()
         if stage == "fit" and self._resolved_log_path is not None:
             # A later fit with this callback (more epochs on the same trainer) continues the same log.
             self._resumed, self._resumed_log_path = True, self._resolved_log_path
@@ -575,10 +581,17 @@ class BIFCallback(Callback):
     def _open_writer(self, trainer: pl.Trainer, path: Path) -> str | None:
         """Open the log (rank 0); return an error message instead of raising so all ranks can stop together."""
         if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
+        if self._resumed and if_exists == "resume" and self._last_step >= 0 and not path.exists():
+            return (f"BIFCallback: resuming a run whose influence log {path} is missing (the checkpoint has "
+                    f"snapshots up to step {self._last_step}). Put the log back (or a repaired copy: lightning-bif "
+                    "repair), or pass BIFCallback(if_exists='overwrite') to start a new log from this step.")
         try:
             self._writer = LogWriter(path, self._identity(), if_exists=if_exists)
         except (OSError, ValueError) as error:
             return f"BIFCallback cannot use log_path={str(path)!r}: {error}"
+        if self._writer.recovered is not None:
+            rank_zero_info(f"BIFCallback: the previous run writing {path} was killed; recovered its log: "
+                           f"{self._writer.recovered}")
         if self._resumed and if_exists == "resume":
             dropped = self._writer.truncate_after(self._last_step)
             if dropped:
@@ -608,9 +621,23 @@ class BIFCallback(Callback):
 
     def _close_log(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except LogWriteError as error:
+                rank_zero_warn(f"BIFCallback: {error}. Check the log with `lightning-bif summary {writer.path}`.")
         self._sink = None
+
+    def _report_lost(self) -> None:
+        """Say at the end of a fit how many snapshots could not be written to the log, and why."""
+        if self._lost:
+            steps = ", ".join(map(str, self._lost[:10])) + (", ..." if len(self._lost) > 10 else "")
+            rank_zero_warn(
+                f"BIFCallback: {len(self._lost)} snapshot(s) of this fit could not be written to the influence log "
+                f"{self._resolved_log_path} (steps {steps}); first error: {self._write_error}. They are not in "
+                "the log; every other snapshot is."
+            )
+            self._lost = []
 
     # ------------------------------------------------------------------ snapshots
 
@@ -640,6 +667,8 @@ class BIFCallback(Callback):
             duration = time.perf_counter() - start
         wall_time = time.time()
         status = "failed" if result is None else ("ok" if result.ok else "diverged")
+        if status == "diverged":
+            message = result.divergence
         if result is not None and not result.diagnostics.vectorized and self._vectorized:
             # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
             self._vectorized = False
@@ -652,9 +681,8 @@ class BIFCallback(Callback):
                                 calibration=calibration)
         self._last_step = step
         self._snapshots += 1
-        if trainer.is_global_zero:
-            self._write(record)
-        self._report(record)
+        written = self._write(record) if trainer.is_global_zero else True
+        self._report(record, written)
 
     def _with_horizon(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
         """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
@@ -792,24 +820,39 @@ class BIFCallback(Callback):
                             config=config or self._config, device=device, vectorized=vectorized,
                             cache=self._curvature)
 
-    def _write(self, record: SnapshotRecord) -> None:
+    def _write(self, record: SnapshotRecord) -> bool:
+        """Append to the sinks; a log write that fails is counted and reported once, and training goes on."""
+        written = True
         if self._writer is not None:
-            self._writer.append(record)
+            try:
+                self._writer.append(record)
+            except LogWriteError as error:
+                written = False
+                self._lost.append(record.step)
+                if "write" not in self._warned:
+                    self._warned.add("write")
+                    self._write_error = str(error)
+                    rank_zero_warn(f"BIFCallback: {error}. Training goes on; later snapshots are tried again and "
+                                   "the end of the fit says how many were lost. (Shown once.)")
         if self._sink is not None:
             self._sink.write(record.step, record)
+        return written
 
-    def _report(self, record: SnapshotRecord) -> None:
+    def _report(self, record: SnapshotRecord, written: bool = True) -> None:
         if record.status == "ok":
-            rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s.")
+            where = "" if written else f", but NOT written to the log ({len(self._lost)} lost so far)"
+            rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s{where}.")
             self._check_reliability(record)
             return
         if record.status not in self._warned:
             self._warned.add(record.status)
-            advice = ("Lower SGLDConfig.step_size or raise localization." if record.status == "diverged"
+            advice = (f"{record.message}. Lower SGLDConfig.step_size (calibrate=True picks one from pilot chains) "
+                      "or raise localization; more chains or draws do not help." if record.status == "diverged"
                       else record.message)
             rank_zero_warn(
                 f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
-                f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status column.)"
+                f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status and message "
+                "columns.)"
             )
 
     def _check_reliability(self, record: SnapshotRecord) -> None:
@@ -821,6 +864,16 @@ class BIFCallback(Callback):
         if not low:
             return
         self._warned.add("split_half")
+        constant, probes = record.result.diagnostics.constant_probes, record.result.influence.shape[0]
+        if constant:
+            rank_zero_warn(
+                f"BIFCallback: at step {record.step}, {constant} of {probes} probe(s) took the same value in every "
+                "SGLD draw (a probe_fn that does not depend on the sampled weights, or one saturated at a constant): "
+                f"their BIF is exactly 0 and they carry no signal, so the split-half reliability ({split_half:.2f}) "
+                f"{'is undefined' if constant == probes else 'rests on the other probes only'}. Check probe_fn; more "
+                "chains or draws do not change this. (Shown once per fit.)"
+            )
+            return
         rank_zero_warn(
             f"BIFCallback: the snapshot at step {record.step} has split-half reliability {split_half:.2f}, below "
             f"min_split_half={self.min_split_half:g}: the BIF of two halves of the chains disagree, so single "

@@ -4,6 +4,7 @@
     lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
     lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
     lightning-bif tokens runs/exp/influence.h5 --probe 0 --html tokens.html   # per-token influence on a probe
+    lightning-bif repair runs/exp/influence.h5              # copy the intact snapshots of a damaged log
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from .analysis import extremes, flatten_config, group_means
-from .log import InfluenceLog, open_log
+from .log import InfluenceLog, open_log, repair
 
 
 def _pair(log: InfluenceLog, probe: int, train: int, value: float) -> str:
@@ -179,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     tokens.add_argument("--html", default=None, metavar="PATH", help="also write the interactive HTML token view")
     tokens.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                         help="ANSI colours (auto: when writing to a terminal); without, markers [-helps-] {+harms+}")
+    fix = commands.add_parser("repair", help="copy every intact snapshot of a damaged log into a new file")
+    fix.add_argument("log", help="the damaged .h5 influence log (left as it is unless --in-place)")
+    where = fix.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, metavar="PATH", help="the new log (default: LOG's <stem>.repaired.h5)")
+    where.add_argument("--in-place", action="store_true",
+                       help="replace LOG with the repaired copy (the damaged file is kept as <stem>.damaged.h5), "
+                            "so that a training run can resume it")
     return parser
 
 
@@ -208,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
+        if args.command == "repair":
+            print(repair(args.log, args.out, in_place=args.in_place))
+            return 0
         with open_log(args.log) as log:
             if args.command == "summary":
                 summary(log, sys.stdout, args.last)

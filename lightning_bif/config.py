@@ -157,6 +157,12 @@ class SGLDConfig:
                 continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"SGLDConfig.{name} must be a positive integer, got {value!r}.")
+        if self.draws is not None and self.draws < 2:
+            raise ValueError(
+                f"SGLDConfig.draws must be >= 2, got {self.draws}: each chain's covariance (behind the standard "
+                "errors and the split-half reliability) needs two draws, so with one every snapshot would be NaN. "
+                "Use draws >= 2 (or None: chosen with thin); to spend fewer SGLD steps per draw lower thin instead."
+            )
         if not _is_int(self.burn_in) or self.burn_in < 0:
             raise ValueError(f"SGLDConfig.burn_in must be an integer >= 0, got {self.burn_in!r}.")
         if self.step_size is not None and (not _is_finite(self.step_size) or not self.step_size > 0):

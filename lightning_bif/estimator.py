@@ -20,6 +20,7 @@ from .curvature import LowRankPreconditioner, top_curvature
 from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
+from .health import divergence, loss_rise_bound
 from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 
@@ -48,6 +49,10 @@ class Diagnostics:
             damping was raised by |λ_min|). ``None`` otherwise.
         tuning: The settings chosen automatically, the measurements they rest on (extreme and top
             eigenvalues) and whether the curvature was reused (:class:`~lightning_bif.autotune.Tuning`).
+        loss_rise_bound: The largest mean loss rise a chain may show and still count as near w*
+            (:func:`lightning_bif.health.loss_rise_bound`); a chain beyond it makes the result diverged.
+        constant_probes: How many probes took one value in every draw (their BIF is 0 and the
+            split-half reliability cannot use them; NaN when every probe is constant).
     """
 
     sampling_loss: torch.Tensor
@@ -61,6 +66,8 @@ class Diagnostics:
     duration_s: float
     horizon: HorizonCheck | None = None
     tuning: Tuning | None = None
+    loss_rise_bound: float = math.inf
+    constant_probes: int = 0
 
     @property
     def any_diverged(self) -> bool:
@@ -99,9 +106,14 @@ class BIFResult:
     token_stderr: torch.Tensor | None = None
 
     @property
+    def divergence(self) -> str | None:
+        """Why the chains are not a sample from near w* (non-finite, or a loss rise beyond the bound), or ``None``."""
+        return divergence(self)
+
+    @property
     def ok(self) -> bool:
-        """True when no chain diverged and the influence is finite."""
-        return not self.diagnostics.any_diverged and bool(torch.isfinite(self.influence).all())
+        """True when every chain stayed finite and within the loss-rise bound, and the influence is finite."""
+        return self.divergence is None
 
 
 class BIFEstimator:
@@ -443,7 +455,9 @@ class BIFEstimator:
 
         Under the Laplace approximation the localized posterior's mean rise of the training loss is
         ½·tr(H·Σ) with Σ ⪯ (nβ·H)⁻¹, so at most D/(2nβ); twice that leaves room for the step's
-        discretization and minibatch noise. A diverged chain or a larger mean rise is a runaway.
+        discretization and minibatch noise, and away from a minimum a rise of the order of the loss
+        itself is legitimate (:mod:`lightning_bif.health`). A diverged chain or a mean rise above
+        max(D/nβ, mean loss at w*) is a runaway: far below the bound at which a snapshot counts as diverged.
         """
         diverged = int(accumulator.diverged_chains().sum())
         if diverged:
@@ -452,8 +466,8 @@ class BIFEstimator:
         if not healthy.any():
             return None
         rise = float((accumulator.sum_train[healthy].sum(0) / accumulator.count[healthy].sum()).mean())
-        bound = self.fmodel.dim / self.nbeta
-        return f"mean loss rise {rise:.3g} > D/nβ = {bound:.3g}" if rise > bound else None
+        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss0.double().abs().mean()))
+        return f"mean loss rise {rise:.3g} > max(D/nβ, loss at w*) = {bound:.3g}" if rise > bound else None
 
     def _sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         cfg = self.config
@@ -522,6 +536,8 @@ class BIFEstimator:
             duration_s=duration_s,
             horizon=self.horizon,
             tuning=self.tuning,
+            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss0.double().mean())),
+            constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
         per_token = {}
         if self.tokens is not None:

@@ -10,6 +10,7 @@ end of that batch, and sizes ``log_spaced`` in the same unit (:func:`manual_opti
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
@@ -65,6 +66,17 @@ class LogSpaced:
     first: int = 1
     last: int | None = None
 
+    def __post_init__(self) -> None:
+        # Checked here, not when the steps are computed at fit start: by then the log file exists.
+        for name in ("num", "first"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"log_spaced needs {name} >= 1 (an integer), got {name}={value!r}.")
+        if self.last is not None and (not isinstance(self.last, int) or isinstance(self.last, bool)
+                                      or self.last < self.first):
+            raise ValueError(f"log_spaced needs last >= first={self.first} (an integer) or None, "
+                             f"got last={self.last!r}.")
+
     def steps(self, total_steps: int | float | None = None) -> tuple[int, ...]:
         """The concrete steps, with ``total_steps`` standing in for ``last`` when it is ``None``."""
         last = self.last if self.last is not None else total_steps
@@ -104,7 +116,14 @@ class SnapshotSchedule:
     _log_steps: frozenset[int] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "at_steps", tuple(sorted({int(s) for s in self.at_steps})))
+        steps = list(self.at_steps)
+        try:
+            if any(isinstance(s, bool) for s in steps):
+                raise TypeError
+            steps = [operator.index(s) for s in steps]
+        except TypeError:
+            raise ValueError(f"at_steps must hold integer optimizer steps, got {steps!r}.") from None
+        object.__setattr__(self, "at_steps", tuple(sorted(set(steps))))
         if isinstance(self.log_spaced, int):
             object.__setattr__(self, "log_spaced", LogSpaced(self.log_spaced))
         for name in ("every_n_steps", "every_n_epochs"):

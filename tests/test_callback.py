@@ -390,7 +390,8 @@ def test_calibration_picks_the_step_size_once_weights_are_stationary_and_keeps_i
         calibrated = chosen["step_size"]
         assert calibrated < 0.1 / 4 and chosen["candidates"][0]["accepted"] is False
         assert log.step_size.tolist() == [0.1, calibrated, calibrated]
-        assert (log.status == "ok").all()
+        # step size 0.1 blows the chains up (loss rise ~1e8): diverged; the calibrated ones are fine.
+        assert log.status.tolist() == ["diverged", "ok", "ok"] and "left the neighbourhood" in log.message[0]
         assert log.config["sgld"]["step_size"] == 0.1  # the stored config is the configured one
     assert callback.resolved_config.step_size == calibrated
     state = callback.state_dict()

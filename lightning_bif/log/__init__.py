@@ -31,11 +31,16 @@ from .reader import Snapshot as Snapshot
 from .reader import TokenTrajectory as TokenTrajectory
 from .reader import Trajectory as Trajectory
 from .reader import open_log as open_log
+from .recover import DamagedLogError as DamagedLogError
+from .recover import SalvageReport as SalvageReport
+from .recover import repair as repair
+from .recover import salvage as salvage
 from .schema import FORMAT as FORMAT
 from .schema import FORMAT_VERSION as FORMAT_VERSION
 from .schema import STATUSES as STATUSES
 from .schema import PathLike as PathLike
 from .schema import RunIdentity as RunIdentity
 from .schema import SnapshotRecord as SnapshotRecord
+from .writer import LogWriteError as LogWriteError
 from .writer import LogWriter as LogWriter
 from .writer import check_writable as check_writable

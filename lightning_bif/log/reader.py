@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import h5py
 import numpy as np
 
 from ..analysis import SignChange, sign_changes
+from .recover import DamagedLogError, damage_as_error, first_inconsistent_row, open_swmr, salvage
 from .schema import (
     HORIZON_COLUMNS,
     PathLike,
@@ -114,6 +116,12 @@ class RowView:
         return self._rows
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self._read(key)
+        except (OSError, RuntimeError) as error:  # an unreadable block (bad chunk checksum, lost index)
+            raise DamagedLogError(self._dataset.file.filename, f"HDF5 cannot read a part of it ({error})") from error
+
+    def _read(self, key: Any) -> np.ndarray:
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if first is Ellipsis:
             first, rest = slice(None), (Ellipsis, *rest)
@@ -179,15 +187,16 @@ class InfluenceLog:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"No influence log at {self.path}.")
+        self._file = open_swmr(self.path)
         try:
-            self._file = h5py.File(self.path, "r", swmr=True, locking=False)
-        except OSError as error:
-            raise OSError(f"Cannot open the influence log {self.path} as HDF5: {error}") from error
-        try:
-            _check_format(self._file, self.path)
+            with damage_as_error(self.path):
+                self._read_header()
         except ValueError:
             self._file.close()
             raise
+
+    def _read_header(self) -> None:
+        _check_format(self._file, self.path)
         attrs = self._file.attrs
         self.format_version = int(attrs["format_version"])
         self.package_version = str(attrs["package_version"])
@@ -210,6 +219,18 @@ class InfluenceLog:
         self._load_rows()
 
     def _load_rows(self) -> None:
+        with damage_as_error(self.path):
+            rows = {name: len(dataset) for name, dataset in self._datasets.items()}
+            if min(rows.values()) < rows["step"]:  # the writer extends every dataset before ``step``
+                short = min(rows, key=rows.get)
+                raise DamagedLogError(self.path, f"{short} has {rows[short]} rows but step has {rows['step']}",
+                                      intact=rows[short])
+            self._read_rows()
+        problem = first_inconsistent_row(self.steps, self.status, self.loss_rise)
+        if problem is not None:
+            raise DamagedLogError(self.path, problem[1], intact=problem[0])
+
+    def _read_rows(self) -> None:
         file = self._datasets
         self._rows = rows = len(file["step"])
         self.steps = file["step"][()].astype(np.int64)
@@ -251,8 +272,9 @@ class InfluenceLog:
         A run resuming after a crash writes a recovered copy of the file; reopen the log to follow it.
         """
         # ``step`` first: the writer extends every other dataset before it, so they hold >= its rows.
-        for dataset in self._datasets.values():
-            dataset.refresh()
+        with damage_as_error(self.path):
+            for dataset in self._datasets.values():
+                dataset.refresh()
         self._load_rows()
 
     def __len__(self) -> int:
@@ -376,18 +398,34 @@ class InfluenceLog:
                 f"train={len(self.train_ids)})")
 
 
-def open_log(path: PathLike) -> InfluenceLog:
+def open_log(path: PathLike, *, recover: bool = False) -> InfluenceLog:
     """Open an influence log for reading (also while training still appends to it).
+
+    A damaged log (truncated, overwritten, half-written rows) raises
+    :class:`~lightning_bif.log.DamagedLogError` within a second rather than returning damage as data.
 
     Args:
         path: The ``.h5`` file written by ``BIFCallback`` or :class:`LogWriter`.
+        recover: When the log is damaged, copy its intact snapshots into ``<stem>.repaired.h5`` next
+            to it (as ``lightning-bif repair`` does; the damaged file is left as it is), warn, and
+            open that copy instead of raising.
 
     Returns:
         An :class:`InfluenceLog`; call ``refresh()`` on it to see newly appended snapshots.
+
+    Raises:
+        DamagedLogError: The log is damaged (and ``recover`` is false).
 
     Example:
         >>> from lightning_bif import open_log
         >>> log = open_log("runs/exp/influence.h5")        # doctest: +SKIP
         >>> log.trajectory(probe=3, train=17).influence    # doctest: +SKIP
     """
-    return InfluenceLog(path)
+    try:
+        return InfluenceLog(path)
+    except DamagedLogError as error:
+        if not recover:
+            raise
+        report = salvage(path)
+        warnings.warn(f"{error.problem}; {report}", stacklevel=2)
+        return InfluenceLog(report.target)

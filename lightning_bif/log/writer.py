@@ -7,8 +7,11 @@ the snapshot in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +21,15 @@ import h5py
 import numpy as np
 
 from ..analysis import flatten_config
+from .recover import (
+    SalvageReport,
+    check_space,
+    damage_as_error,
+    new_temporary,
+    open_swmr,
+    recover_in_place,
+    remove_stale_temporaries,
+)
 from .schema import (
     _CALIBRATION_BYTES,
     _LIBVER,
@@ -42,6 +54,17 @@ from .schema import (
 )
 
 _MODES = ("error", "overwrite", "resume")
+# A snapshot is written only when the log's filesystem has this much more free space than the row
+# needs: HDF5 that runs out of space mid-flush leaves half-written metadata, so stop well before.
+_FREE_SPACE_MARGIN = 1 << 20
+
+
+class LogWriteError(OSError):
+    """A snapshot could not be written to the log (e.g. no space left, an I/O error).
+
+    The row is not in the log (nothing of it is counted as a snapshot), the snapshots before it are
+    intact, and the writer stays usable: a later append is tried again.
+    """
 
 
 def _bounded_text(text: str, limit: int) -> bytes:
@@ -91,6 +114,10 @@ def check_writable(path: PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"The influence log path {path} is a directory; pass a file path like {path}/bif.h5.")
+    blocking = next((parent for parent in reversed(path.parents) if parent.is_file()), None)
+    if blocking is not None:
+        raise NotADirectoryError(f"Cannot write the influence log at {path}: {blocking} is a file, not a directory. "
+                                 "Choose a log_path whose parent directories are directories (or can be created).")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".bif-write-test-"):
@@ -127,6 +154,8 @@ class LogWriter:
             raise ValueError(f"if_exists must be one of {_MODES}, got {if_exists!r}.")
         self.path = Path(path)
         self.identity = identity
+        #: What crash recovery salvaged when this writer resumed a log whose writer was killed, else None.
+        self.recovered: SalvageReport | None = None
         check_writable(self.path)
         if self.path.exists() and if_exists == "error":
             raise FileExistsError(
@@ -138,9 +167,6 @@ class LogWriter:
             if guard is not None and if_exists == "resume":
                 self._file = self._open_existing()
             else:
-                if guard is not None:
-                    # Unlink rather than truncate: a reader that still has the old file open keeps a valid file.
-                    self.path.unlink()
                 self._file = self._create()
         except BaseException:
             _unlock(guard)
@@ -151,14 +177,42 @@ class LogWriter:
             _unlock(guard)
             self._lock = _writer_lock(self.path)
         self._layout = _file_layout(self._file)
+        # One handle per dataset for the writer's lifetime: a handle closed after each write would flush its
+        # chunks while being freed, where a failed write (a full disk) is only printed, never raised.
+        self._datasets = {name: self._file[name] for name in self._layout}
         self._steps = self._file["step"][()].astype(np.int64)
-        self._file.swmr_mode = True
+        self._row_bytes = sum(math.prod(tail) * np.dtype(dtype).itemsize for tail, dtype in self._layout.values())
+        if not self._file.swmr_mode:
+            self._file.swmr_mode = True
 
     def _create(self) -> h5py.File:
+        """Build the new log under a temporary name and rename it into place once it is complete.
+
+        A reader then finds either no file or a complete one in SWMR mode; a failure (a full disk)
+        leaves nothing behind; an existing log is replaced in one step, and a reader that still has
+        it open keeps a valid file.
+        """
+        remove_stale_temporaries(self.path)
+        temporary = new_temporary(self.path, "creating")
+        file = None
+        try:
+            file = self._build(temporary)
+            file.flush()
+            file.swmr_mode = True
+            os.replace(temporary, self.path)
+        except BaseException:
+            if file is not None:
+                with contextlib.suppress(Exception):
+                    file.close()
+            temporary.unlink(missing_ok=True)
+            raise
+        return file
+
+    def _build(self, path: Path) -> h5py.File:
         from .. import __version__
 
         identity = self.identity
-        file = h5py.File(self.path, "w", libver=_LIBVER, locking=False)
+        file = h5py.File(path, "w", libver=_LIBVER, locking=False)
         file.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -180,13 +234,14 @@ class LogWriter:
         layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
                          identity.tokens)
         for name, (tail, dtype) in layout.items():
+            # fletcher32: a checksum per chunk, so bytes overwritten inside a snapshot's data are found when read.
             file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=_row_chunks(tail),
-                                dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None)
-        file.flush()
+                                dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None,
+                                fletcher32=True)
         return file
 
     def _open_existing(self) -> h5py.File:
-        with h5py.File(self.path, "r", swmr=True, locking=False) as stored:
+        with open_swmr(self.path) as stored, damage_as_error(self.path):
             _check_format(stored, self.path)
             self._check_identity(stored)
         try:
@@ -199,8 +254,10 @@ class LogWriter:
                 raise
             # The previous writer was killed (no live writer holds _writer_lock) and left the file
             # marked as open for writing; its completed snapshots are intact: copy them to a clean file.
-            _recover(self.path)
+            self.recovered = recover_in_place(self.path)
             file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
+        # SWMR at once: until then the file is marked open for writing without SWMR, which readers cannot open.
+        file.swmr_mode = True
         # Drop a snapshot in flight when the previous writer died: rows past the last committed step.
         committed = len(file["step"])
         for name in _file_layout(file):
@@ -274,18 +331,43 @@ class LogWriter:
             raise ValueError(f"SnapshotRecord.status must be one of {STATUSES}, got {record.status!r}.")
         values = self._row(record)
         row = len(self._steps)
-        for name in self._layout:
-            if name != "step":
-                self._write(name, row, values[name])
-        # The step is the commit marker: it reaches the disk only after the rest of the row did.
-        self._file.flush()
-        self._write("step", row, values["step"])
-        self._file.flush()
+        try:
+            check_space(self.path.parent, self._row_bytes + _FREE_SPACE_MARGIN, "the snapshot")
+        except OSError as error:
+            raise LogWriteError(
+                error.errno, f"The snapshot at step {record.step} could not be written to the influence log "
+                             f"{self.path} ({error.strerror}); it is left out, the {row} snapshot(s) before it "
+                             "are intact"
+            ) from error
+        try:
+            for name in self._layout:
+                if name != "step":
+                    self._write(name, row, values[name])
+            # The step is the commit marker: it reaches the disk only after the rest of the row did.
+            self._file.flush()
+            self._write("step", row, values["step"])
+            self._file.flush()
+        except (OSError, RuntimeError) as error:
+            self._roll_back(row)
+            code, reason = _os_error(error)
+            raise LogWriteError(
+                code, f"The snapshot at step {record.step} could not be written to the influence log {self.path} "
+                      f"({reason}); it is left out, the {row} snapshot(s) before it are intact"
+            ) from error
         self._steps = np.append(self._steps, np.int64(record.step))
         return row
 
+    def _roll_back(self, row: int) -> None:
+        """Shrink every dataset back to ``row`` rows after a failed append (best effort: the disk may still fail)."""
+        for name in reversed(self._layout):
+            with contextlib.suppress(Exception):
+                if len(self._datasets[name]) > row:
+                    self._datasets[name].resize(row, axis=0)
+        with contextlib.suppress(Exception):
+            self._file.flush()
+
     def _write(self, name: str, row: int, value: Any) -> None:
-        dataset = self._file[name]
+        dataset = self._datasets[name]
         dataset.resize(row + 1, axis=0)
         dataset[row] = value
 
@@ -350,16 +432,26 @@ class LogWriter:
         if removed:
             # ``step`` shrinks first so a live reader never counts a row whose data is gone.
             for name in reversed(self._layout):
-                self._file[name].resize(keep, axis=0)
+                self._datasets[name].resize(keep, axis=0)
             self._file.flush()
             self._steps = self._steps[:keep]
         return removed
 
     def close(self) -> None:
-        """Flush and close the file (idempotent)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Flush and close the file (idempotent).
+
+        Raises:
+            LogWriteError: The final flush failed (e.g. no space left); the file is closed all the same.
+        """
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except (OSError, RuntimeError) as error:
+            code, reason = _os_error(error)
+            raise LogWriteError(code, f"Closing the influence log {self.path} failed ({reason})") from error
+        finally:
             _unlock(self._lock)
 
     def __enter__(self) -> LogWriter:
@@ -367,6 +459,15 @@ class LogWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _os_error(error: BaseException) -> tuple[int, str]:
+    """The OS error behind an h5py write error: ``(errno, "strerror: what HDF5 was doing")``."""
+    text = str(error)
+    found = re.search(r"errno = (\d+)", text)
+    code = getattr(error, "errno", None) or (int(found.group(1)) if found else 0)
+    doing = text.split(" (", 1)[0]
+    return code, f"{os.strerror(code)}: {doing}" if code else text
 
 
 def _writer_lock(path: Path) -> int | None:
@@ -393,17 +494,3 @@ def _unlock(descriptor: int | None) -> None:
     if descriptor is not None:
         os.close(descriptor)  # closing the descriptor releases its flock
 
-
-def _recover(path: Path) -> None:
-    """Rewrite a log whose writer died into a clean file with the same content."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".recover", delete=False) as tmp:
-        target = Path(tmp.name)
-    try:
-        with h5py.File(path, "r", swmr=True, locking=False) as source, \
-                h5py.File(target, "w", libver=_LIBVER, locking=False) as copy:
-            copy.attrs.update(dict(source.attrs))
-            for name in source:
-                source.copy(source[name], copy, name=name)
-        os.replace(target, path)
-    finally:
-        target.unlink(missing_ok=True)
