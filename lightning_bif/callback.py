@@ -791,7 +791,7 @@ class BIFCallback(Callback):
             estimator = self._estimator(model, device, data=self._data_source, config=config)
             with preserved_state(model, [device]):
                 estimator.prepare()
-                accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
+                accumulator = estimator.sample_checked(chains, self._progress_fn(trainer, step))
         except Exception as caught:  # a failed snapshot is recorded; training goes on
             error = caught
         if world > 1:

@@ -119,7 +119,7 @@ class BIFResult:
 class BIFEstimator:
     """The steps of one estimate, for callers that run chains in parts (DDP ranks).
 
-    ``estimate_bif`` is ``prepare`` → ``sample(all chains)`` → ``summarize``. A DDP caller runs
+    ``estimate_bif`` is ``prepare`` → ``sample_checked(all chains)`` → ``summarize``. A DDP caller runs
     ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
     ranks, and calls ``summarize`` on the merged result.
 
@@ -429,13 +429,14 @@ class BIFEstimator:
         first = seconds()
         return first if first < CPU_VMAP_MAX_STEP_S else seconds()
 
-    def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
-        """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first).
+    def sample_checked(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
+        """:meth:`sample`, then, when the low-rank preconditioner was chosen automatically and its chains ran
+        away (see :meth:`runaway`), the chains again with plain SGLD; the tuning record says why.
 
-        When the low-rank preconditioner was chosen automatically and its chains ran away (see
-        :meth:`runaway`), they are run again with plain SGLD, and the tuning record says why.
+        The check reads the accumulated sums on the host once, after sampling (:meth:`sample` itself never
+        waits for the device).
         """
-        accumulator = self._sample(chains, progress)
+        accumulator = self.sample(chains, progress)
         reason = self.runaway(accumulator) if self.tuning.chosen.get("preconditioner") == "lowrank" else None
         if reason is None:
             return accumulator
@@ -448,7 +449,7 @@ class BIFEstimator:
         self._build()
         self.subspace = None
         self.tune()
-        return self._sample(chains, progress)
+        return self.sample(chains, progress)
 
     def runaway(self, accumulator: CovarianceAccumulator) -> str | None:
         """Why the chains left the region the posterior describes, or ``None``.
@@ -469,7 +470,8 @@ class BIFEstimator:
         bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss0.double().abs().mean()))
         return f"mean loss rise {rise:.3g} > max(D/nβ, loss at w*) = {bound:.3g}" if rise > bound else None
 
-    def _sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
+    def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
+        """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
         cfg = self.config
         accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
@@ -568,7 +570,7 @@ class BIFEstimator:
         start = time.perf_counter()
         with preserved_state(self.model, [self.device]), torch.inference_mode(False):
             self.prepare()
-            accumulator = self.sample(range(self.config.chains) if chains is None else chains, progress)
+            accumulator = self.sample_checked(range(self.config.chains) if chains is None else chains, progress)
             if merge is not None:
                 merge(accumulator)
             return self.summarize(accumulator, time.perf_counter() - start)
