@@ -18,7 +18,7 @@ the L2 prior, K, the seed and the curvature sample's size.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,12 +37,14 @@ class CachedCurvature:
         extremes: Lanczos (λ_min, λ_max).
         ritz: Their unit Ritz vectors ``[D, 2]``.
         curvature: The top eigenpairs, or ``None`` when they were not needed.
+        preconditioned: λ_max of the low-rank-preconditioned posterior curvature per (γ, δ) it was measured for.
     """
 
     key: tuple
     extremes: tuple[float, float]
     ritz: torch.Tensor
     curvature: Curvature | None = None
+    preconditioned: dict[tuple[float, float], float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ class CurvatureCache:
         if not drift <= self.tolerance:
             return None, Freshness(False, drift, f"Rayleigh quotients drifted by {drift:.2f} x |λ_max| "
                                                  f"(tolerance {self.tolerance:g})")
-        fresh = CachedCurvature(entry.key, (float(quotients[0]), float(quotients[1])), entry.ritz, entry.curvature)
+        fresh = CachedCurvature(entry.key, (float(quotients[0]), float(quotients[1])), entry.ritz, entry.curvature,
+                                entry.preconditioned)
         return fresh, Freshness(True, drift, "reused")
 
     def store(self, entry: CachedCurvature) -> None:

@@ -250,6 +250,7 @@ class BIFEstimator:
                           "the top eigenpairs are measured for the preconditioner" if control_variates else
                           "per-token estimate" if preconditioner == "lowrank" else "no eigenpairs measured")
         cfg = cfg.replace(preconditioner=preconditioner, control_variates=control_variates)
+        self._measured = measured
         if measured is not None:
             tuning.lambda_min, tuning.lambda_max = measured.extremes
             if measured.curvature is not None:
@@ -281,6 +282,9 @@ class BIFEstimator:
         eigenvalue is not flat, the amplified complement can be stiffer than the stiffest direction.
         """
         products, nbeta, gamma = self._products, self.nbeta, cfg.localization
+        cached = self._measured.preconditioned.get((gamma, lowrank.damping))
+        if cached is not None:  # same curvature, same γ and δ: the same operator
+            return self._preconditioned_choice(cfg, cached, "cached")
 
         def preconditioned(vectors: torch.Tensor) -> torch.Tensor:
             root = lowrank.apply_sqrt(vectors.T.clone())
@@ -288,10 +292,14 @@ class BIFEstimator:
             return lowrank.apply_sqrt(curved).T
 
         (_, stiffest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
+        self._measured.preconditioned[(gamma, lowrank.damping)] = stiffest
+        return self._preconditioned_choice(cfg, stiffest, "24 Lanczos steps")
+
+    def _preconditioned_choice(self, cfg: SGLDConfig, stiffest: float, source: str) -> SGLDConfig:
         step_size = min(STIFFNESS_STEP / stiffest, cfg.step_size)
         self.tuning.preconditioned_stiffness = stiffest
         self.tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/λ_max(G·A), the stiffest direction of the "
-                                                   "low-rank-preconditioned posterior (24 Lanczos steps)")
+                                                   f"low-rank-preconditioned posterior ({source})")
         return cfg.replace(step_size=step_size)
 
     def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:
