@@ -120,7 +120,7 @@ class BIFCallback(Callback):
             defaults, or a dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
             "step_sizes": [...]}`` (keys: ``step_sizes``, ``pilot_steps``, ``pilot_chains``,
             ``tracked``, ``tolerance``, ``drift_tolerance``, ``safety``). The default ladder is
-            ``config.step_size`` times 16, 8, ..., 1/16, tried from the largest down; a
+            ``config.step_size`` (or the automatic one) times 16, 8, ..., 1/16, tried from the largest down; a
             candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
             half-step reference runs too. The time is not part of the snapshot's ``duration_s``
             (it is in the calibration evidence).
@@ -129,8 +129,8 @@ class BIFCallback(Callback):
             and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
             number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
             the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
-            and ε per snapshot, in place of ``localization`` and ``step_size`` (and of a calibrated step
-            size); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
+            per snapshot in place of ``localization``, and ε when ``step_size`` is ``None`` (a step size you
+            set, or a calibrated one, is kept); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
             ``horizon_steps``, keeps the config's γ and ε.
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
@@ -791,7 +791,9 @@ class BIFCallback(Callback):
             estimator = self._estimator(model, device, data=self._data_source, config=config)
             with preserved_state(model, [device]):
                 estimator.prepare()
-                accumulator = estimator.sample_checked(chains, self._progress_fn(trainer, step))
+                # The runaway rerun is decided per process; under DDP every rank must sample alike.
+                sample = estimator.sample_checked if world == 1 else estimator.sample
+                accumulator = sample(chains, self._progress_fn(trainer, step))
         except Exception as caught:  # a failed snapshot is recorded; training goes on
             error = caught
         if world > 1:
