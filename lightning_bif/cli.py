@@ -78,7 +78,8 @@ def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
     print(f"\nautomatic settings at step {log.steps[rows[-1]]} (set by the user: "
           f"{', '.join(tuning.get('given', [])) or 'none'}):", file=out)
     for name, value in tuning.get("chosen", {}).items():
-        print(f"  {name} = {value}  ({tuning.get('reasons', {}).get(name, '')})", file=out)
+        shown = f"{value:.3g}" if isinstance(value, float) else value
+        print(f"  {name} = {shown}  ({tuning.get('reasons', {}).get(name, '')})", file=out)
     evidence = {"λ_min": tuning.get("lambda_min"), "λ_max": tuning.get("lambda_max"),
                 "mean eigenvalue": tuning.get("mean_eigenvalue"), "tuning s": tuning.get("seconds")}
     print("  evidence: " + ", ".join(f"{k} {v:.3g}" for k, v in evidence.items() if v is not None)
