@@ -3,14 +3,15 @@
 scikit-learn's bundled 8x8 digits, a small MLP, and ``BIFCallback`` on a log-spaced schedule:
 200 tracked training examples (20 per digit) and 50 probes from the held-out digits (5 per
 digit), both grouped by their class. Outputs go under ``runs/digits/version_N/``: TensorBoard
-events and the HDF5 influence log ``influence.h5``.
+events, the HDF5 influence log ``influence.h5`` and its figures in ``figures/`` (docs/figures.md).
 
     python examples/digits.py             # train with BIF snapshots
     python examples/digits.py --no-bif    # the same training without the callback (for timing)
     python examples/digits.py --preconditioner lowrank   # curvature-preconditioned SGLD
     python examples/digits.py --horizon none   # the config's γ and ε instead of the horizon's (docs/horizon.md)
-    tensorboard --logdir runs             # curves: bif/<probe digit>/<train digit>, heatmaps, diagnostics
+    tensorboard --logdir runs --samples_per_plugin images=100   # group curves, matrices, diagnostics
     lightning-bif summary runs/digits/version_0/influence.h5
+    python examples/analyze_digits.py     # offline analysis of the newest log: sign changes, top digits
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_bif import BIFCallback, LogSpaced, SGLDConfig, open_log
+from lightning_bif.plot import write_figures
 
 
 class DigitsMLP(pl.LightningModule):
@@ -77,7 +79,7 @@ def per_class(dataset: TensorDataset, count: int) -> Subset:
     return Subset(dataset, [int(i) for c in range(10) for i in (labels == c).nonzero().flatten()[:count]])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-bif", action="store_true", help="train without the callback (timing baseline)")
     parser.add_argument("--epochs", type=int, default=20)
@@ -88,7 +90,7 @@ def main() -> None:
                              "'auto' uses it when it fits (docs/self-tuning.md)")
     parser.add_argument("--horizon", choices=["interval", "rest", "none"], default="interval",
                         help="the question a snapshot answers (docs/horizon.md); 'none': the config's γ and ε")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny model: threads cost more than they give
     start = time.perf_counter()
 
@@ -119,7 +121,7 @@ def main() -> None:
     accuracy = float(trainer.callback_metrics["val/accuracy"])
     print(f"\nTrained {trainer.global_step} steps in {time.perf_counter() - start:.1f} s; "
           f"held-out accuracy {accuracy:.3f}.")
-    print(f"TensorBoard:   tensorboard --logdir {args.root}")
+    print(f"TensorBoard:   tensorboard --logdir {args.root} --samples_per_plugin images=100")
     if args.no_bif:
         return
     path = callbacks[0].resolved_log_path
@@ -129,8 +131,11 @@ def main() -> None:
         print(f"Influence log: {path} ({len(log)} snapshots at steps {log.steps.tolist()})")
         print(f"Final snapshot: mean BIF of a training digit on a probe of the same class {last[same].mean():+.2e}, "
               f"of another class {last[~same].mean():+.2e} (negative = helpful)")
+        figures = write_figures(log, path.parent / "figures")
+    print(f"Figures:       {', '.join(str(figure) for figure in figures)}")
     print(f"Summary:       lightning-bif summary {path}")
     print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
+    print(f"Analysis:      python examples/analyze_digits.py {path}   (sign-change curves, most influential digits)")
     print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")
 
 

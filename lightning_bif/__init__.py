@@ -3,13 +3,13 @@
 from typing import TYPE_CHECKING
 
 from .config import SGLDConfig
-from .estimator import BIFResult, Diagnostics, estimate_bif
 from .log import DamagedLogError, open_log
 from .schedule import LogSpaced
 
 if TYPE_CHECKING:
     from .callback import BIFCallback
     from .datamodule_source import DataModuleExamples
+    from .estimator import BIFResult, Diagnostics, estimate_bif
 
 __version__ = "0.1.0"
 
@@ -27,11 +27,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # BIFCallback imports Lightning (seconds); open_log, the CLI and estimate_bif do not need it.
+    # BIFCallback imports Lightning and the estimator torch (seconds); open_log and the CLI need neither.
     if name == "BIFCallback":
         from .callback import BIFCallback
 
         return BIFCallback
+    if name in ("BIFResult", "Diagnostics", "estimate_bif"):
+        from . import estimator
+
+        return getattr(estimator, name)
     if name == "DataModuleExamples":
         from .datamodule_source import DataModuleExamples
 

@@ -101,6 +101,8 @@ class SignChange:
             snapshot with the old sign and the next one (between ``before_step`` and ``after_step``).
         z_before: ``influence / stderr`` at ``before_step``.
         z_after: ``influence / stderr`` at ``after_step``.
+        probe_id: Id of the probe (filled in by ``InfluenceLog.sign_changes``; ``None`` from arrays).
+        train_id: Id of the training example (likewise).
     """
 
     probe: int
@@ -111,6 +113,8 @@ class SignChange:
     crossing: float
     z_before: float
     z_after: float
+    probe_id: Any = None
+    train_id: Any = None
 
 
 def sign_changes(

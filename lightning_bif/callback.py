@@ -36,6 +36,7 @@ from .horizon import optimizer_step
 from .log import LogWriteError, LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
+from .tensorboard import TensorBoardSink, check_charts
 from .threads import oversubscription, snapshot_threads
 
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
@@ -86,7 +87,7 @@ class BIFCallback(Callback):
             With ``SGLDConfig(per_token=True)`` it returns ``[B, T]`` and the log gains per-token influence.
         train_groups: A label per tracked training example (e.g. its class), ``[N]``.
         probe_groups: A label per probe, ``[P]``.
-        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags).
+        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags, stored in the log).
         probe_group_names: Display names of probe groups.
         probe_tokens: The display string of every token of every probe, ``[P][T]`` (a list of lists of
             str), stored in the log for the token view (``lightning-bif tokens``). Needs
@@ -113,7 +114,9 @@ class BIFCallback(Callback):
         if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
             ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
             config and ids). A fit resumed from a checkpoint always resumes its log.
-        tensorboard: Write curves, histograms and heatmaps to the trainer's ``TensorBoardLogger``.
+        tensorboard: Write group curves, a matrix figure and diagnostics to the trainer's
+            ``TensorBoardLogger`` (``True``); ``False`` for none, ``"all"``, or a list of chart names
+            to add the opt-in ones (see :mod:`lightning_bif.tensorboard` and docs/tensorboard.md).
         progress: Show progress during a snapshot (in the progress bar, or as log lines).
         calibrate: Choose the SGLD step size from pilot chains at the first snapshot, and again at
             later ones until one is accepted: ``True`` for :func:`~lightning_bif.calibration.calibrate`'s
@@ -176,7 +179,7 @@ class BIFCallback(Callback):
         precision_from_trainer: bool = True,
         log_path: str | Path | None = None,
         if_exists: Literal["error", "overwrite", "resume"] = "error",
-        tensorboard: bool = True,
+        tensorboard: bool | str | Sequence[str] = True,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
@@ -198,6 +201,10 @@ class BIFCallback(Callback):
                 f"BIFCallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'resume'."
             )
         self.calibrate = _calibration_options(calibrate)
+        try:
+            check_charts(tensorboard)
+        except ValueError as error:
+            raise MisconfigurationException(f"BIFCallback(tensorboard=...): {error}") from error
         if min_split_half is not None and not (
             isinstance(min_split_half, (int, float)) and not isinstance(min_split_half, bool)
             and -1 <= min_split_half <= 1
@@ -559,6 +566,8 @@ class BIFCallback(Callback):
             draws=resolve_budget(cfg, len(self.train_ids) + len(self.probe_ids),
                                  budget_minibatch(cfg, len(self.train_ids)), Tuning()).draws,
             tokens=self._tokens,
+            train_group_names=self.train_group_names,
+            probe_group_names=self.probe_group_names,
             probe_tokens=self.probe_tokens,
             train_text=self.train_text,
         )
@@ -600,10 +609,9 @@ class BIFCallback(Callback):
         if self.tensorboard:
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if logger is not None:
-                from .tensorboard import TensorBoardSink  # imports tensorboard: only when a TensorBoardLogger is used
-
                 self._sink = TensorBoardSink(logger.experiment, self._identity(),
-                                             self.train_group_names, self.probe_group_names)
+                                             self.train_group_names, self.probe_group_names, self.tensorboard,
+                                             log_path=path)
         return None
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:
@@ -626,6 +634,8 @@ class BIFCallback(Callback):
                 writer.close()
             except LogWriteError as error:
                 rank_zero_warn(f"BIFCallback: {error}. Check the log with `lightning-bif summary {writer.path}`.")
+        if self._sink is not None:
+            self._sink.close()
         self._sink = None
 
     def _report_lost(self) -> None:

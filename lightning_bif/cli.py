@@ -3,8 +3,13 @@
     lightning-bif summary runs/exp/influence.h5             # config, snapshots, one line per snapshot
     lightning-bif export runs/exp/influence.h5 --step 500 --csv bif.csv   # one snapshot as a long table
     lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
+    lightning-bif plot runs/exp/influence.h5 --out figures  # group curves, pairs, matrices, sign changes, top-k
     lightning-bif tokens runs/exp/influence.h5 --probe 0 --html tokens.html   # per-token influence on a probe
     lightning-bif repair runs/exp/influence.h5              # copy the intact snapshots of a damaged log
+
+Examples are printed by id (their dataset index or key, as in ``log.train_ids`` / ``log.probe_ids``):
+in Python pass them as ``log.trajectory(probe_id=..., train_id=...)``; ``probe=`` / ``train=`` are positions.
+Groups are shown by the names stored in the log (``train_group_names`` / ``probe_group_names``) where it has them.
 """
 
 from __future__ import annotations
@@ -21,9 +26,21 @@ import numpy as np
 from .analysis import extremes, flatten_config, group_means
 from .log import InfluenceLog, open_log, repair
 
+_IDS_NOTE = "probes and train examples by id: log.trajectory(probe_id=..., train_id=...) in Python"
+
 
 def _pair(log: InfluenceLog, probe: int, train: int, value: float) -> str:
-    return f"probe {log.probe_ids[probe]} <- train {log.train_ids[train]}: {value:+.3g}"
+    return f"probe id {log.probe_ids[probe]} <- train id {log.train_ids[train]}: {value:+.3g}"
+
+
+def _group_name(names: dict | None, label: object) -> str:
+    """A group's stored name, else its label."""
+    return str(label) if names is None else str(names.get(label, label))
+
+
+def _group_names(log: InfluenceLog, kind: str, labels: np.ndarray) -> list[str]:
+    names = log.train_group_names if kind == "train" else log.probe_group_names
+    return [_group_name(names, label) for label in labels.tolist()]
 
 
 def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
@@ -43,7 +60,7 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
     if not len(log):
         return
     print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10} "
-          f"{'step size':>9}  most helpful | most harmful (BIF: negative = helpful)", file=out)
+          f"{'step size':>9}  most helpful | most harmful (BIF: negative = helpful; {_IDS_NOTE})", file=out)
     rows = range(len(log)) if last is None else range(max(0, len(log) - last), len(log))
     for row in rows:
         line = (f"{log.steps[row]:>8} {log.epochs[row]:>5}  {log.status[row]:<8} {log.duration_s[row]:>7.2f}s "
@@ -62,10 +79,11 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
         row = int(usable[-1])
         means = group_means(log.influence[row], log.probe_groups, log.train_groups)
         print(f"\nmean BIF per probe group (rows) and train group (columns) at step {log.steps[row]}:", file=out)
-        width = max(10, *(len(str(label)) + 1 for label in means.train_groups.tolist()))
-        print(" " * 12 + "".join(f"{label!s:>{width}}" for label in means.train_groups.tolist()), file=out)
-        for label, values in zip(means.probe_groups.tolist(), means.means, strict=True):
-            print(f"{str(label)[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
+        train_names = _group_names(log, "train", means.train_groups)
+        width = max(10, *(len(name) + 1 for name in train_names))
+        print(" " * 12 + "".join(f"{name:>{width}}" for name in train_names), file=out)
+        for name, values in zip(_group_names(log, "probe", means.probe_groups), means.means, strict=True):
+            print(f"{name[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
 
 
 def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
@@ -91,21 +109,23 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
     """Write the snapshot nearest ``step`` (default: the last) as CSV, one row per (probe, train) pair.
 
     With ``tokens``, one row per (probe, token, train) triple of the per-token influence instead.
+    Logs that store group names get ``probe_group_name`` and ``train_group_name`` columns at the end.
 
     Returns:
         The step of the exported snapshot.
+
+    Raises:
+        ValueError: The log has no snapshots, or ``step`` is outside its logged steps.
     """
-    row = len(log) - 1 if step is None else log.nearest(step)
-    if row < 0:
-        raise ValueError(f"The influence log {log.path} has no snapshots yet.")
-    if tokens and log.tokens is None:
-        raise ValueError(f"The influence log {log.path} has no per-token influence (it was written without "
-                         "SGLDConfig(per_token=True)); export it without --tokens.")
-    snapshot = log.snapshot(row)
+    snapshot = log.snapshot(_export_row(log, step, tokens))
     writer = csv.writer(out)
     no_groups = lambda size: np.full(size, "")  # noqa: E731
     probe_groups = log.probe_groups if log.probe_groups is not None else no_groups(len(log.probe_ids))
     train_groups = log.train_groups if log.train_groups is not None else no_groups(len(log.train_ids))
+    names: dict[str, list[str]] = {}
+    for kind, labels in (("probe", probe_groups), ("train", train_groups)):
+        if getattr(log, f"{kind}_group_names") is not None:
+            names[f"{kind}_group_name"] = _group_names(log, kind, labels)
     if tokens:
         writer.writerow(["step", "probe_id", "probe_group", "token", "train_id", "train_group", "influence",
                          "stderr"])
@@ -115,14 +135,29 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
                              repr(float(snapshot.token_influence_se[probe, token, train]))])
         return snapshot.step
     writer.writerow(["step", "probe_id", "probe_group", "train_id", "train_group", "influence", "stderr",
-                     "correlation"])
+                     "correlation", *names])
+    probe_name = names.get("probe_group_name")
+    train_name = names.get("train_group_name")
     for probe in range(len(log.probe_ids)):
         for train in range(len(log.train_ids)):
             writer.writerow([snapshot.step, log.probe_ids[probe], probe_groups[probe], log.train_ids[train],
                              train_groups[train], repr(float(snapshot.influence[probe, train])),
                              repr(float(snapshot.stderr[probe, train])),
-                             repr(float(snapshot.correlation[probe, train]))])
+                             repr(float(snapshot.correlation[probe, train])),
+                             *([] if probe_name is None else [probe_name[probe]]),
+                             *([] if train_name is None else [train_name[train]])])
     return snapshot.step
+
+
+def _export_row(log: InfluenceLog, step: int | None, tokens: bool) -> int:
+    """The snapshot ``export`` writes; raises before any output is opened when there is none."""
+    row = len(log) - 1 if step is None else log.nearest(step)
+    if row < 0:
+        raise ValueError(f"The influence log {log.path} has no snapshots yet.")
+    if tokens and log.tokens is None:
+        raise ValueError(f"The influence log {log.path} has no per-token influence (it was written without "
+                         "SGLDConfig(per_token=True)); export it without --tokens.")
+    return row
 
 
 def print_sign_changes(log: InfluenceLog, out: TextIO, z: float = 3.0, top: int | None = 20) -> int:
@@ -140,16 +175,39 @@ def print_sign_changes(log: InfluenceLog, out: TextIO, z: float = 3.0, top: int 
     if not changes:
         return 0
     shown = changes if top is None else changes[:top]
-    label = lambda ids, groups, i: f"{ids[i]}" + ("" if groups is None else f" ({groups[i]})")  # noqa: E731
-    print(f"\n{'crossing':>9} {'turns':>8}  {'probe':<16} {'train':<16} {'between steps':>14} {'z before':>9} "
-          f"{'z after':>8}", file=out)
+
+    def label(kind: str, position: int) -> str:
+        ids, groups = (log.probe_ids, log.probe_groups) if kind == "probe" else (log.train_ids, log.train_groups)
+        names = log.probe_group_names if kind == "probe" else log.train_group_names
+        return f"{ids[position]}" + ("" if groups is None else f" ({_group_name(names, groups[position].item())})")
+
+    group = "" if log.probe_groups is None and log.train_groups is None else " (group)"
+    print(f"{_IDS_NOTE}\n\n{'crossing':>9} {'turns':>8}  {'probe id' + group:<18} {'train id' + group:<18} "
+          f"{'between steps':>14} {'z before':>9} {'z after':>8}", file=out)
     for c in shown:
-        print(f"{c.crossing:>9.1f} {c.turns:>8}  {label(log.probe_ids, log.probe_groups, c.probe):<16} "
-              f"{label(log.train_ids, log.train_groups, c.train):<16} {f'{c.before_step}-{c.after_step}':>14} "
-              f"{c.z_before:>+9.1f} {c.z_after:>+8.1f}", file=out)
+        print(f"{c.crossing:>9.1f} {c.turns:>8}  {label('probe', c.probe):<18} {label('train', c.train):<18} "
+              f"{f'{c.before_step}-{c.after_step}':>14} {c.z_before:>+9.1f} {c.z_after:>+8.1f}", file=out)
     if len(shown) < len(changes):
         print(f"... {len(changes) - len(shown)} more (--top 0 shows all)", file=out)
     return len(changes)
+
+
+def plot(log: InfluenceLog, out: TextIO, args: argparse.Namespace) -> None:
+    """Write the figures of ``lightning-bif plot`` (matplotlib is imported only here) and list them."""
+    from . import plot as figures
+
+    pairs = None
+    for text in args.pair or ():
+        probe, separator, train = text.partition(":")
+        if not separator:
+            raise ValueError(f"--pair {text!r}: write PROBE_ID:TRAIN_ID (dataset ids, as `summary` prints them).")
+        pairs = [*(pairs or []), (figures.parse_id(log, "probe", probe), figures.parse_id(log, "train", train))]
+    probe = None if args.probe is None else figures.parse_id(log, "probe", args.probe)
+    written = figures.write_figures(log, args.out, args.format, pairs=pairs, steps=args.steps, probe=probe,
+                                    top_k=args.top_k, prefix=args.prefix, figures=args.figures or figures.FIGURES,
+                                    quantity=args.quantity)
+    for path in written:
+        print(f"wrote {path}", file=out)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--last", type=int, default=None, metavar="K", help="only the last K snapshot lines")
     table = commands.add_parser("export", help="one snapshot as CSV: a row per (probe, train) pair")
     table.add_argument("log", help="the .h5 influence log")
-    table.add_argument("--step", type=int, default=None, help="training step (nearest snapshot; default: last)")
+    table.add_argument("--step", type=int, default=None,
+                       help="training step within the logged range (nearest snapshot; default: the last)")
     table.add_argument("--csv", required=True, metavar="PATH", help="output file, '-' for stdout")
     table.add_argument("--tokens", action="store_true",
                        help="per-token influence: a row per (probe, token, train) triple (per_token logs)")
@@ -168,6 +227,24 @@ def _parser() -> argparse.ArgumentParser:
     flips.add_argument("log", help="the .h5 influence log")
     flips.add_argument("--z", type=float, default=3.0, help="standard errors from zero that count (default 3)")
     flips.add_argument("--top", type=int, default=20, metavar="K", help="show the first K changes (0: all)")
+    draw = commands.add_parser("plot", help="figures: group curves, chosen pairs, matrices, sign changes, top-k",
+                               description="Write the figures of docs/figures.md (BIF < 0 helps, > 0 harms).")
+    draw.add_argument("log", help="the .h5 influence log")
+    draw.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    draw.add_argument("--format", choices=["png", "pdf", "svg"], default="png", help="file format (default png)")
+    draw.add_argument("--pair", action="extend", nargs="+", metavar="PROBE_ID:TRAIN_ID",
+                      help="pairs for pairs.<format>, by dataset id (default: the clearest sign changes)")
+    draw.add_argument("--steps", action="extend", nargs="+", type=int, metavar="STEP",
+                      help="training steps of the matrix panels (nearest snapshot; default: 4 spread over the run)")
+    draw.add_argument("--probe", metavar="ID", help="probe id of top_examples.<format> (default: the probe of the "
+                      "largest |BIF| in the last ok snapshot)")
+    draw.add_argument("--top-k", type=int, default=5, metavar="K", help="examples per panel of top_examples (5)")
+    draw.add_argument("--figures", action="extend", nargs="+", metavar="NAME",
+                      choices=["groups", "pairs", "matrix", "sign_changes", "top_examples"],
+                      help="only these figures (default: all five)")
+    draw.add_argument("--prefix", default="", help="prepended to each file name, e.g. 'digits_'")
+    draw.add_argument("--quantity", default="influence", metavar="NAME",
+                      help="'influence' (BIF, default) or 'correlation' (posterior correlation: > 0 helps)")
     tokens = commands.add_parser("tokens", help="a probe's tokens coloured by per-token influence (per_token logs)")
     tokens.add_argument("log", help="the .h5 influence log")
     tokens.add_argument("--probe", default=None, metavar="ID", help="probe id (default: the first probe)")
@@ -225,16 +302,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary(log, sys.stdout, args.last)
             elif args.command == "sign-changes":
                 print_sign_changes(log, sys.stdout, args.z, args.top or None)
+            elif args.command == "plot":
+                plot(log, sys.stdout, args)
             elif args.command == "tokens":
                 _tokens(log, args, sys.stdout)
             elif args.csv == "-":
                 export(log, sys.stdout, args.step, args.tokens)
             else:
+                _export_row(log, args.step, args.tokens)  # an error leaves no empty CSV behind
                 with open(args.csv, "w", newline="") as out:
                     step = export(log, out, args.step, args.tokens)
                 shape = f"{len(log.probe_ids)} x {log.tokens} x {len(log.train_ids)} triples" if args.tokens else \
                     f"{len(log.probe_ids)} x {len(log.train_ids)} pairs"
-                print(f"wrote step {step} ({shape}) to {args.csv}")
+                nearest = "" if args.step is None or args.step == step else f", the snapshot nearest --step {args.step}"
+                print(f"wrote step {step}{nearest} ({shape}) to {args.csv}")
     except (OSError, ValueError) as error:
         print(f"lightning-bif: error: {error}", file=sys.stderr)
         return 1

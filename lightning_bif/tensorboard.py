@@ -1,94 +1,112 @@
-"""TensorBoard sink: a few dozen charts per run that show how influence evolves during training.
+"""TensorBoard sink: group curves a reader can tell apart, a labelled influence matrix, a few diagnostics.
 
-Per snapshot it writes (``step`` is the training step):
+Per snapshot (``step`` is the training step) it writes, by default:
 
-- ``bif/<probe group>/<train group>``: mean BIF of a train group on a probe group. A custom
-  scalars layout draws each probe group as one chart with a line per train group.
-- ``bif/influence_hist``: histogram of every BIF entry.
-- ``bif/influence_heatmap``: the ``[probe, train]`` matrix as an image, rows and columns sorted by
-  group, on a diverging colour scale symmetric around 0: **blue = negative = helpful**,
-  white = 0, **red = positive = harmful**, grey = NaN. The scale saturates at the 99th
-  percentile of ``|BIF|`` of that snapshot.
-- ``bif_diag/*``: mean SGLD sampling loss, loss rise over the loss at w*, split-half
-  reliability, effective sample size, number of diverged chains, snapshot duration and the
-  SGLD step size used (which changes when the callback calibrates it).
+- ``bif_x_nbeta/probes_<probe group>`` in one run per train group (``<log dir>/train_<train group>``),
+  so TensorBoard draws each probe group as one chart with a line per train group in its own colour.
+  The value is nβ × the mean BIF of the train group on the probe group: the same sign (negative =
+  helps), in units where a damped classical influence function is O(1), so that late-training
+  values near 1e-5 do not round to 0 in TensorBoard's tables. Divide by nβ (in the log) for BIF.
+- ``bif/matrix`` (Images): the ``[probe, train]`` matrix of the snapshot as a labelled figure
+  (:func:`lightning_bif.plot.matrix_figure`): sorted by group, group borders, axis labels, a
+  symmetric colour bar, **blue = helps, red = harms**.
+- ``bif_diag/split_half``, ``bif_diag/loss_rise``, ``bif_diag/diverged_chains``; and
+  ``bif_diag/status`` (Text) for every snapshot that is not ``ok``.
+
+Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``ess``, ``sampling_loss``,
+``duration_s``, ``step_size`` (scalars under ``bif_diag/``), ``histogram`` (``bif/influence_hist``) and
+``groups_figure`` (``bif/groups``, Images: :func:`lightning_bif.plot.plot_groups` of the log so far,
+with a log step axis and a colour per train group; it re-reads the log and draws a figure of
+several panels at every snapshot, so it costs seconds per snapshot).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+import warnings
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch.utils.tensorboard import SummaryWriter
 
 from .analysis import group_labels, group_means
-from .log import RunIdentity, SnapshotRecord
+from .log import PathLike, RunIdentity, SnapshotRecord, open_log
 
-# Diverging scale anchors (ColorBrewer RdBu ends): helpful, neutral, harmful; NaN is grey.
-HELPFUL_RGB = np.array([33, 102, 172], dtype=np.float64)
-NEUTRAL_RGB = np.array([247, 247, 247], dtype=np.float64)
-HARMFUL_RGB = np.array([178, 24, 43], dtype=np.float64)
-NAN_RGB = np.array([128, 128, 128], dtype=np.uint8)
-_MAX_SIDE = 512  # heatmap pixels per side before block averaging
-_MIN_SIDE = 128  # a short side is stretched to about this many pixels so that it stays visible
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
+
+DEFAULT_CHARTS = ("groups", "matrix", "split_half", "loss_rise", "diverged_chains", "status")
+OPTIONAL_CHARTS = ("ess", "sampling_loss", "duration_s", "step_size", "histogram", "groups_figure")
+GROUP_TAG = "bif_x_nbeta/probes_{}"
+_DIAGNOSTICS = ("split_half", "loss_rise", "diverged_chains", "ess", "sampling_loss")
+_DPI = 100
 
 
 def _tag_part(label: Any) -> str:
-    """A group label as one tag component (TensorBoard splits tags on '/')."""
+    """A group label as one tag or directory component (TensorBoard splits tags on '/')."""
     return re.sub(r"[^\w.\-]+", "_", str(label)) or "_"
 
 
-def diverging_colors(values: np.ndarray, limit: float) -> np.ndarray:
-    """RGB uint8 colours ``[..., 3]`` for ``values`` on a blue-white-red scale over ``[-limit, limit]``."""
-    scaled = np.clip(np.nan_to_num(values / limit), -1.0, 1.0)[..., None]
-    anchor = np.where(scaled < 0, HELPFUL_RGB, HARMFUL_RGB)
-    rgb = NEUTRAL_RGB + np.abs(scaled) * (anchor - NEUTRAL_RGB)
-    rgb = np.rint(rgb).astype(np.uint8)
-    rgb[np.isnan(values)] = NAN_RGB
-    return rgb
+def check_charts(charts: bool | Collection[str]) -> tuple[str, ...]:
+    """The charts to write: ``True`` for :data:`DEFAULT_CHARTS`, ``"all"``, or a collection of names.
+
+    Raises:
+        ValueError: An unknown chart name.
+    """
+    if charts is True:
+        return DEFAULT_CHARTS
+    if charts is False:
+        return ()
+    if charts == "all":
+        return DEFAULT_CHARTS + OPTIONAL_CHARTS
+    if isinstance(charts, str):
+        charts = (charts,)
+    unknown = sorted(set(charts) - set(DEFAULT_CHARTS) - set(OPTIONAL_CHARTS))
+    if unknown:
+        raise ValueError(f"Unknown TensorBoard chart(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(DEFAULT_CHARTS + OPTIONAL_CHARTS)}, or True (defaults) / 'all'.")
+    return tuple(name for name in DEFAULT_CHARTS + OPTIONAL_CHARTS if name in charts)
 
 
-def _block_mean(matrix: np.ndarray, axis: int, bins: int) -> np.ndarray:
-    """Average consecutive runs along ``axis`` down to ``bins`` entries (NaN only where a run is all NaN)."""
-    starts = np.linspace(0, matrix.shape[axis], bins + 1).astype(int)[:-1]
-    finite = np.isfinite(matrix)
-    sums = np.add.reduceat(np.where(finite, matrix, 0.0), starts, axis=axis)
-    counts = np.add.reduceat(finite, starts, axis=axis)
-    with np.errstate(invalid="ignore"):
-        return sums / counts
+def figure_image(figure: Figure, dpi: int = _DPI) -> np.ndarray:
+    """A matplotlib figure rendered as an RGB image ``[H, W, 3]`` (uint8), without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-
-def heatmap(influence: np.ndarray, probe_order: np.ndarray, train_order: np.ndarray) -> np.ndarray:
-    """The influence matrix as an RGB image ``[H, W, 3]`` (uint8), rows/columns in the given order."""
-    matrix = np.asarray(influence, dtype=np.float64)[np.ix_(probe_order, train_order)]
-    for axis in (0, 1):
-        if matrix.shape[axis] > _MAX_SIDE:
-            matrix = _block_mean(matrix, axis, _MAX_SIDE)
-    finite = np.abs(matrix[np.isfinite(matrix)])
-    limit = float(np.percentile(finite, 99)) if finite.size else 0.0
-    image = diverging_colors(matrix, limit if limit > 0 else 1.0)
-    for axis in (0, 1):
-        image = np.repeat(image, max(1, _MIN_SIDE // image.shape[axis]), axis=axis)
-    return image
+    figure.set_dpi(dpi)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 class TensorBoardSink:
-    """Writes each BIF snapshot to TensorBoard as group-mean curves, a histogram and a heatmap.
+    """Writes each BIF snapshot to TensorBoard: group curves (a run per train group), a matrix figure, diagnostics.
 
     Args:
-        writer: A ``SummaryWriter`` (Lightning's ``TensorBoardLogger.experiment`` is one).
+        writer: A ``SummaryWriter`` (Lightning's ``TensorBoardLogger.experiment`` is one); the
+            train-group runs are written next to its events, in ``<log_dir>/train_<group>``.
         identity: The run identity; its ``train_groups``/``probe_groups`` define the curves
             (without groups everything is one group called ``"all"``).
         train_group_names: Optional display names of train group labels, e.g. ``{0: "zeros"}``.
         probe_group_names: Optional display names of probe group labels.
+        charts: Which charts to write: ``True`` (:data:`DEFAULT_CHARTS`), ``"all"``, or names from
+            :data:`DEFAULT_CHARTS` and :data:`OPTIONAL_CHARTS`.
+        log_path: The HDF5 log the snapshots are appended to (before they reach the sink); needed
+            by ``"groups_figure"``.
+
+    Raises:
+        ValueError: An unknown chart name, or ``"groups_figure"`` without ``log_path``.
+
+    Attributes:
+        group_runs: Directories of the train-group runs, in sorted label order (empty without ``"groups"``).
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter        # doctest: +SKIP
         >>> sink = TensorBoardSink(SummaryWriter("runs/exp"), identity)  # doctest: +SKIP
         >>> sink.write(step=500, record=record)                      # doctest: +SKIP
+        >>> sink.close()                                             # doctest: +SKIP
     """
 
     def __init__(
@@ -97,56 +115,100 @@ class TensorBoardSink:
         identity: RunIdentity,
         train_group_names: Mapping[Any, str] | None = None,
         probe_group_names: Mapping[Any, str] | None = None,
+        charts: bool | Collection[str] = True,
+        log_path: PathLike | None = None,
     ) -> None:
         self.writer = writer
         self.identity = identity
-        train_labels, train_members = group_labels(identity.train_groups, len(identity.train_ids))
-        probe_labels, probe_members = group_labels(identity.probe_groups, len(identity.probe_ids))
-        # Stable sorts keep the original order inside a group.
-        self._train_order = np.argsort(train_members, kind="stable")
-        self._probe_order = np.argsort(probe_members, kind="stable")
-        train_names = [_tag_part((train_group_names or {}).get(label, label)) for label in train_labels.tolist()]
-        probe_names = [_tag_part((probe_group_names or {}).get(label, label)) for label in probe_labels.tolist()]
-        self._tags = [[f"bif/{probe}/{train}" for train in train_names] for probe in probe_names]
-        charts = {
-            f"probes {probe}": ["Multiline", [f"^{re.escape(tag)}$" for tag in row]]
-            for probe, row in zip(probe_names, self._tags, strict=True)
-        }
-        writer.add_custom_scalars({"BIF: mean influence of each train group (negative = helpful)": charts})
+        self.charts = check_charts(charts)
+        if "groups_figure" in self.charts and log_path is None:
+            raise ValueError("The TensorBoard chart 'groups_figure' draws from the HDF5 log: pass log_path.")
+        self.log_path = log_path
+        self._warned_unreadable = False
+        train_labels, _ = group_labels(identity.train_groups, len(identity.train_ids))
+        probe_labels, _ = group_labels(identity.probe_groups, len(identity.probe_ids))
+        self._train_names = [str((train_group_names or {}).get(label, label)) for label in train_labels.tolist()]
+        self._probe_names = [str((probe_group_names or {}).get(label, label)) for label in probe_labels.tolist()]
+        self._group_tags = [GROUP_TAG.format(_tag_part(name)) for name in self._probe_names]
+        # TensorBoard colours lines by run: one run per train group tells the lines of a chart apart.
+        self.group_runs = ([str(Path(writer.log_dir) / f"train_{_tag_part(name)}") for name in self._train_names]
+                           if "groups" in self.charts else [])
+        self._group_writers: list[SummaryWriter] = []
+        if self.group_runs:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._group_writers = [SummaryWriter(run) for run in self.group_runs]
 
     @property
-    def scalar_tags(self) -> list[str]:
-        """The group-mean tags, one per (probe group, train group)."""
-        return [tag for row in self._tags for tag in row]
+    def group_tags(self) -> list[str]:
+        """The group-curve tag of each probe group (the same tags in every train-group run)."""
+        return list(self._group_tags)
 
     def write(self, step: int, record: SnapshotRecord) -> None:
         """Write one snapshot at training step ``step`` and flush.
 
-        A failed snapshot (``record.result is None``) only records its duration and step size (when known).
+        A failed snapshot (``record.result is None``) writes its status text and, when chosen, its
+        duration and step size.
         """
-        writer = self.writer
-        writer.add_scalar("bif_diag/duration_s", record.duration_s, step)
+        writer, charts = self.writer, self.charts
+        if "duration_s" in charts:
+            writer.add_scalar("bif_diag/duration_s", record.duration_s, step)
         step_size = record.used_step_size()
-        if math.isfinite(step_size):
+        if "step_size" in charts and math.isfinite(step_size):
             writer.add_scalar("bif_diag/step_size", step_size, step)
+        if "status" in charts and record.status != "ok":
+            writer.add_text("bif_diag/status", f"step {step}: **{record.status}**"
+                            + (f" — {record.message}" if record.message else ""), step)
         result = record.result
         if result is not None:
             influence = result.influence.detach().cpu().double().numpy()
-            means = group_means(influence, self.identity.probe_groups, self.identity.train_groups).means
-            for row, tags in enumerate(self._tags):
-                for column, tag in enumerate(tags):
-                    writer.add_scalar(tag, means[row, column], step)
+            self._write_groups(step, influence, result.diagnostics.nbeta)
             finite = influence[np.isfinite(influence)]
-            if finite.size:
+            if "histogram" in charts and finite.size:
                 writer.add_histogram("bif/influence_hist", finite, step)
-            writer.add_image("bif/influence_heatmap", heatmap(influence, self._probe_order, self._train_order),
-                             step, dataformats="HWC")
+            if "matrix" in charts:
+                from .plot import matrix_figure
+
+                title = f"BIF at step {step}" + ("" if record.status == "ok" else f" ({record.status})")
+                figure = matrix_figure([influence], [title], self.identity.probe_groups, self.identity.train_groups,
+                                       self._probe_names, self._train_names)
+                writer.add_image("bif/matrix", figure_image(figure), step, dataformats="HWC")
+            if "groups_figure" in charts and self.log_path is not None:
+                from .plot import plot_groups
+
+                try:
+                    with open_log(self.log_path) as log:
+                        if (log.status == "ok").any():
+                            writer.add_image("bif/groups", figure_image(plot_groups(log), dpi=80), step,
+                                             dataformats="HWC")
+                except OSError as error:
+                    # A log that cannot be read (a failed write, a full disk) must not stop training.
+                    if not self._warned_unreadable:
+                        self._warned_unreadable = True
+                        warnings.warn(f"TensorBoardSink: no bif/groups image while the log {self.log_path} cannot be "
+                                      f"read ({error}); tried again at every snapshot. (Shown once.)", stacklevel=2)
             diagnostics = result.diagnostics
             sampling = diagnostics.sampling_loss.detach().cpu().double().numpy()
             sampling = sampling[np.isfinite(sampling)]
-            writer.add_scalar("bif_diag/sampling_loss", sampling.mean() if sampling.size else float("nan"), step)
-            writer.add_scalar("bif_diag/loss_rise", diagnostics.loss_rise, step)
-            writer.add_scalar("bif_diag/split_half", diagnostics.split_half, step)
-            writer.add_scalar("bif_diag/ess", diagnostics.ess, step)
-            writer.add_scalar("bif_diag/diverged_chains", int(diagnostics.diverged.sum()), step)
+            values = {"split_half": diagnostics.split_half, "loss_rise": diagnostics.loss_rise,
+                      "diverged_chains": int(diagnostics.diverged.sum()), "ess": diagnostics.ess,
+                      "sampling_loss": sampling.mean() if sampling.size else float("nan")}
+            for name in _DIAGNOSTICS:
+                if name in charts:
+                    writer.add_scalar(f"bif_diag/{name}", values[name], step)
         writer.flush()
+
+    def _write_groups(self, step: int, influence: np.ndarray, nbeta: float) -> None:
+        if not self._group_writers:
+            return
+        means = group_means(influence, self.identity.probe_groups, self.identity.train_groups).means
+        for column, group_writer in enumerate(self._group_writers):
+            for row, tag in enumerate(self._group_tags):
+                group_writer.add_scalar(tag, nbeta * means[row, column], step)
+            group_writer.flush()
+
+    def close(self) -> None:
+        """Close the train-group writers (the main writer belongs to the caller)."""
+        for group_writer in self._group_writers:
+            group_writer.close()
+        self._group_writers = []

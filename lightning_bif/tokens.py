@@ -103,6 +103,7 @@ def _row(log: InfluenceLog, step: int | None) -> int:
     rows = _usable_rows(log)
     if step is None:
         return int(rows[-1])
+    log.nearest(step)  # refuses a step outside the logged range instead of moving it to an end
     return int(rows[np.argmin(np.abs(log.steps[rows] - step))])
 
 

@@ -323,18 +323,27 @@ def test_snapshots_reach_the_trainers_tensorboard_logger_with_the_logged_values(
     labels = DATA.tensors[1]
     callback = BIFCallback(TRAIN, PROBES, every_n_steps=2, config=FAST, min_split_half=None,
                            train_groups=labels[TRAIN.indices],
-                           probe_groups=labels[PROBES.indices], probe_group_names={0: "zero", 1: "one", 2: "two"})
+                           probe_groups=labels[PROBES.indices], probe_group_names={0: "zero", 1: "one", 2: "two"},
+                           tensorboard=["groups", "duration_s"])
     trainer, _ = fit(tmp_path, [callback], max_steps=4, logger=TensorBoardLogger(tmp_path, name="tb"))
-    events = event_accumulator.EventAccumulator(trainer.logger.log_dir, size_guidance={event_accumulator.SCALARS: 0})
-    events.Reload()
+
+    def events(directory: Path) -> event_accumulator.EventAccumulator:
+        loaded = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.SCALARS: 0})
+        loaded.Reload()
+        return loaded
+
+    main, group_zero = events(Path(trainer.logger.log_dir)), events(Path(trainer.logger.log_dir) / "train_0")
     with open_log(callback.resolved_log_path) as log:
         assert callback.resolved_log_path.parent == Path(trainer.logger.log_dir)
-        durations = events.Scalars("bif_diag/duration_s")
+        assert "bif_diag/split_half" not in main.Tags()["scalars"]  # only the charts asked for
+        durations = main.Scalars("bif_diag/duration_s")
         assert [e.step for e in durations] == log.steps.tolist() == [2, 4]
         np.testing.assert_allclose([e.value for e in durations], log.duration_s, rtol=1e-6)
         pairs = np.ix_(log.probe_groups == 1, log.train_groups == 0)
-        expected = [log.influence[s][pairs].mean() for s in range(len(log))]
-        np.testing.assert_allclose([e.value for e in events.Scalars("bif/one/0")], expected, rtol=1e-5)
+        expected = [log.nbeta[s] * log.influence[s][pairs].mean() for s in range(len(log))]
+        np.testing.assert_allclose([e.value for e in group_zero.Scalars("bif_x_nbeta/probes_one")], expected, rtol=1e-5)
+    with pytest.raises(MisconfigurationException, match=r"tensorboard.*'heatmap'"):
+        BIFCallback(TRAIN, PROBES, every_n_steps=2, tensorboard=["heatmap"])
 
 
 def split_half_warnings(caught) -> list[str]:

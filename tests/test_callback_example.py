@@ -22,6 +22,9 @@ def test_digits_example_writes_a_log_and_tensorboard_events_and_says_where(tmp_p
     assert path == tmp_path / "digits" / "version_0" / "influence.h5"
     assert f"tensorboard --logdir {tmp_path}" in run.stdout and f"lightning-bif summary {path}" in run.stdout
     assert list(path.parent.glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (path.parent / "figures").iterdir()) == sorted(
+        f"{name}.png" for name in ("groups", "pairs", "matrix", "sign_changes", "top_examples"))
+    assert f"Figures:       {path.parent / 'figures' / 'groups.png'}" in run.stdout
     with open_log(path) as log:
         assert log.steps.tolist() == [0, 4, 24] and (log.status == "ok").all()
         assert log.influence[-1].shape == (50, 200) and np.isfinite(log.influence[-1]).all()

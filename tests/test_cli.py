@@ -36,8 +36,8 @@ def test_summary_prints_config_counts_and_one_line_per_snapshot(log_path: Path, 
         influence = record(step).result.influence.numpy()
         helpful = np.unravel_index(influence.argmin(), influence.shape)
         harmful = np.unravel_index(influence.argmax(), influence.shape)
-        assert f"probe {helpful[0]} <- train doc{helpful[1]}: {influence[helpful]:+.3g} | " in lines[str(step)]
-        assert f"probe {harmful[0]} <- train doc{harmful[1]}: {influence[harmful]:+.3g}" in lines[str(step)]
+        assert f"probe id {helpful[0]} <- train id doc{helpful[1]}: {influence[helpful]:+.3g} | " in lines[str(step)]
+        assert f"probe id {harmful[0]} <- train id doc{harmful[1]}: {influence[harmful]:+.3g}" in lines[str(step)]
     # Group means of the last usable snapshot: probe group 1 = probes 1, 2; train group 2 = examples 2, 5.
     influence = record(35).result.influence.numpy().astype(np.float64)
     means_row = next(line for line in out.splitlines() if line.startswith("1 "))
@@ -51,7 +51,8 @@ def test_summary_prints_config_counts_and_one_line_per_snapshot(log_path: Path, 
 def test_export_writes_the_nearest_snapshot_as_a_long_table(log_path: Path, tmp_path: Path, capsys) -> None:
     out_path = tmp_path / "bif.csv"
     assert main(["export", str(log_path), "--step", "12", "--csv", str(out_path)]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote step 10 (3 x 8 pairs) to {out_path}"
+    expected = f"wrote step 10, the snapshot nearest --step 12 (3 x 8 pairs) to {out_path}"
+    assert capsys.readouterr().out.strip() == expected
     with open(out_path, newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 3 * 8

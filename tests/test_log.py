@@ -139,7 +139,10 @@ def test_lazy_views_trajectory_nearest_and_position(tmp_path: Path) -> None:
     with pytest.raises(IndexError, match="train position 8"):
         log.trajectory(probe=0, train=8)
 
-    assert [log.nearest(s) for s in (-5, 4, 5, 6, 21, 100)] == [0, 0, 0, 1, 2, 2]
+    assert [log.nearest(s) for s in (0, 4, 5, 6, 21, 30)] == [0, 0, 0, 1, 2, 2]
+    assert [log.nearest(s, clip=True) for s in (-5, 100)] == [0, 2]
+    with pytest.raises(ValueError, match=r"Step 100 is after the last snapshot \(step 30\).*covers steps 0..30"):
+        log.nearest(100)
     assert log.position(train=35) == 5 and log.position(probe=2) == 2
     with pytest.raises(KeyError, match="id 36"):
         log.position(train=36)

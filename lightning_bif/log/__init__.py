@@ -5,7 +5,8 @@ else goes through :class:`LogWriter` (``writer``) and :func:`open_log` (``reader
 (``S`` snapshots, ``P`` probes, ``N`` tracked training examples, ``C`` chains, ``D`` draws per chain)::
 
     /                         attrs: format, format_version, package_version, created, config (JSON),
-                                     chains, draws
+                                     chains, draws; optional (version 2) train_group_names,
+                                     probe_group_names: JSON [[label, name], ...]
     train_ids [N], probe_ids [P]            int64 dataset indices or fixed-length UTF-8 keys
     train_groups [N], probe_groups [P]      optional group labels (int64 or UTF-8)
     probe_tokens [P, T], train_text [N]     optional display strings (variable-length UTF-8; format 2)
@@ -41,6 +42,7 @@ from .schema import STATUSES as STATUSES
 from .schema import PathLike as PathLike
 from .schema import RunIdentity as RunIdentity
 from .schema import SnapshotRecord as SnapshotRecord
+from .tables import UnknownIdError as UnknownIdError
 from .writer import LogWriteError as LogWriteError
 from .writer import LogWriter as LogWriter
 from .writer import check_writable as check_writable

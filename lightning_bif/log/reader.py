@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +13,14 @@ import h5py
 import numpy as np
 
 from ..analysis import SignChange, sign_changes
+from . import tables
 from .recover import DamagedLogError, damage_as_error, first_inconsistent_row, open_swmr, salvage
 from .schema import (
     HORIZON_COLUMNS,
     PathLike,
     _check_format,
     _file_layout,
+    _read_group_names,
     _read_labels,
     _read_texts,
     _stored_tokens,
@@ -174,6 +176,14 @@ class InfluenceLog:
     automatically with their evidence (``autotune.Tuning.summary()`` as a dict; ``None`` in version-1
     logs and for failed snapshots). Call :meth:`refresh` to see snapshots appended since opening.
 
+    Ids and positions: ``train_ids`` / ``probe_ids`` hold the dataset index or key of every tracked
+    example (what the CLI prints); a *position* is an example's place in those arrays (the column /
+    row of the ``[P, N]`` matrices). Methods that pick one example take either, keyword-only:
+    ``train=`` / ``probe=`` are positions, ``train_id=`` / ``probe_id=`` are ids. Snapshots likewise:
+    ``index`` / ``rows=`` are positions, ``step=`` / ``steps=`` are training steps.
+    ``train_group_names`` / ``probe_group_names`` are ``{group label: name}`` when the run stored
+    names (format version 2), else ``None``.
+
     Args:
         path: The ``.h5`` log.
 
@@ -181,6 +191,8 @@ class InfluenceLog:
         >>> log = open_log("runs/exp/influence.h5")                      # doctest: +SKIP
         >>> log.steps, log.influence[-1].shape                          # doctest: +SKIP
         >>> t = log.trajectory(probe=0, train=17); t.steps, t.influence  # doctest: +SKIP
+        >>> log.trajectory(probe_id=3, train_id=1017)                   # doctest: +SKIP
+        >>> log.to_dataframe(steps=slice(100, 500), probe_groups=[3])   # doctest: +SKIP
     """
 
     def __init__(self, path: PathLike) -> None:
@@ -209,6 +221,8 @@ class InfluenceLog:
         self.probe_ids = _read_labels(self._file["probe_ids"])
         self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
         self.probe_groups = _read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
+        self.train_group_names = _read_group_names(self._file, "train")
+        self.probe_group_names = _read_group_names(self._file, "probe")
         probe_tokens, train_text = _read_texts(self._file, "probe_tokens"), _read_texts(self._file, "train_text")
         self.probe_tokens: list[list[str]] | None = None if probe_tokens is None else probe_tokens.tolist()
         self.train_text: list[str] | None = None if train_text is None else train_text.tolist()
@@ -280,17 +294,30 @@ class InfluenceLog:
     def __len__(self) -> int:
         return self._rows
 
-    def trajectory(self, probe: int, train: int) -> Trajectory:
-        """The influence of training example ``train`` on probe ``probe`` over all snapshots.
+    def trajectory(
+        self, *, probe: int | None = None, train: int | None = None, probe_id: Any = None, train_id: Any = None
+    ) -> Trajectory:
+        """The influence of one training example on one probe over all snapshots.
+
+        Name the probe by exactly one of ``probe`` / ``probe_id`` and the training example by exactly
+        one of ``train`` / ``train_id``.
 
         Args:
-            probe: Position of the probe (row of the ``[P, N]`` matrices; see ``probe_ids``).
-            train: Position of the training example (see ``train_ids``).
+            probe: Position of the probe (row of the ``[P, N]`` matrices).
+            train: Position of the training example (column).
+            probe_id: Id of the probe (an entry of ``probe_ids``: what the CLI prints).
+            train_id: Id of the training example (an entry of ``train_ids``).
 
         Returns:
             A :class:`Trajectory` of steps, influence, standard errors and correlations.
+
+        Raises:
+            ValueError: Not exactly one of each kind was given.
+            TypeError: A position is not an integer (an id passed as ``probe=`` / ``train=``).
+            IndexError: A position is out of range.
+            UnknownIdError: An id is not in the log (also a ``KeyError``).
         """
-        self._check_positions(probe, train)
+        probe, train = self._pair(probe, train, probe_id, train_id)
         return Trajectory(
             steps=self.steps.copy(),
             influence=self.influence[:, probe, train],
@@ -298,23 +325,33 @@ class InfluenceLog:
             correlation=self.correlation[:, probe, train],
         )
 
-    def token_trajectory(self, probe: int, train: int) -> TokenTrajectory:
-        """The influence of training example ``train`` on every token of probe ``probe`` over all snapshots.
+    def token_trajectory(
+        self, *, probe: int | None = None, train: int | None = None, probe_id: Any = None, train_id: Any = None
+    ) -> TokenTrajectory:
+        """The influence of one training example on every token of one probe over all snapshots.
+
+        Name the probe by exactly one of ``probe`` / ``probe_id`` and the training example by exactly
+        one of ``train`` / ``train_id``.
 
         Args:
-            probe: Position of the probe (see ``probe_ids``).
-            train: Position of the training example (see ``train_ids``).
+            probe: Position of the probe (row of the ``[P, N]`` matrices).
+            train: Position of the training example (column).
+            probe_id: Id of the probe (an entry of ``probe_ids``).
+            train_id: Id of the training example (an entry of ``train_ids``).
 
         Returns:
             A :class:`TokenTrajectory` with ``[S, T]`` influence and standard errors.
 
         Raises:
-            ValueError: The log has no token axis (the run did not use ``SGLDConfig(per_token=True)``).
+            ValueError: The log has no token axis (the run did not use ``SGLDConfig(per_token=True)``),
+                or not exactly one of each kind was given.
+            IndexError: A position is out of range.
+            UnknownIdError: An id is not in the log.
         """
         if self.token_influence is None or self.token_influence_se is None:
             raise ValueError(f"The influence log {self.path} has no per-token influence: the run did not use "
                              "SGLDConfig(per_token=True).")
-        self._check_positions(probe, train)
+        probe, train = self._pair(probe, train, probe_id, train_id)
         return TokenTrajectory(
             steps=self.steps.copy(),
             influence=self.token_influence[:, probe, :, train],
@@ -331,37 +368,82 @@ class InfluenceLog:
             z: How many standard errors from zero an entry must be to count (default 3).
 
         Returns:
-            :class:`~lightning_bif.analysis.SignChange` records (positions, steps, zero crossing), earliest first.
+            :class:`~lightning_bif.analysis.SignChange` records, earliest first: ``probe`` / ``train``
+            are positions, ``probe_id`` / ``train_id`` the ids of the same pair.
         """
-        return sign_changes(self.steps, self.influence, self.stderr, z=z, usable=self.status == "ok")
+        changes = sign_changes(self.steps, self.influence, self.stderr, z=z, usable=self.status == "ok")
+        return [replace(c, probe_id=self.probe_ids[c.probe].item(), train_id=self.train_ids[c.train].item())
+                for c in changes]
 
-    def _check_positions(self, probe: int, train: int) -> None:
-        for name, position, size in (("probe", probe, len(self.probe_ids)), ("train", train, len(self.train_ids))):
-            if not -size <= position < size:
-                raise IndexError(f"{name} position {position} out of range for {size} {name} examples.")
+    def _pair(self, probe: int | None, train: int | None, probe_id: Any, train_id: Any) -> tuple[int, int]:
+        """Positions of a (probe, train) pair named by position or id, exactly one of each kind."""
+        resolved = []
+        for kind, position, key, size in (("probe", probe, probe_id, len(self.probe_ids)),
+                                          ("train", train, train_id, len(self.train_ids))):
+            if (position is None) == (key is None):
+                raise ValueError(f"Pass exactly one of {kind}= (position) or {kind}_id= (id, as in log.{kind}_ids "
+                                 "and the CLI).")
+            if key is not None:
+                position = self.position(**{kind: key})
+            elif isinstance(position, bool) or not isinstance(position, (int, np.integer)):
+                raise TypeError(f"{kind}= is a position (an integer); got {position!r}. Pass ids as {kind}_id=.")
+            elif not -size <= position < size:
+                raise IndexError(f"{kind} position {position} out of range for {size} {kind} examples.")
+            resolved.append(int(position) % size)
+        return resolved[0], resolved[1]
 
-    def nearest(self, step: int) -> int:
-        """Index of the snapshot whose step is nearest ``step`` (the earlier one on a tie)."""
+    def nearest(self, step: int, *, clip: bool = False) -> int:
+        """Index of the snapshot whose step is nearest ``step`` (the earlier one on a tie).
+
+        Args:
+            step: A training step within the logged range ``steps[0]..steps[-1]``.
+            clip: Also accept a step outside that range and return the first or last snapshot.
+
+        Raises:
+            ValueError: The log has no snapshots, or ``step`` is outside the logged range and
+                ``clip`` is false (a run that ended at step 480 has no snapshot near step 5000).
+        """
         if not self._rows:
             raise ValueError(f"The influence log {self.path} has no snapshots yet.")
+        first, last = int(self.steps[0]), int(self.steps[-1])
+        if not clip and not first <= step <= last:
+            where = f"before the first snapshot (step {first})" if step < first else \
+                f"after the last snapshot (step {last})"
+            raise ValueError(f"Step {step} is {where} of {self.path}; the log covers steps {first}..{last}. "
+                             "Ask for a step in that range, or pass clip=True for the nearest end.")
         return int(np.argmin(np.abs(self.steps - step)))
 
     def position(self, *, train: Any = None, probe: Any = None) -> int:
         """Position of a training example or probe given its id (dataset index or key).
+
+        Here ``train=`` / ``probe=`` are ids (the one method where they are): it maps an id to a position.
+
+        Raises:
+            UnknownIdError: No example has that id (a ``KeyError``; the message says what ids the log has).
 
         Example:
             >>> log.trajectory(probe=log.position(probe=3), train=log.position(train=1017))  # doctest: +SKIP
         """
         if (train is None) == (probe is None):
             raise ValueError("Pass exactly one of train= or probe=.")
-        ids, value, name = (self.train_ids, train, "train") if train is not None else (self.probe_ids, probe, "probe")
-        hits = np.flatnonzero(ids == value)
-        if not len(hits):
-            raise KeyError(f"No {name} example with id {value!r} in {self.path}.")
-        return int(hits[0])
+        kind, value = ("train", train) if train is not None else ("probe", probe)
+        return int(tables.ids_to_positions(self, kind, value)[0])
 
-    def snapshot(self, index: int) -> Snapshot:
-        """Every stored array of snapshot ``index`` (negative counts from the end)."""
+    def snapshot(self, index: int | None = None, *, step: int | None = None) -> Snapshot:
+        """Every stored array of one snapshot, by position ``index`` (negative counts from the end) or by ``step``.
+
+        Args:
+            index: Position of the snapshot (row of the log).
+            step: Training step of the snapshot; it must be a logged step (see :meth:`nearest` for the nearest).
+
+        Raises:
+            ValueError: Not exactly one of ``index`` and ``step``, or no snapshot at ``step``.
+            IndexError: ``index`` out of range.
+        """
+        if (index is None) == (step is None):
+            raise ValueError("Pass exactly one of index (snapshot position) or step= (training step).")
+        if step is not None:
+            index = int(tables.select(self, steps=[step], include_failed=True).rows[0])
         if not -self._rows <= index < self._rows:
             raise IndexError(f"snapshot index {index} out of range for {self._rows} snapshots.")
         index %= self._rows
@@ -382,6 +464,79 @@ class InfluenceLog:
                for name in HORIZON_COLUMNS},
             tuning=self.tuning[index],
         )
+
+    def to_dataframe(
+        self, *, steps: Any = None, rows: Any = None, probes: Any = None, probe_ids: Any = None,
+        probe_groups: Any = None, trains: Any = None, train_ids: Any = None, train_groups: Any = None,
+        include_failed: bool = False,
+    ) -> Any:
+        """The influence of a selection of the log as a long pandas table, one row per (step, probe, train).
+
+        Reads only the selected snapshots, a block at a time: select steps or examples to read a part
+        of a log larger than memory. Needs pandas (``pip install 'lightning-bif[pandas]'``).
+
+        Snapshots: at most one of ``steps`` / ``rows``; probes: at most one of ``probes`` /
+        ``probe_ids`` / ``probe_groups``; training examples likewise. Omitted: everything.
+        Table rows come in step order, then probe position, then train position.
+
+        Args:
+            steps: Training steps: one, a list (each must be logged), or ``slice(start, stop)`` for
+                every snapshot with ``start <= step <= stop`` (both inclusive; ``None`` for open ends).
+            rows: Snapshot positions: an int, a list or a slice.
+            probes: Probe positions (int, list or slice).
+            probe_ids: Probe ids (entries of ``probe_ids``).
+            probe_groups: Probe group labels (entries of ``probe_groups``).
+            trains: Training example positions.
+            train_ids: Training example ids.
+            train_groups: Training group labels.
+            include_failed: Keep failed snapshots (their values are NaN); default drops them.
+
+        Returns:
+            A ``pandas.DataFrame`` with columns ``step``, ``status``, ``probe_id``, ``probe_group``,
+            ``probe_group_name``, ``train_id``, ``train_group``, ``train_group_name``, ``influence``,
+            ``stderr``, ``correlation`` (the group columns only when the log has groups, the name
+            columns only when it stores group names; a label without a name shows as its text).
+            Text columns (``status``, string ids, labels and names) are pandas categoricals: one
+            small code per table row.
+
+        Raises:
+            ImportError: pandas is not installed.
+            ValueError: A step that is not logged, a step range with no snapshot, or two
+                selections of one kind.
+            UnknownIdError: An id or group label that the log does not have.
+            IndexError: A position out of range.
+        """
+        selection = tables.select(self, steps=steps, rows=rows, probes=probes, probe_ids=probe_ids,
+                                  probe_groups=probe_groups, trains=trains, train_ids=train_ids,
+                                  train_groups=train_groups, include_failed=include_failed)
+        return tables.to_dataframe(self, selection)
+
+    def to_xarray(
+        self, *, steps: Any = None, rows: Any = None, probes: Any = None, probe_ids: Any = None,
+        probe_groups: Any = None, trains: Any = None, train_ids: Any = None, train_groups: Any = None,
+        include_failed: bool = False,
+    ) -> Any:
+        """A selection of the log as an ``xarray.Dataset`` with dims ``step``, ``probe``, ``train``.
+
+        Takes the selection arguments of :meth:`to_dataframe` and reads only what they select. The
+        ``probe`` and ``train`` coordinates are the ids, so ``ds.sel(train=1017)`` picks by id and
+        ``ds.isel(train=0)`` by position within the selection. Needs xarray
+        (``pip install 'lightning-bif[xarray]'``).
+
+        Returns:
+            An ``xarray.Dataset`` with variables ``influence``, ``stderr``, ``correlation``
+            ``[step, probe, train]``; coordinates ``step``, ``probe``, ``train`` (ids),
+            ``probe_group`` / ``train_group`` and ``probe_group_name`` / ``train_group_name`` where
+            the log has them, and per step ``status``, ``split_half`` and ``loss_rise``.
+
+        Raises:
+            ImportError: xarray is not installed.
+            ValueError: As :meth:`to_dataframe`.
+        """
+        selection = tables.select(self, steps=steps, rows=rows, probes=probes, probe_ids=probe_ids,
+                                  probe_groups=probe_groups, trains=trains, train_ids=train_ids,
+                                  train_groups=train_groups, include_failed=include_failed)
+        return tables.to_xarray(self, selection)
 
     def close(self) -> None:
         """Close the file (idempotent)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,9 @@ class RunIdentity:
         draws: Draws per chain (D).
         tokens: Tokens per probe (T) of a per-token run (``SGLDConfig(per_token=True)``): the log then
             stores ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]``. ``None``: no token axis.
+        train_group_names: Optional display name of each train group label, ``{label: name}`` (format
+            version 2). Display only: a resumed log keeps the names it was created with.
+        probe_group_names: Optional display name of each probe group label.
         probe_tokens: Optional display string of every token of every probe, ``[P][T]`` (needs ``tokens``);
             each string is cut to 256 UTF-8 bytes.
         train_text: Optional display text of every tracked training example, ``[N]``; each is cut to
@@ -75,6 +79,8 @@ class RunIdentity:
     chains: int = 4
     draws: int = 200
     tokens: int | None = None
+    train_group_names: Any = None
+    probe_group_names: Any = None
     probe_tokens: Any = None
     train_text: Any = None
 
@@ -98,6 +104,8 @@ class RunIdentity:
                 raise ValueError(f"RunIdentity.{name} must be a positive integer, got {value!r}.")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise ValueError(f"RunIdentity.tokens must be a positive integer or None, got {self.tokens!r}.")
+        self.train_group_names = _check_group_names(self.train_group_names, self.train_groups, "train")
+        self.probe_group_names = _check_group_names(self.probe_group_names, self.probe_groups, "probe")
         if self.probe_tokens is not None:
             if self.tokens is None:
                 raise ValueError("RunIdentity.probe_tokens needs a token axis: set tokens (T) as well.")
@@ -167,6 +175,51 @@ def _labels(values: Any, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be integers or strings, got dtype {array.dtype}.")
 
 
+def _check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, str] | None:
+    """Group display names as ``{label: name}`` with plain int or str labels of the same kind as ``groups``.
+
+    Args:
+        names: ``{label: name}`` (labels may be NumPy or tensor scalars), or ``None`` / empty.
+        groups: The group label of each example (``[N]`` or ``[P]``), or ``None``.
+        kind: ``"train"`` or ``"probe"``, for messages.
+
+    Returns:
+        The checked mapping, or ``None`` when ``names`` is empty.
+
+    Raises:
+        ValueError: ``names`` is not a mapping, names are given without group labels, or a label is not
+            of the kind (integer or string) of the group labels. One exception type: the callback turns
+            it into a configuration error on every rank at fit start.
+    """
+    if not names:
+        return None
+    if not isinstance(names, Mapping):
+        raise ValueError(f"{kind}_group_names must be a mapping {{label: name}}, got {type(names).__name__}.")
+    if groups is None:
+        raise ValueError(f"{kind}_group_names needs {kind}_groups: names are given per group label.")
+    want_int = _labels(groups, f"{kind}_groups").dtype.kind == "i"
+    checked: dict[int | str, str] = {}
+    for label, name in names.items():
+        label = label.item() if hasattr(label, "item") else label
+        if isinstance(label, bool) or not isinstance(label, int if want_int else str):
+            expected = "an integer" if want_int else "a string"
+            raise ValueError(f"{kind}_group_names: label {label!r} is not {expected} like the {kind}_groups labels.")
+        checked[label] = str(name)
+    return checked
+
+
+def _store_group_names(file: h5py.File, identity: RunIdentity) -> None:
+    """Group names as root attributes holding JSON ``[[label, name], ...]`` (JSON keeps int labels int)."""
+    for kind in ("train", "probe"):
+        names = getattr(identity, f"{kind}_group_names")
+        if names is not None:
+            file.attrs[f"{kind}_group_names"] = json.dumps([[label, name] for label, name in names.items()])
+
+
+def _read_group_names(file: h5py.File, kind: str) -> dict[int | str, str] | None:
+    """``{label: name}`` stored by :func:`_store_group_names`; ``None`` in logs without them (all version-1 logs)."""
+    text = file.attrs.get(f"{kind}_group_names")
+    return None if text is None else {label: name for label, name in json.loads(text)}
 def _texts(values: Any, shape: tuple[int, ...], name: str, limit: int) -> np.ndarray:
     """Display strings as an object array of ``shape``, each cut to ``limit`` UTF-8 bytes."""
     array = np.array(values, dtype=object)

@@ -49,6 +49,7 @@ from .schema import (
     _read_labels,
     _read_texts,
     _row_chunks,
+    _store_group_names,
     _stored_tokens,
     _text_dataset,
 )
@@ -227,6 +228,7 @@ class LogWriter:
             labels = getattr(identity, name)
             if labels is not None:
                 _label_dataset(file, name, labels)
+        _store_group_names(file, identity)
         for name in ("probe_tokens", "train_text"):
             texts = getattr(identity, name)
             if texts is not None:
