@@ -104,7 +104,8 @@ def config_for(workload: Workload, autocast: str | None = None) -> SGLDConfig:
     return SGLDConfig(chains=workload.chains, draws=workload.draws, burn_in=0, thin=1,
                       step_size=workload.step_size, nbeta=float(workload.data),
                       localization=workload.localization, batch_size=workload.batch_size,
-                      eval_batch_size=EVAL_BATCH, seed=SEED, autocast=autocast)
+                      eval_batch_size=EVAL_BATCH, seed=SEED, autocast=autocast,
+                      preconditioner="none", control_variates=False)  # the reference loop is plain SGLD
 
 
 def run_ours(model: nn.Module, workload: Workload, data: torch.Tensor, train: torch.Tensor,

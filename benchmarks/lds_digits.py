@@ -362,7 +362,7 @@ def score_bif(name: str, model: nn.Module, data: Digits, truth: torch.Tensor, co
                           config=config)
     cpu_s = time.process_time() - start
     diag = result.diagnostics
-    details = {"config": config.to_dict(), "draws_total": config.chains * config.draws,
+    details = {"config": result.config.to_dict(), "draws_total": result.config.chains * result.config.draws,
                "split_half": diag.split_half, "loss_rise": diag.loss_rise, "ess": diag.ess,
                "diverged": int(diag.diverged.sum()), "nbeta": diag.nbeta, "wall_s": diag.duration_s,
                "lds_correlation": lds(-result.correlation, data.masks, truth)[0], **calibration}

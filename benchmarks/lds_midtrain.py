@@ -383,8 +383,9 @@ def checkpoint_scores(setup: Setup, data: Data, run: dict, step: int, bif: SGLDC
                            learning_rate=found.learning_rate, momentum=found.momentum)
     rows.append(bif_scores(setup, model, data, interval.replace(preconditioner="lowrank"),
                            "BIF, horizon interval, lowrank preconditioner"))
-    rows.append(bif_scores(setup, model, data, interval.replace(draws=2 * interval.draws),
-                           "BIF, horizon interval, 2x draws"))
+    doubled = interval.replace(draws=2 * interval.draws) if interval.draws else interval.replace(
+        chains=2 * interval.chains)  # draws chosen automatically: twice the chains is twice the draws
+    rows.append(bif_scores(setup, model, data, doubled, "BIF, horizon interval, 2x draws"))
     rows.append(bif_scores(setup, model, data, bif.replace(weight_decay=setup.weight_decay),
                            "BIF, defaults without a horizon"))
 

@@ -1,8 +1,8 @@
 """Offline analysis of the influence log that examples/digits.py writes: what a researcher does next.
 
-Loads the log, finds the (probe, train) pairs whose influence changes sign and plots their curves,
-ranks the tracked training digits by their total influence on one probe class, and shows the
-images of the most helpful and most harmful ones. Needs matplotlib and pandas (``pip install
+Loads the log, finds the (probe, train) pairs whose influence changes sign and plots them with
+:mod:`lightning_bif.plot`, ranks the tracked training digits by their total influence on one probe
+class, and shows the images of the most helpful and most harmful ones. Needs matplotlib and pandas (``pip install
 'lightning-bif[examples]'``); the figures go to ``--out``.
 
     python examples/digits.py                          # writes runs/digits/version_N/influence.h5
@@ -19,8 +19,7 @@ from pathlib import Path
 from digits import digits  # the example's own data split: the log's ids index into it
 from matplotlib.figure import Figure
 
-from lightning_bif import open_log
-from lightning_bif.analysis import SignChange
+from lightning_bif import open_log, plot
 from lightning_bif.log import InfluenceLog
 
 
@@ -37,40 +36,6 @@ def group_name(log: InfluenceLog, kind: str, label: object) -> str:
     """The stored name of a group label (``digit_3``), else the label itself."""
     names = log.train_group_names if kind == "train" else log.probe_group_names
     return str(label) if names is None else names.get(label, str(label))
-
-
-def plot_sign_changes(log: InfluenceLog, changes: Sequence[SignChange], path: Path) -> Figure:
-    """One panel per changed pair: its influence over training with ±2 standard errors, and the zero crossing."""
-    columns = min(3, len(changes))
-    rows = -(-len(changes) // columns)
-    figure = Figure(figsize=(4.2 * columns, 3.0 * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    usable = log.status == "ok"
-    for ax, change in zip(axes, changes, strict=False):
-        curve = log.trajectory(probe_id=change.probe_id, train_id=change.train_id)
-        steps = curve.steps[usable]
-        ax.errorbar(steps, curve.influence[usable], yerr=2 * curve.stderr[usable], marker="o", markersize=3,
-                    capsize=2, color="tab:red" if change.turns == "harmful" else "tab:blue")
-        ax.axhline(0.0, color="black", linewidth=0.7)
-        ax.axvline(change.crossing, color="gray", linestyle=":", linewidth=1)
-        # Log-spaced snapshots: a log-like axis (linear through step 0) ticked at the snapshots themselves.
-        linthresh = max(1.0, float(steps[steps > 0].min(initial=1)))
-        ax.set_xscale("symlog", linthresh=linthresh)
-        ax.set_xlim(-0.3 * linthresh, 1.3 * max(float(steps.max()), linthresh))
-        ax.set_xticks(steps, [str(step) for step in steps], rotation=45, fontsize=7)
-        ax.set_xticks([], minor=True)
-        probe_group = group_name(log, "probe", log.probe_groups[change.probe].item())
-        train_group = group_name(log, "train", log.train_groups[change.train].item())
-        ax.set_title(f"probe {change.probe_id} ({probe_group}) ← train {change.train_id} ({train_group})\n"
-                     f"turns {change.turns} near step {change.crossing:.0f}", fontsize=9)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("BIF (− helps, + harms)")
-    for ax in axes[len(changes):]:
-        ax.set_visible(False)
-    figure.suptitle(f"Pairs whose influence changes sign (bars: ±2 standard errors, {int(usable.sum())} ok "
-                    "snapshots)")
-    figure.savefig(path, dpi=110)
-    return figure
 
 
 def rank_training_examples(log: InfluenceLog, probe_class: int, step: int) -> tuple[object, int]:
@@ -149,8 +114,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{change.train_id} ({group_name(log, 'train', log.train_groups[change.train].item())}) "
                   f"turns {change.turns}")
         if changes:
-            plot_sign_changes(log, changes[:args.pairs], out / "sign_changes.png")
-            print(f"  curves: {out / 'sign_changes.png'}")
+            # The timeline of all changes, then the curves of the first ones with ±2 standard-error bars.
+            plot.plot_sign_changes(log, z=args.z, top=args.pairs).savefig(out / "sign_changes.png", dpi=110)
+            pairs = [(change.probe_id, change.train_id) for change in changes[:args.pairs]]
+            plot.plot_pairs(log, pairs).savefig(out / "sign_change_pairs.png", dpi=110)
+            print(f"  timeline: {out / 'sign_changes.png'}; curves: {out / 'sign_change_pairs.png'}")
         else:
             print("  none; a lower --z (e.g. 2) shows weaker changes, at a higher risk of noise")
 

@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--snapshots", type=int, default=12, help="log-spaced snapshots (plus one at the start)")
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
-    parser.add_argument("--preconditioner", choices=["none", "lowrank"], default="none",
-                        help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (docs/how-it-works.md)")
+    parser.add_argument("--preconditioner", choices=["auto", "none", "lowrank"], default="auto",
+                        help="SGLD preconditioner; 'lowrank' mixes the flat directions faster (docs/how-it-works.md); "
+                             "'auto' uses it when it fits (docs/self-tuning.md)")
     parser.add_argument("--horizon", choices=["interval", "rest", "none"], default="interval",
                         help="the question a snapshot answers (docs/horizon.md); 'none': the config's γ and ε")
     args = parser.parse_args(argv)
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             probe_group_names={c: f"digit_{c}" for c in range(10)},
             log_spaced=LogSpaced(args.snapshots, first=4),
             at_fit_start=True,
-            config=SGLDConfig(chains=4, draws=100, burn_in=50, thin=1, step_size=1e-4, localization=1000.0,
-                              batch_size=64, preconditioner=args.preconditioner),
+            config=SGLDConfig(chains=4, draws=100, burn_in=50, thin=1, localization=1000.0, batch_size=64,
+                              preconditioner=None if args.preconditioner == "auto" else args.preconditioner),
             horizon=None if args.horizon == "none" else args.horizon,
         ))
     logger = TensorBoardLogger(args.root, name="digits")

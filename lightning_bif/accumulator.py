@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .control_variates import Subspace
+
 _SUMS = ("count", "sum_train", "sum_probe", "sumsq_train", "sumsq_probe", "cross")
 
 
@@ -48,9 +50,13 @@ class CovarianceAccumulator:
         train_center: Train losses at w*, ``[N]``; the shift applied before accumulating.
         probe_center: Probe observables at w*, ``[P]``.
         draws: Draws per chain D, for the per-draw traces.
+        subspace: With subspace control variates (:mod:`lightning_bif.control_variates`), the eigenbasis
+            and projected gradients: the coordinates of every draw in it are accumulated too, and the
+            statistics drop the off-diagonal noise of the linear part.
     """
 
-    def __init__(self, chains: int, train_center: torch.Tensor, probe_center: torch.Tensor, draws: int) -> None:
+    def __init__(self, chains: int, train_center: torch.Tensor, probe_center: torch.Tensor, draws: int,
+                 subspace: Subspace | None = None) -> None:
         device = train_center.device
         f64 = torch.float64
         n, p = train_center.numel(), probe_center.numel()
@@ -64,6 +70,10 @@ class CovarianceAccumulator:
         self.cross = torch.zeros(chains, p, n, dtype=f64, device=device)
         self.draw_loss = torch.zeros(chains, draws, dtype=f64, device=device)
         self.sampling_loss = torch.zeros(chains, draws, dtype=f64, device=device)
+        self.subspace = subspace
+        rank = 0 if subspace is None else subspace.rank
+        self.sum_coordinates = torch.zeros(chains, rank, dtype=f64, device=device)
+        self.cross_coordinates = torch.zeros(chains, rank, rank, dtype=f64, device=device)
 
     def add(
         self,
@@ -72,8 +82,13 @@ class CovarianceAccumulator:
         train: torch.Tensor,
         probe: torch.Tensor,
         sampling_loss: torch.Tensor,
+        params: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
     ) -> None:
-        """Add one draw of the chains ``chains [G]``: train losses ``[G, N]``, probes ``[G, P]``."""
+        """Add one draw of the chains ``chains [G]``: train losses ``[G, N]``, probes ``[G, P]``.
+
+        With a subspace, also the draw's parameters ``params [G, D]`` and w* ``center [D]``.
+        """
         t = train.to(torch.float64) - self.train_center
         q = probe.to(torch.float64) - self.probe_center
         self.count.index_add_(0, chains, torch.ones_like(chains, dtype=torch.float64))
@@ -84,10 +99,17 @@ class CovarianceAccumulator:
         self.cross.index_add_(0, chains, q.unsqueeze(2) * t.unsqueeze(1))
         self.draw_loss[chains, index] = train.to(torch.float64).mean(dim=1)
         self.sampling_loss[chains, index] = sampling_loss.to(torch.float64)
+        if self.subspace is not None:
+            if params is None or center is None:
+                raise ValueError("A CovarianceAccumulator with a subspace needs each draw's params and center.")
+            z = self.subspace.coordinates(params, center)
+            self.sum_coordinates.index_add_(0, chains, z)
+            self.cross_coordinates.index_add_(0, chains, z.unsqueeze(2) * z.unsqueeze(1))
 
     def tensors(self) -> list[torch.Tensor]:
         """The accumulated state; chains are disjoint across ranks, so summing these merges runs."""
-        return [getattr(self, name) for name in _SUMS] + [self.draw_loss, self.sampling_loss]
+        return [getattr(self, name) for name in _SUMS] + [self.draw_loss, self.sampling_loss, self.sum_coordinates,
+                                                          self.cross_coordinates]
 
     def _finite_chains(self) -> torch.Tensor:
         finite = torch.ones_like(self.count, dtype=torch.bool)
@@ -115,6 +137,13 @@ class CovarianceAccumulator:
         cov = (self.cross[chains].sum(0) - n * mean_q[:, None] * mean_t[None, :]) / (n - 1)
         var_t = (self.sumsq_train[chains].sum(0) - n * mean_t.square()) / (n - 1)
         var_q = (self.sumsq_probe[chains].sum(0) - n * mean_q.square()) / (n - 1)
+        if self.subspace is not None:
+            mean_z = self.sum_coordinates[chains].sum(0) / n
+            cov_z = (self.cross_coordinates[chains].sum(0) - n * mean_z[:, None] * mean_z[None, :]) / (n - 1)
+            cov = cov - self.subspace.correction(cov_z)
+            # The same correction on the variances keeps correlations consistent (a duplicate's is 1).
+            var_t = var_t - self.subspace.variance_correction(cov_z, self.subspace.train)
+            var_q = var_q - self.subspace.variance_correction(cov_z, self.subspace.probe)
         return cov, var_t.clamp_min(0), var_q.clamp_min(0), mean_t
 
     def statistics(self, split_half_probes: int | None = None) -> BIFStatistics:
@@ -133,7 +162,7 @@ class CovarianceAccumulator:
             return BIFStatistics(nan, nan.clone(), nan.clone(), math.nan, nan[0].clone(), healthy)
         cov, var_t, var_q, mean_t = self._pooled(ids)
         scale = (var_q[:, None] * var_t[None, :]).sqrt()
-        correlation = torch.where(scale > 0, cov / scale.clamp_min(1e-300), torch.zeros_like(cov))
+        correlation = torch.where(scale > 0, cov / scale.clamp_min(1e-300), torch.zeros_like(cov)).clamp(-1, 1)
         if ids.numel() >= 2:
             per_chain = torch.stack([self._pooled(c.view(1))[0] for c in ids])
             stderr = per_chain.std(dim=0, unbiased=True) / math.sqrt(ids.numel())

@@ -34,9 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .config import SGLDConfig
+from .curvature_cache import CurvatureCache
 from .data import ExampleSet, ExampleSource
-from .estimator import estimate_bif
-from .functional import LossFn
+from .estimator import BIFEstimator, estimate_bif
+from .functional import LossFn, preserved_state
 
 _MIN_PILOT_STEPS = 20
 
@@ -118,13 +119,14 @@ def _leading(source: ExampleSource, count: int) -> ExampleSource:
 
 def _pilot(model: nn.Module, loss_fn: LossFn, tracked: ExampleSource, data: ExampleSource,
            config: SGLDConfig,
-           step_size: float, steps: int, chains: int, device: torch.device | str | None) -> Pilot:
+           step_size: float, steps: int, chains: int, device: torch.device | str | None,
+           cache: CurvatureCache) -> Pilot:
     half = max(steps // 2, 2)
     # Only the training losses matter here: one probe, and no token axis, keeps the evaluation cheap.
     pilot_config = config.replace(step_size=step_size, chains=chains, draws=half, burn_in=half, thin=1,
-                                  per_token=False)
+                                  per_token=False, control_variates=False)
     result = estimate_bif(model, loss_fn, tracked, _leading(tracked, 1), data=data, config=pilot_config,
-                          device=device)
+                          device=device, cache=cache)
     diag = result.diagnostics
     traces = diag.draw_loss[~diag.diverged] if not diag.diverged.all() else diag.draw_loss
     mid = traces.shape[1] // 2
@@ -158,6 +160,7 @@ def calibrate(
     drift_tolerance: float = 0.25,
     safety: float = 2.0,
     device: torch.device | str | None = None,
+    cache: CurvatureCache | None = None,
 ) -> CalibrationResult:
     """Pick the largest SGLD step size that neither diverges, drifts nor biases the loss rise.
 
@@ -170,7 +173,8 @@ def calibrate(
         loss_fn: ``(model, batch) -> Tensor[B]`` per-example training loss.
         data: The examples SGLD minibatches come from (the estimate's ``data``, or its ``train``).
         config: The sampler settings to calibrate; defaults to ``SGLDConfig()``.
-        step_sizes: Candidate step sizes; default: ``config.step_size`` times 16, 8, ..., 1/16.
+        step_sizes: Candidate step sizes; default: ``config.step_size`` times 16, 8, ..., 1/16 (the automatic
+            step size of :mod:`lightning_bif.autotune` when ``config.step_size`` is ``None``).
         pilot_steps: SGLD steps of a candidate's pilot chains (half burn-in); its half-step
             reference runs twice as many, so both cover the same simulated time. Instabilities
             that build up slowly (a chain that wanders into a stiffer region) only show in pilots
@@ -182,6 +186,8 @@ def calibrate(
             kept draws, relative to the loss rise.
         safety: The chosen step size is the largest accepted candidate divided by this (>= 1).
         device: Where to compute; defaults to the device of the model's parameters.
+        cache: Curvature shared with the estimates (:mod:`lightning_bif.curvature_cache`): the pilots
+            measure it once, not once each.
 
     Returns:
         A :class:`CalibrationResult` with the chosen step size and the pilots' evidence.
@@ -202,8 +208,20 @@ def calibrate(
     """
     start = time.perf_counter()
     config = config or SGLDConfig()
+    cache = cache if cache is not None else CurvatureCache()
+    examples = ExampleSet(data, "data")
+    subset = _leading(data, min(tracked, len(examples)))
+    sgld_data = data if isinstance(data, DataLoader) else examples.dataset
     if step_sizes is None:
-        step_sizes = [config.step_size * 2.0**k for k in range(4, -5, -1)]
+        base = config.step_size
+        if base is None:
+            estimator = BIFEstimator(model, loss_fn, subset, _leading(subset, 1), data=sgld_data,
+                                     config=config.replace(control_variates=False), device=device, cache=cache)
+            with preserved_state(model, [estimator.device]), torch.inference_mode(False):
+                estimator.check_losses()
+                estimator.tune()
+            base = estimator.config.step_size
+        step_sizes = [base * 2.0**k for k in range(4, -5, -1)]
     step_sizes = sorted({float(s) for s in step_sizes}, reverse=True)
     if not step_sizes or min(step_sizes) <= 0:
         raise ValueError(f"calibrate: step_sizes must be positive, got {step_sizes!r}.")
@@ -211,13 +229,10 @@ def calibrate(
         raise ValueError(f"calibrate: safety must be >= 1, got {safety!r}.")
     if pilot_steps < _MIN_PILOT_STEPS or pilot_chains < 1 or tracked < 1:
         raise ValueError(f"calibrate: pilot_steps must be >= {_MIN_PILOT_STEPS}, pilot_chains and tracked >= 1.")
-    examples = ExampleSet(data, "data")
-    subset = _leading(data, min(tracked, len(examples)))
-    sgld_data = data if isinstance(data, DataLoader) else examples.dataset
     candidates: list[Candidate] = []
     chosen: float | None = None
     for eps in step_sizes:
-        pilot = _pilot(model, loss_fn, subset, sgld_data, config, eps, pilot_steps, pilot_chains, device)
+        pilot = _pilot(model, loss_fn, subset, sgld_data, config, eps, pilot_steps, pilot_chains, device, cache)
         reference, bias = None, math.nan
         if pilot.diverged:
             reason = "diverged"
@@ -228,7 +243,7 @@ def calibrate(
                       f"rise {pilot.loss_rise:.3g}")
         else:
             reference = _pilot(model, loss_fn, subset, sgld_data, config, eps / 2, 2 * pilot_steps,
-                               pilot_chains, device)
+                               pilot_chains, device, cache)
             bias = _step_bias(pilot.loss_rise, reference.loss_rise)
             reason = "accepted" if bias <= tolerance else f"step-size bias: loss rise {bias:+.0%} from the step"
         accepted = reason == "accepted"

@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from .accumulator import CovarianceAccumulator
+from .autotune import Tuning, budget_minibatch, resolve_budget
 from .calibration import calibrate as calibrate_step_size
 from .config import SGLDConfig
+from .curvature_cache import CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .datamodule_source import DataModuleExamples
 from .estimator import BIFEstimator, BIFResult
@@ -46,7 +48,7 @@ _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 # calibrate()'s settings a user may pass through BIFCallback(calibrate={...}); the rest comes from the callback.
 _CALIBRATION_OPTIONS = tuple(
     name for name, parameter in inspect.signature(calibrate_step_size).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "device"
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "cache")
 )
 _MAX_ERROR_CHARS = 500
 _PROGRESS_EVERY_S = 10.0
@@ -121,7 +123,7 @@ class BIFCallback(Callback):
             defaults, or a dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
             "step_sizes": [...]}`` (keys: ``step_sizes``, ``pilot_steps``, ``pilot_chains``,
             ``tracked``, ``tolerance``, ``drift_tolerance``, ``safety``). The default ladder is
-            ``config.step_size`` times 16, 8, ..., 1/16, tried from the largest down; a
+            ``config.step_size`` (or the automatic one) times 16, 8, ..., 1/16, tried from the largest down; a
             candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
             half-step reference runs too. The time is not part of the snapshot's ``duration_s``
             (it is in the calibration evidence).
@@ -130,8 +132,8 @@ class BIFCallback(Callback):
             and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
             number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
             the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
-            and ε per snapshot, in place of ``localization`` and ``step_size`` (and of a calibrated step
-            size); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
+            per snapshot in place of ``localization``, and ε when ``step_size`` is ``None`` (a step size you
+            set, or a calibrated one, is kept); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
             ``horizon_steps``, keeps the config's γ and ε.
         min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
             this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
@@ -253,6 +255,7 @@ class BIFCallback(Callback):
         self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
         self._vectorized: bool | None = None  # chains under vmap: decided at the first train start (checkpointed)
         self._sequential_reason: str | None = None  # why not, under vectorize="auto"; in each snapshot's message
+        self._curvature = CurvatureCache()  # curvature at w*, reused by later snapshots and pilots while fresh
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
@@ -458,7 +461,7 @@ class BIFCallback(Callback):
         estimator = self._estimator(model, pl_module.device, data=self._data_source, vectorized=False)
         try:
             with preserved_state(model, [pl_module.device]):
-                estimator.prepare()
+                estimator.check_losses()  # shapes and finiteness only: tuning waits for the first snapshot
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
         self._tokens = estimator.tokens
@@ -560,7 +563,8 @@ class BIFCallback(Callback):
             train_groups=self.train_groups,
             probe_groups=self.probe_groups,
             chains=cfg.chains,
-            draws=cfg.draws,
+            draws=resolve_budget(cfg, len(self.train_ids) + len(self.probe_ids),
+                                 budget_minibatch(cfg, len(self.train_ids)), Tuning()).draws,
             tokens=self._tokens,
             train_group_names=self.train_group_names,
             probe_group_names=self.probe_group_names,
@@ -701,7 +705,7 @@ class BIFCallback(Callback):
                    "or it has taken no step yet (Adam, RMSprop)" if found is None
                    else "the number of steps to come is unknown")
             message = (f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
-                       f"SGLDConfig.localization={config.localization:g} and step_size={config.step_size:g}. Set "
+                       f"SGLDConfig.localization={config.localization:g} and step_size={_shown(config.step_size)}. Set "
                        "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.")
             if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
                 rank_zero_info(message)
@@ -755,7 +759,7 @@ class BIFCallback(Callback):
             try:
                 with preserved_state(model, [device]):
                     found = calibrate_step_size(model, self.loss_fn or module_per_example_loss, self._data_source,
-                                                self._config, device=device, **self.calibrate)
+                                                self._config, device=device, cache=self._curvature, **self.calibrate)
                 evidence = {**found.summary(), "duration_s": found.duration_s}
             except Exception as caught:  # a failed calibration keeps the configured step size; training goes on
                 error = f"{type(caught).__name__}: {caught}"[:_MAX_ERROR_CHARS]
@@ -764,7 +768,7 @@ class BIFCallback(Callback):
         if evidence["ok"]:
             self._calibrated_step_size = float(evidence["step_size"])
             rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
-                           f"(configured {self._config.step_size:.3g}); used from this snapshot on.")
+                           f"(configured {_shown(self._config.step_size)}); used from this snapshot on.")
         elif "calibration" not in self._warned:
             self._warned.add("calibration")
             reasons = evidence.get("error") or "; ".join(
@@ -773,8 +777,8 @@ class BIFCallback(Callback):
             rank_zero_warn(
                 f"BIFCallback: step-size calibration at step {step} accepted no step size ({reasons}). This is "
                 "typical early in training, where the weights are not yet a stationary point of the sampled "
-                f"posterior. Keeping the configured step_size={self._config.step_size:.3g} and calibrating again at "
-                "the next snapshot until one is accepted; every attempt is in the log's calibration column. "
+                f"posterior. Keeping the configured step_size={_shown(self._config.step_size)} and calibrating "
+                "again at the next snapshot until one is accepted; every attempt is in the log's calibration column. "
                 "(Shown once.)"
             )
         return evidence
@@ -797,7 +801,9 @@ class BIFCallback(Callback):
             estimator = self._estimator(model, device, data=self._data_source, config=config)
             with preserved_state(model, [device]):
                 estimator.prepare()
-                accumulator = estimator.sample(chains, self._progress_fn(trainer, step))
+                # The runaway rerun is decided per process; under DDP every rank must sample alike.
+                sample = estimator.sample_checked if world == 1 else estimator.sample
+                accumulator = sample(chains, self._progress_fn(trainer, step))
         except Exception as caught:  # a failed snapshot is recorded; training goes on
             error = caught
         if world > 1:
@@ -823,7 +829,8 @@ class BIFCallback(Callback):
         loss_fn = self.loss_fn or module_per_example_loss
         vectorized = self._vectorized if vectorized is None else vectorized
         return BIFEstimator(model, loss_fn, self._train_source, self._probe_source, probe_fn=self.probe_fn, data=data,
-                            config=config or self._config, device=device, vectorized=vectorized)
+                            config=config or self._config, device=device, vectorized=vectorized,
+                            cache=self._curvature)
 
     def _write(self, record: SnapshotRecord) -> bool:
         """Append to the sinks; a log write that fails is counted and reported once, and training goes on."""
@@ -998,3 +1005,8 @@ def _tqdm_train_bar(trainer: pl.Trainer) -> Any:
         return bar.train_progress_bar
     except TypeError:
         return None
+
+
+def _shown(step_size: float | None) -> str:
+    """A configured step size for a message: ``None`` is chosen per snapshot."""
+    return "auto" if step_size is None else f"{step_size:.3g}"

@@ -73,6 +73,7 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
+    _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
     if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
         row = int(usable[-1])
@@ -83,6 +84,25 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
         print(" " * 12 + "".join(f"{name:>{width}}" for name in train_names), file=out)
         for name, values in zip(_group_names(log, "probe", means.probe_groups), means.means, strict=True):
             print(f"{name[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
+
+
+def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
+    """The automatic sampler settings of the last snapshot that has them, with their evidence (format 2)."""
+    rows = [row for row in range(len(log)) if log.tuning[row] is not None]
+    if not rows:
+        return
+    tuning = log.tuning[rows[-1]]
+    reused = sum(bool(log.tuning[row].get("curvature_reused")) for row in rows)
+    print(f"\nautomatic settings at step {log.steps[rows[-1]]} (set by the user: "
+          f"{', '.join(tuning.get('given', [])) or 'none'}):", file=out)
+    for name, value in tuning.get("chosen", {}).items():
+        shown = f"{value:.3g}" if isinstance(value, float) else value
+        print(f"  {name} = {shown}  ({tuning.get('reasons', {}).get(name, '')})", file=out)
+    evidence = {"λ_min": tuning.get("lambda_min"), "λ_max": tuning.get("lambda_max"),
+                "mean eigenvalue": tuning.get("mean_eigenvalue"), "tuning s": tuning.get("seconds")}
+    print("  evidence: " + ", ".join(f"{k} {v:.3g}" for k, v in evidence.items() if v is not None)
+          + f"; curvature {tuning.get('curvature_reason') or 'measured'}; reused in {reused} of {len(rows)} "
+          "snapshots", file=out)
 
 
 def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool = False) -> int:

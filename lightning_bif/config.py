@@ -42,20 +42,25 @@ class SGLDConfig:
     Args:
         chains: Number of independent chains C. Two or more give per-entry standard errors; at
             equal cost many short chains from w* estimate better than a few long ones.
-        draws: Draws D kept per chain after burn-in. Default 50 (with ``thin=4``: 200 steps a chain).
+        draws: Draws D kept per chain after burn-in. ``None`` (default): 200 steps after burn-in divided by
+            ``thin`` (:mod:`lightning_bif.autotune`).
         burn_in: SGLD steps discarded at the start of every chain. A chain started at w* needs
             none; ``preconditioner="rmsprop"`` is estimated during burn-in.
         thin: SGLD steps between two kept draws: a draw evaluates all tracked examples, a
-            minibatch step only m of them, so thinning saves evaluations at little loss.
-        step_size: The SGLD step size ε. The right value depends on the model and nβ (ε·nβ·λ_max
-            must stay well below the stability bound 4): prefer
-            :func:`lightning_bif.calibration.calibrate` to the default.
+            minibatch step only m of them, so thinning saves evaluations at little loss. ``None``
+            (default): round((N + P)/(3·m)) in [1, 8], which balances the two costs (m is N with full-batch
+            SGLD; :mod:`lightning_bif.autotune`).
+        step_size: The SGLD step size ε. ``None`` (default): ε = 1/(nβ·λ_max + γ) with λ_max, the
+            largest Hessian eigenvalue at w*, from a Lanczos run (ε·nβ·λ_max must stay well below the
+            stability bound 4; :mod:`lightning_bif.autotune`). A number is used as given.
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
         localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature.
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
-        preconditioner: ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
+        preconditioner: ``None`` (default) for ``"lowrank"`` when its eigen-decomposition fits
+            ``autotune.LOWRANK_MEMORY_BUDGET`` and ``"none"`` otherwise (the reason is in the result's
+            ``diagnostics.tuning``); ``"none"`` for plain SGLD, ``"rmsprop"`` for a diagonal preconditioner
             estimated from the mean squared drift over burn-in and then frozen, ``"lowrank"`` for
             one built from the top ``preconditioner_rank`` eigenpairs of the training objective's
             Hessian at w* (from Hessian-vector products, once per estimate): the stiffest direction
@@ -96,25 +101,31 @@ class SGLDConfig:
             z_i from now on over the next H optimizer steps of training run with ``learning_rate`` η
             and ``momentum`` μ. Sets γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)) (``localization`` is
             then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos)
-            and ε = 1/(nβ·λ_max + γ) (``step_size`` is then unused; see :mod:`lightning_bif.horizon`).
-            ``None`` (with the other two): ``localization`` and ``step_size`` are used as given.
+            and, unless ``step_size`` is set, ε = 1/(nβ·λ_max + γ) (see :mod:`lightning_bif.horizon`).
+            ``None`` (with the other two): ``localization`` is used as given.
         learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
             :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
         momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.
+        control_variates: Subspace control variates (:mod:`lightning_bif.control_variates`): the linear
+            part of the BIF along the top ``preconditioner_rank`` Hessian eigenvectors keeps only its
+            diagonal in that basis, which removes Monte-Carlo noise at the cost of one eigen-decomposition
+            (shared with ``preconditioner="lowrank"``) and K directional derivatives of the tracked losses.
+            ``True``/``False`` force it; ``None`` lets the estimate decide (docs/self-tuning.md). Not with
+            ``per_token`` or ``preconditioner="rmsprop"`` (whose per-coordinate scaling mixes eigendirections).
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
     """
 
     chains: int = 16
-    draws: int = 50
+    draws: int | None = None
     burn_in: int = 25
-    thin: int = 4
-    step_size: float = 1e-4
+    thin: int | None = None
+    step_size: float | None = None
     nbeta: float | None = None
     localization: float = 100.0
     weight_decay: float = 0.0
-    preconditioner: Preconditioner = "none"
+    preconditioner: Preconditioner | None = None
     preconditioner_rank: int = 50
     preconditioner_damping: float | None = None
     batch_size: int | None = 64
@@ -129,6 +140,7 @@ class SGLDConfig:
     horizon_steps: float | None = None
     learning_rate: float | None = None
     momentum: float | None = None
+    control_variates: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -141,26 +153,28 @@ class SGLDConfig:
         positive_ints = {"chains": self.chains, "draws": self.draws, "thin": self.thin,
                          "eval_batch_size": self.eval_batch_size}
         for name, value in positive_ints.items():
+            if value is None and name in ("draws", "thin"):
+                continue
             if not _is_int(value) or value < 1:
                 raise ValueError(f"SGLDConfig.{name} must be a positive integer, got {value!r}.")
-        if self.draws < 2:
+        if self.draws is not None and self.draws < 2:
             raise ValueError(
                 f"SGLDConfig.draws must be >= 2, got {self.draws}: each chain's covariance (behind the standard "
                 "errors and the split-half reliability) needs two draws, so with one every snapshot would be NaN. "
-                "Use draws >= 2 (default 50); to spend fewer SGLD steps per draw lower thin instead."
+                "Use draws >= 2 (or None: chosen with thin); to spend fewer SGLD steps per draw lower thin instead."
             )
         if not _is_int(self.burn_in) or self.burn_in < 0:
             raise ValueError(f"SGLDConfig.burn_in must be an integer >= 0, got {self.burn_in!r}.")
-        if not _is_finite(self.step_size) or not self.step_size > 0:
-            raise ValueError(f"SGLDConfig.step_size must be a finite number > 0, got {self.step_size!r}.")
+        if self.step_size is not None and (not _is_finite(self.step_size) or not self.step_size > 0):
+            raise ValueError(f"SGLDConfig.step_size must be a finite number > 0 or None, got {self.step_size!r}.")
         if self.nbeta is not None and (not _is_finite(self.nbeta) or not self.nbeta > 0):
             raise ValueError(f"SGLDConfig.nbeta must be a finite number > 0 or None, got {self.nbeta!r}.")
         for name, value in {"localization": self.localization, "weight_decay": self.weight_decay}.items():
             if not _is_finite(value) or value < 0:
                 raise ValueError(f"SGLDConfig.{name} must be a finite number >= 0, got {value!r}.")
-        if self.preconditioner not in ("none", "rmsprop", "lowrank"):
+        if self.preconditioner not in (None, "none", "rmsprop", "lowrank"):
             raise ValueError(
-                f"SGLDConfig.preconditioner must be 'none', 'rmsprop' or 'lowrank', got {self.preconditioner!r}."
+                f"SGLDConfig.preconditioner must be None, 'none', 'rmsprop' or 'lowrank', got {self.preconditioner!r}."
             )
         if not _is_int(self.preconditioner_rank) or self.preconditioner_rank < 1:
             raise ValueError(
@@ -191,6 +205,11 @@ class SGLDConfig:
             raise ValueError(
                 f"SGLDConfig.max_token_entries must be a positive integer, got {self.max_token_entries!r}."
             )
+        if self.control_variates not in (None, True, False):
+            raise ValueError(f"SGLDConfig.control_variates must be True, False or None, got {self.control_variates!r}.")
+        if self.control_variates and (self.per_token or self.preconditioner == "rmsprop"):
+            raise ValueError("SGLDConfig.control_variates=True works in the Hessian eigenbasis, which per_token and "
+                             "preconditioner='rmsprop' do not support; set control_variates=None or False.")
         self._validate_horizon()
 
     def _validate_horizon(self) -> None:

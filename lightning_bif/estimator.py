@@ -13,11 +13,15 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .accumulator import CovarianceAccumulator, effective_sample_size
+from .autotune import Tuning, budget_minibatch, lowrank_fits, resolve_budget
 from .config import SGLDConfig
+from .control_variates import Subspace, projected_gradients
+from .curvature import LowRankPreconditioner, top_curvature
+from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn, preserved_state
 from .health import divergence, loss_rise_bound
-from .horizon import HorizonCheck, extreme_curvature, horizon_config
+from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
@@ -43,6 +47,8 @@ class Diagnostics:
         horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
             with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
             damping was raised by |λ_min|). ``None`` otherwise.
+        tuning: The settings chosen automatically, the measurements they rest on (extreme and top
+            eigenvalues) and whether the curvature was reused (:class:`~lightning_bif.autotune.Tuning`).
         loss_rise_bound: The largest mean loss rise a chain may show and still count as near w*
             (:func:`lightning_bif.health.loss_rise_bound`); a chain beyond it makes the result diverged.
         constant_probes: How many probes took one value in every draw (their BIF is 0 and the
@@ -59,6 +65,7 @@ class Diagnostics:
     nbeta: float
     duration_s: float
     horizon: HorizonCheck | None = None
+    tuning: Tuning | None = None
     loss_rise_bound: float = math.inf
     constant_probes: int = 0
 
@@ -112,7 +119,7 @@ class BIFResult:
 class BIFEstimator:
     """The steps of one estimate, for callers that run chains in parts (DDP ranks).
 
-    ``estimate_bif`` is ``prepare`` → ``sample(all chains)`` → ``summarize``. A DDP caller runs
+    ``estimate_bif`` is ``prepare`` → ``sample_checked(all chains)`` → ``summarize``. A DDP caller runs
     ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
     ranks, and calls ``summarize`` on the merged result.
 
@@ -120,6 +127,8 @@ class BIFEstimator:
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
             :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a group of
             chains that fails under vmap still falls back to running one chain at a time.
+        cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature_cache`), reused while
+            fresh; the new measurement is stored in it.
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class BIFEstimator:
         config: SGLDConfig | None = None,
         device: torch.device | str | None = None,
         vectorized: bool | None = None,
+        cache: CurvatureCache | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> Tensor[B]; got {loss_fn!r}.")
@@ -150,6 +160,11 @@ class BIFEstimator:
         self.device = torch.device(device) if device is not None else first.device
         self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
         self._decided = vectorized
+        self.cache = cache
+        #: What was chosen automatically and why (:mod:`lightning_bif.autotune`); filled by :meth:`prepare`.
+        self.tuning = Tuning()
+        self.config = resolve_budget(self.config, len(self.train) + len(self.probes),
+                                     budget_minibatch(self.config, len(self.train)), self.tuning)
         #: Why chains run one at a time under ``vectorize="auto"`` (``None`` when they run under vmap).
         self.sequential_reason: str | None = None
 
@@ -177,7 +192,17 @@ class BIFEstimator:
         return train, torch.cat([tokens.mean(dim=2), tokens.flatten(1)], dim=1)
 
     def prepare(self) -> None:
-        """Build the functional model and evaluation batches; compute and check the losses at w*."""
+        """Build the functional model and evaluation batches; compute and check the losses at w*; tune.
+
+        Tuning (:mod:`lightning_bif.autotune`) resolves the settings left unset from the curvature at
+        w*, which comes from the cache passed to the constructor when it is still fresh.
+        """
+        self.check_losses()
+        self.tune()
+        self.vectorized = self._choose_vectorized()
+
+    def check_losses(self) -> None:
+        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning)."""
         cfg = self.config
         self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
@@ -191,15 +216,124 @@ class BIFEstimator:
         if self.probe_fn is self.loss_fn and not cfg.per_token:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.horizon: HorizonCheck | None = None
+        self.subspace: Subspace | None = None
+
+    def tune(self) -> None:
+        """Resolve the unset settings (:mod:`lightning_bif.autotune`) into :attr:`config` (call check_losses first)."""
+        start = time.perf_counter()
+        self._tune()
+        self.tuning.seconds = time.perf_counter() - start
+
+    def _tune(self) -> None:
+        cfg, tuning = self.config, self.tuning
+        preconditioner = cfg.preconditioner
+        if preconditioner is None:
+            fits, why = lowrank_fits(cfg, self.fmodel.dim, self.fmodel.center.element_size(), tuning)
+            if fits and self.cache is not None and self.cache.lowrank_runaway is not None:
+                fits, why = False, f"its chains ran away at an earlier estimate ({self.cache.lowrank_runaway})"
+            preconditioner = "lowrank" if fits else "none"
+            tuning.choose("preconditioner", preconditioner, why)
+        need_eigenpairs = preconditioner == "lowrank" or bool(cfg.control_variates)
+        need_extremes = cfg.step_size is None or cfg.horizon_steps is not None
+        try:
+            measured = self._measure(need_extremes, need_eigenpairs)
+        except RuntimeError as error:
+            if cfg.preconditioner is not None or cfg.control_variates:
+                raise
+            preconditioner = "none"  # Hessian-vector products failed: plain SGLD, said why
+            tuning.choose("preconditioner", preconditioner, f"Hessian-vector products failed: {str(error)[:300]}")
+            measured = self._measure(need_extremes, need_eigenpairs=False)
+        control_variates = cfg.control_variates
+        if control_variates is None:
+            control_variates = preconditioner == "lowrank" and not cfg.per_token
+            tuning.choose("control_variates", control_variates,
+                          "the top eigenpairs are measured for the preconditioner" if control_variates else
+                          "per-token estimate" if preconditioner == "lowrank" else "no eigenpairs measured")
+        cfg = cfg.replace(preconditioner=preconditioner, control_variates=control_variates)
+        self._measured = measured
+        if measured is not None:
+            tuning.lambda_min, tuning.lambda_max = measured.extremes
+            if measured.curvature is not None:
+                tuning.mean_eigenvalue = measured.curvature.mean
+                tuning.top_eigenvalues = measured.curvature.values.tolist()
+                self.sampler.cached_curvature = measured.curvature
         if cfg.horizon_steps is not None:
-            size, batch = self.sampler.curvature_sample()
-            low, high = extreme_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
-                                          seed=chain_seed(cfg.seed, -2))
-            self.config, self.horizon = horizon_config(cfg, self.nbeta, low, high)
-            cfg = self.sampler.config = self.config  # γ and ε are resolved before any chain runs
+            cfg, self.horizon = horizon_config(cfg, self.nbeta, *measured.extremes)
+            if self.config.step_size is None:
+                tuning.choose("step_size", cfg.step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ) with the horizon's γ")
+        elif cfg.step_size is None:
+            step_size = STIFFNESS_STEP / (self.nbeta * max(measured.extremes[1], 0.0) + cfg.localization)
+            cfg = cfg.replace(step_size=step_size)
+            tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ)")
+        self.config = self.sampler.config = cfg  # γ and ε are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
-            self.sampler.lowrank_preconditioner(self._buffers)
-        self.vectorized = self._choose_vectorized()
+            lowrank = self.sampler.lowrank_preconditioner(self._buffers)
+            if tuning.chosen.get("step_size") is not None:
+                cfg = self._preconditioned_step(cfg, lowrank)
+        self.config = self.sampler.config = cfg
+        if cfg.control_variates:
+            self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
+
+    def _preconditioned_step(self, cfg: SGLDConfig, lowrank: LowRankPreconditioner) -> SGLDConfig:
+        """ε from the largest eigenvalue of the preconditioned posterior curvature G^{1/2}·A·G^{1/2} (Lanczos).
+
+        The stability of preconditioned SGLD is set by ε·λ_max(G·A), not by ε·nβ·λ_max: where the top
+        eigenvectors come from a curvature sample smaller than the data, or the spectrum below the K-th
+        eigenvalue is not flat, the amplified complement can be stiffer than the stiffest direction.
+        """
+        products, nbeta, gamma = self._products, self.nbeta, cfg.localization
+        cached = self._measured.preconditioned.get((gamma, lowrank.damping))
+        if cached is not None:  # same curvature, same γ and δ: the same operator
+            return self._preconditioned_choice(cfg, cached, "cached")
+
+        def preconditioned(vectors: torch.Tensor) -> torch.Tensor:
+            root = lowrank.apply_sqrt(vectors.T.clone())
+            curved = nbeta * products(root.T.contiguous()).T + gamma * root
+            return lowrank.apply_sqrt(curved).T
+
+        (_, stiffest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
+        self._measured.preconditioned[(gamma, lowrank.damping)] = stiffest
+        return self._preconditioned_choice(cfg, stiffest, "24 Lanczos steps")
+
+    def _preconditioned_choice(self, cfg: SGLDConfig, stiffest: float, source: str) -> SGLDConfig:
+        step_size = min(STIFFNESS_STEP / stiffest, cfg.step_size)
+        self.tuning.preconditioned_stiffness = stiffest
+        self.tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/λ_max(G·A), the stiffest direction of the "
+                                                   f"low-rank-preconditioned posterior ({source})")
+        return cfg.replace(step_size=step_size)
+
+    def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:
+        """The Hessian's extreme eigenvalues (and top eigenpairs when needed) at w*: from the cache if fresh."""
+        if not (need_extremes or need_eigenpairs):
+            return None
+        cfg = self.config
+        size, batch = self.sampler.curvature_sample()
+        products = self._products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
+                                                        cfg.weight_decay)
+        key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
+        if self.cache is not None:
+            entry, freshness = self.cache.check(key, products, need_eigenpairs)
+            self.tuning.curvature_reused = freshness.fresh
+            self.tuning.curvature_drift = freshness.drift
+            self.tuning.curvature_reason = freshness.reason
+            if entry is not None:
+                return entry
+        extremes, ritz = lanczos_extremes(products, self.fmodel, seed=chain_seed(cfg.seed, -2))
+        curvature = None
+        if need_eigenpairs:
+            curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
+                                      cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+        entry = CachedCurvature(key, extremes, ritz, curvature)
+        if self.cache is not None:
+            self.cache.store(entry)
+        return entry
+
+    def _subspace(self, basis: torch.Tensor) -> Subspace:
+        """The control variates' eigenbasis with the tracked losses' gradients projected on it."""
+        train = projected_gradients(self.fmodel, self._train_batches, self.loss_fn, self._buffers, basis, "loss_fn")
+        probes = projected_gradients(self.fmodel, self._probe_batches, self.probe_fn, self._buffers, basis,
+                                     "probe_fn")
+        return Subspace(basis=basis, train=train, probe=probes)
 
     def decide_vectorized(self) -> bool:
         """Resolve ``config.vectorize`` alone (what :meth:`prepare` does last), e.g. once before many estimates.
@@ -303,10 +437,51 @@ class BIFEstimator:
         first = seconds()
         return first if first < CPU_VMAP_MAX_STEP_S else seconds()
 
+    def sample_checked(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
+        """:meth:`sample`, then, when the low-rank preconditioner was chosen automatically and its chains ran
+        away (see :meth:`runaway`), the chains again with plain SGLD; the tuning record says why.
+
+        The check reads the accumulated sums on the host once, after sampling (:meth:`sample` itself never
+        waits for the device).
+        """
+        accumulator = self.sample(chains, progress)
+        reason = self.runaway(accumulator) if self.tuning.chosen.get("preconditioner") == "lowrank" else None
+        if reason is None:
+            return accumulator
+        self.tuning.choose("preconditioner", "none", f"the low-rank preconditioned chains ran away ({reason}); "
+                                                     "sampled again with plain SGLD")
+        if self.cache is not None:  # later estimates of the run skip straight to plain SGLD
+            self.cache.lowrank_runaway = reason
+        unset = {name: None for name in ("step_size", "control_variates") if name in self.tuning.chosen}
+        self.config = self.config.replace(preconditioner="none", **unset)
+        self._build()
+        self.subspace = None
+        self.tune()
+        return self.sample(chains, progress)
+
+    def runaway(self, accumulator: CovarianceAccumulator) -> str | None:
+        """Why the chains left the region the posterior describes, or ``None``.
+
+        Under the Laplace approximation the localized posterior's mean rise of the training loss is
+        ½·tr(H·Σ) with Σ ⪯ (nβ·H)⁻¹, so at most D/(2nβ); twice that leaves room for the step's
+        discretization and minibatch noise, and away from a minimum a rise of the order of the loss
+        itself is legitimate (:mod:`lightning_bif.health`). A diverged chain or a mean rise above
+        max(D/nβ, mean loss at w*) is a runaway: far below the bound at which a snapshot counts as diverged.
+        """
+        diverged = int(accumulator.diverged_chains().sum())
+        if diverged:
+            return f"{diverged} chains diverged"
+        healthy = accumulator.healthy_chains()
+        if not healthy.any():
+            return None
+        rise = float((accumulator.sum_train[healthy].sum(0) / accumulator.count[healthy].sum()).mean())
+        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss0.double().abs().mean()))
+        return f"mean loss rise {rise:.3g} > max(D/nβ, loss at w*) = {bound:.3g}" if rise > bound else None
+
     def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
         cfg = self.config
-        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws)
+        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
         # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
         # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
@@ -323,7 +498,8 @@ class BIFEstimator:
             try:
                 for draw in self.sampler.run(group, self.vectorized, step_progress):
                     train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
-                    accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss)
+                    accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss, draw.params,
+                                    self.fmodel.center)
             except torch.cuda.OutOfMemoryError:
                 if not split_on_oom or len(group) == 1:
                     raise
@@ -369,6 +545,7 @@ class BIFEstimator:
             nbeta=self.nbeta,
             duration_s=duration_s,
             horizon=self.horizon,
+            tuning=self.tuning,
             loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss0.double().mean())),
             constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
@@ -401,7 +578,7 @@ class BIFEstimator:
         start = time.perf_counter()
         with preserved_state(self.model, [self.device]), torch.inference_mode(False):
             self.prepare()
-            accumulator = self.sample(range(self.config.chains) if chains is None else chains, progress)
+            accumulator = self.sample_checked(range(self.config.chains) if chains is None else chains, progress)
             if merge is not None:
                 merge(accumulator)
             return self.summarize(accumulator, time.perf_counter() - start)
@@ -485,6 +662,7 @@ def estimate_bif(
     config: SGLDConfig | None = None,
     device: torch.device | str | None = None,
     progress: ProgressFn | None = None,
+    cache: CurvatureCache | None = None,
 ) -> BIFResult:
     """Estimate the local Bayesian influence of each training example on each probe.
 
@@ -506,6 +684,8 @@ def estimate_bif(
         config: Sampler settings; defaults to ``SGLDConfig()``.
         device: Where to compute; defaults to the device of the model's parameters.
         progress: Called as ``progress(done_steps, total_steps)`` during sampling.
+        cache: A :class:`~lightning_bif.curvature_cache.CurvatureCache` shared by several estimates (e.g.
+            of nearby weights): the curvature at w* is reused from it while fresh.
 
     Returns:
         A :class:`BIFResult` with ``[P, N]`` matrices.
@@ -526,5 +706,5 @@ def estimate_bif(
         Kreer et al. 2025, "Bayesian Influence Functions for Hessian-Free Data Attribution".
     """
     estimator = BIFEstimator(model, loss_fn, train, probes, probe_fn=probe_fn, data=data, config=config,
-                             device=device)
+                             device=device, cache=cache)
     return estimator.run(progress=progress)

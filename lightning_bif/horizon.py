@@ -140,7 +140,7 @@ class HorizonCheck:
             (H + λ) at w*; negative at a saddle.
         lambda_max: Lanczos estimate of its largest eigenvalue.
         localization: The γ used: nβ·(damping + max(0, -lambda_min)).
-        step_size: The ε used: ``STIFFNESS_STEP / (nβ·max(lambda_max, 0) + γ)``.
+        step_size: The ε used: ``STIFFNESS_STEP / (nβ·max(lambda_max, 0) + γ)`` unless the config set one.
     """
 
     horizon_steps: float
@@ -168,6 +168,16 @@ def extreme_curvature(
     approach its ends from there (the ends converge first). Where forward-mode AD through ``loss_fn``
     fails, the products are central differences of gradients instead.
     """
+    values, _ = lanczos_extremes(curvature_products(fmodel, batch, size, loss_fn, buffers, weight_decay),
+                                 fmodel, seed, steps)
+    return values
+
+
+def curvature_products(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``vectors [D, b] -> (H + λ) vectors``, by forward-over-reverse AD, or central differences where it fails."""
     exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     fallback = _finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     use_exact = [True]
@@ -180,6 +190,13 @@ def extreme_curvature(
                 use_exact[0] = False
         return fallback(vectors)
 
+    return products
+
+
+def lanczos_extremes(
+    products: Callable[[torch.Tensor], torch.Tensor], fmodel: FunctionalModel, seed: int, steps: int = LANCZOS_STEPS,
+) -> tuple[tuple[float, float], torch.Tensor]:
+    """Lanczos estimates (λ_min, λ_max) of the operator ``products`` and their unit Ritz vectors ``[D, 2]``."""
     dim = fmodel.dim
     steps = min(steps, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
@@ -203,8 +220,10 @@ def extreme_curvature(
     if n > 1:
         off = torch.stack(betas[:n - 1]).double()
         tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    values = torch.linalg.eigvalsh(tridiagonal.cpu())
-    return float(values[0]), float(values[-1])
+    values, rotation = torch.linalg.eigh(tridiagonal.cpu())
+    ends = rotation[:, [0, -1]].to(device=fmodel.device, dtype=fmodel.center.dtype)
+    vectors = torch.stack(basis[:n], dim=1) @ ends
+    return (float(values[0]), float(values[-1])), vectors / vectors.norm(dim=0, keepdim=True)
 
 
 def _finite_difference_products(
@@ -238,7 +257,7 @@ def horizon_config(
     γ/nβ = (1 - μ)/(η·H) + max(0, -λ_min): at a saddle the damping is raised by |λ_min|, so the
     most negative direction gets exactly the horizon damping, as an influence function with clipped
     negative eigenvalues gives it, and the posterior stays proper. ε = ``STIFFNESS_STEP / (nβ·λ_max + γ)``
-    replaces ``config.step_size``: the largest posterior curvature is known here, so the chains take
+    unless ``config.step_size`` is set: the largest posterior curvature is known here, so the chains take
     the largest step that keeps it well inside the stability bound, whatever the horizon (a short one
     makes γ large, a long one leaves the flat directions to explore).
     """
@@ -247,7 +266,7 @@ def horizon_config(
     damping = horizon_damping(config.horizon_steps, config.learning_rate, config.momentum)
     localization = nbeta * (damping + max(0.0, -lambda_min))
     stiffest = nbeta * max(lambda_max, 0.0) + localization
-    step_size = STIFFNESS_STEP / stiffest
+    step_size = STIFFNESS_STEP / stiffest if config.step_size is None else float(config.step_size)
     if not (math.isfinite(localization) and math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"The horizon gives no usable localization (γ = {localization!r}, ε = {step_size!r}); "
                          "check horizon_steps, learning_rate and momentum.")

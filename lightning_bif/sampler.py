@@ -14,7 +14,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from .config import SGLDConfig
-from .curvature import LowRankPreconditioner, top_curvature
+from .curvature import Curvature, LowRankPreconditioner, top_curvature
 from .data import Batch, ExampleSet
 from .functional import FunctionalModel, LossFn
 
@@ -150,6 +150,8 @@ class SGLDSampler:
     def __init__(
         self, fmodel: FunctionalModel, data: ExampleSet, loss_fn: LossFn, config: SGLDConfig, nbeta: float
     ) -> None:
+        if config.draws is None or config.thin is None:
+            raise ValueError("SGLDSampler needs SGLDConfig.draws and thin set (BIFEstimator chooses them when None).")
         self.fmodel = fmodel
         self.data = data
         self.loss_fn = loss_fn
@@ -159,6 +161,7 @@ class SGLDSampler:
         self.minibatch = len(data) if full else int(config.batch_size)
         self._full_batch = data.gather(torch.arange(len(data)), fmodel.device) if full else None
         self._lowrank: LowRankPreconditioner | None = None
+        self.cached_curvature: Curvature | None = None
 
     def lowrank_preconditioner(self, buffers: dict[str, torch.Tensor]) -> LowRankPreconditioner:
         """The ``preconditioner="lowrank"`` operator, computed on first use and kept for later chain groups.
@@ -169,12 +172,22 @@ class SGLDSampler:
         """
         if self._lowrank is None:
             cfg = self.config
-            size, batch = self.curvature_sample()
-            curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
-                                      cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
-            self._lowrank = LowRankPreconditioner(curvature, cfg.preconditioner_damping,
+            self._lowrank = LowRankPreconditioner(self.curvature(buffers), cfg.preconditioner_damping,
                                                   floor=cfg.localization / self.nbeta)
         return self._lowrank
+
+    def curvature(self, buffers: dict[str, torch.Tensor]) -> Curvature:
+        """The top ``preconditioner_rank`` eigenpairs of the objective's Hessian at w*, computed on first use.
+
+        One computation serves the low-rank preconditioner and the subspace control variates; a
+        caller that has them already (from an earlier snapshot) sets :attr:`cached_curvature`.
+        """
+        if self.cached_curvature is None:
+            cfg = self.config
+            size, batch = self.curvature_sample()
+            self.cached_curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
+                                                  cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+        return self.cached_curvature
 
     def curvature_sample(self) -> tuple[int, Batch]:
         """The examples whose Hessian describes the posterior's curvature: all SGLD data with full-batch

@@ -6,6 +6,7 @@ a setup with and without the callback and compares every weight, buffer and opti
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -322,7 +323,7 @@ def test_a_list_of_tensors_is_refused_with_the_fix_and_a_dataloader_over_it_work
 def test_default_log_paths_of_runs_without_a_versioned_logger_never_collide(tmp_path, options):
     paths = []
     for _ in range(2):
-        callback = BIFCallback(TRAIN, PROBES, at_steps=[2], config=TINY)
+        callback = BIFCallback(TRAIN, PROBES, at_steps=[2], config=TINY, min_split_half=None)
         _fit(tmp_path, ToyClassifier, (callback,), **{"max_steps": 3, **options})
         paths.append(callback.resolved_log_path)
         _ok(callback, [2])
@@ -609,7 +610,11 @@ def test_setup_trains_bitwise_unchanged_with_ok_snapshots(tmp_path, setup):
 
     callback = _bif(tmp_path, **{"at_steps": [2, 4], **callback_options})
     plain_trainer, plain = run([], "plain")
-    trainer, model = run([callback], "bif")
+    # vmap has no batching rule for the fused transformer layer: the callback must say it runs chains one by one.
+    expected = (pytest.warns(UserWarning, match="Chains run one after another")
+                if setup == "Lightning demo Transformer" else contextlib.nullcontext())
+    with expected:
+        trainer, model = run([callback], "bif")
     before, after = _state(plain_trainer, plain), _state(trainer, model)
     assert len(before) == len(after) > 0
     for a, b in zip(before, after, strict=True):

@@ -25,21 +25,28 @@ LOCALIZATION = 20.0
 
 
 @pytest.mark.parametrize(
-    ("weight_decay", "preconditioner", "smallest_scale"),
+    ("weight_decay", "preconditioner", "smallest_scale", "control_variates"),
     [
-        (0.0, "none", 0.8),
-        (0.1, "none", 0.8),
+        (0.0, "none", 0.8, False),
+        (0.1, "none", 0.8, False),
         # An anisotropic posterior, where the preconditioner rescales coordinates by up to ~2x.
-        (0.0, "rmsprop", 0.3),
+        (0.0, "rmsprop", 0.3, False),
+        # Subspace control variates in the top-3 eigenbasis (of 4 parameters), with and without the
+        # low-rank preconditioner that shares the basis.
+        (0.1, "none", 0.3, True),
+        (0.0, "lowrank", 0.3, True),
     ],
-    ids=["plain", "weight_decay", "rmsprop"],
+    ids=["plain", "weight_decay", "rmsprop", "control_variates", "lowrank_control_variates"],
 )
-def test_sgld_matches_exact_gaussian_bif(weight_decay: float, preconditioner: str, smallest_scale: float) -> None:
+def test_sgld_matches_exact_gaussian_bif(
+    weight_decay: float, preconditioner: str, smallest_scale: float, control_variates: bool
+) -> None:
     problem = linear_problem(n=40, d=3, probes=8, seed=0, smallest_scale=smallest_scale)
     # Full batch: no minibatch noise. ε·(largest posterior curvature) ≈ 0.14 keeps the
     # discretization bias of the stationary covariance near 1/(1 - ε·a/4) - 1 ≈ 4%.
     config = SGLDConfig(chains=16, draws=250, thin=4, burn_in=100, step_size=1.6e-3, localization=LOCALIZATION,
-                        weight_decay=weight_decay, preconditioner=preconditioner, batch_size=None, seed=0)
+                        weight_decay=weight_decay, preconditioner=preconditioner, batch_size=None, seed=0,
+                        control_variates=control_variates, preconditioner_rank=3)
     result = estimate_bif(problem.model, half_squared_error, (problem.x, problem.y), (problem.xp, problem.yp),
                           config=config)
     x, xp = with_bias(problem.x), with_bias(problem.xp)
@@ -97,3 +104,21 @@ def test_estimator_matches_exact_samples_within_standard_errors(weight_decay: fl
     # The standard errors are honest: neither tiny (everything > 3 se) nor huge (everything ~0 se).
     assert 0.3 <= float(z.median()) <= 1.5
 
+
+
+def test_control_variates_cut_the_error_against_the_exact_bif() -> None:
+    """Same chains (same seeds), with and without the off-diagonal noise of the linear part: closer to exact."""
+    errors = {False: 0.0, True: 0.0}
+    for seed in range(3):
+        problem = linear_problem(n=40, d=12, probes=8, seed=seed, smallest_scale=0.3)
+        x, xp = with_bias(problem.x), with_bias(problem.xp)
+        mean, cov = gaussian_posterior(x, problem.y, problem.w_star, nbeta=len(problem.x), localization=LOCALIZATION)
+        exact = exact_influence(x, problem.y, xp, problem.yp, mean, cov)
+        for cv in errors:
+            config = SGLDConfig(chains=8, draws=60, thin=4, burn_in=50, step_size=1.6e-3, localization=LOCALIZATION,
+                                batch_size=None, seed=seed, control_variates=cv, preconditioner_rank=12)
+            result = estimate_bif(problem.model, half_squared_error, (problem.x, problem.y),
+                                  (problem.xp, problem.yp), config=config)
+            errors[cv] += relative_error(result.influence, exact) / 3
+    # Measured: 0.61 without, 0.48 with (docs/self-tuning.md).
+    assert errors[True] < 0.9 * errors[False]

@@ -37,13 +37,13 @@ def make_result(seed: int, probes: int = P, train: int = N, chains: int = C, dra
     return BIFResult(
         influence=randn(probes, train), correlation=randn(probes, train).tanh(), stderr=randn(probes, train).abs(),
         train_loss=randn(train).abs(), probe_loss=randn(probes).abs(), diagnostics=diagnostics,
-        config=SGLDConfig(chains=chains, draws=draws),
+        config=SGLDConfig(chains=chains, draws=draws, step_size=1e-4),
     )
 
 
 def make_identity(**changes: object) -> RunIdentity:
     values = dict(
-        config={"sgld": SGLDConfig(chains=C, draws=D).to_dict(), "callback": {"every_n_steps": 10}},
+        config={"sgld": SGLDConfig(chains=C, draws=D, step_size=1e-4).to_dict(), "callback": {"every_n_steps": 10}},
         train_ids=np.arange(N) * 7, probe_ids=np.arange(P), train_groups=np.arange(N) % 3,
         probe_groups=np.array([0, 1, 1]), chains=C, draws=D,
     )
@@ -89,8 +89,8 @@ def test_round_trip_stores_every_array_of_every_snapshot(tmp_path: Path) -> None
         assert np.isnan(failed.influence).all() and np.isnan(failed.sampling_loss).all()
         assert np.isnan([failed.split_half, failed.loss_rise, failed.ess]).all()
         assert log.influence.shape == (3, P, N) and np.asarray(log.influence).shape == (3, P, N)
-        # Without an explicit step size: the result's config (SGLDConfig's default), NaN for a failed row.
-        assert log.step_size[[0, 2]].tolist() == [SGLDConfig().step_size] * 2 and np.isnan(log.step_size[1])
+        # Without an explicit step size: the result's config, NaN for a failed row.
+        assert log.step_size[[0, 2]].tolist() == [1e-4] * 2 and np.isnan(log.step_size[1])
         assert log.calibration == [None, None, None]
 
 

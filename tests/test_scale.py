@@ -39,7 +39,7 @@ def test_sampling_a_subset_keeps_the_chain_state_at_the_subsets_size_and_leaves_
     assert {n.removeprefix("model.") for n in frozen} == {"0.weight", "0.bias"}
     assert frozen["model.0.weight"].data_ptr() == model[0].weight.data_ptr()
 
-    config = SGLDConfig(chains=2, draws=4, burn_in=2, step_size=1e-3, sample_params=("2.*",))
+    config = SGLDConfig(chains=2, draws=4, burn_in=2, thin=4, step_size=1e-3, sample_params=("2.*",))
     sampler = SGLDSampler(fmodel, ExampleSet(train, "data"), cross_entropy, config, nbeta=48.0)
     draws = list(sampler.run([0, 1], vectorized=True))
     assert len(draws) == 4

@@ -92,6 +92,7 @@ class Snapshot:
     momentum: float | None = None
     localization: float | None = None
     lambda_min: float | None = None
+    tuning: dict[str, Any] | None = None
 
 
 class RowView:
@@ -171,7 +172,9 @@ class InfluenceLog:
     step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
     or ``None``. ``horizon_steps``, ``learning_rate``, ``momentum``, ``localization`` (γ) and
     ``lambda_min`` ``[S]`` say what horizon question each snapshot answered (NaN without a horizon;
-    ``None`` in logs of format version 1). Call :meth:`refresh` to see snapshots appended since opening.
+    ``None`` in logs of format version 1). ``tuning`` is a list ``[S]`` of the settings each snapshot chose
+    automatically with their evidence (``autotune.Tuning.summary()`` as a dict; ``None`` in version-1
+    logs and for failed snapshots). Call :meth:`refresh` to see snapshots appended since opening.
 
     Ids and positions: ``train_ids`` / ``probe_ids`` hold the dataset index or key of every tracked
     example (what the CLI prints); a *position* is an example's place in those arrays (the column /
@@ -261,6 +264,10 @@ class InfluenceLog:
         # Format version 2 (None in older logs): H, η, μ, γ and λ_min per snapshot (NaN without a horizon).
         for name in HORIZON_COLUMNS:
             setattr(self, name, file[name][:rows] if name in file else None)
+        # Format version 2: the automatic sampler choices per snapshot (None in older logs and failed snapshots).
+        self.tuning: list[dict[str, Any] | None] = [
+            json.loads(text) if text else None for text in file["tuning"].asstr()[:rows].tolist()
+        ] if "tuning" in file else [None] * rows
         self.influence = RowView(file["influence"], rows)
         self.correlation = RowView(file["correlation"], rows)
         self.stderr = RowView(file["stderr"], rows)
@@ -455,6 +462,7 @@ class InfluenceLog:
             token_influence_se=None if self.token_influence_se is None else self.token_influence_se[index],
             **{name: None if getattr(self, name) is None else float(getattr(self, name)[index])
                for name in HORIZON_COLUMNS},
+            tuning=self.tuning[index],
         )
 
     def to_dataframe(

@@ -35,6 +35,9 @@ _CALIBRATION_BYTES = 4096
 # Version 2: per snapshot, the horizon H, the optimizer's η and μ it was read with, the γ used and the least
 # Hessian eigenvalue of the saddle check (NaN when a snapshot had no horizon). Version-1 files lack them.
 HORIZON_COLUMNS = ("horizon_steps", "learning_rate", "momentum", "localization", "lambda_min")
+# Version 2: per snapshot, the automatically chosen sampler settings and their evidence
+# (``autotune.Tuning.summary()`` as JSON, cut to this many bytes; empty for a failed snapshot).
+_TUNING_BYTES = 4096
 # Token strings and training texts (format 2) are display aids: each one is cut to this many UTF-8 bytes.
 _MAX_TOKEN_BYTES = 256
 _MAX_TEXT_BYTES = 1024
@@ -150,7 +153,8 @@ class SnapshotRecord:
         """The step size of this snapshot: ``step_size``, else the result's, else NaN."""
         if self.step_size is not None:
             return float(self.step_size)
-        return float(self.result.config.step_size) if self.result is not None else math.nan
+        step_size = None if self.result is None else self.result.config.step_size
+        return math.nan if step_size is None else float(step_size)
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -290,6 +294,7 @@ def _layout(
         "step_size": ((), np.float64),
         "calibration": ((), h5py.string_dtype("utf-8", _CALIBRATION_BYTES)),
         **{name: ((), np.float64) for name in HORIZON_COLUMNS},
+        "tuning": ((), h5py.string_dtype("utf-8", _TUNING_BYTES)),
         "diagnostics/sampling_loss": ((chains, draws), np.float32),
         "diagnostics/draw_loss": ((chains, draws), np.float32),
         "diagnostics/diverged": ((chains,), np.bool_),

@@ -35,6 +35,7 @@ from .schema import (
     _LIBVER,
     _MESSAGE_BYTES,
     _STATUS_BYTES,
+    _TUNING_BYTES,
     FORMAT,
     FORMAT_VERSION,
     STATUSES,
@@ -87,6 +88,19 @@ def _calibration_text(evidence: dict[str, Any] | None) -> bytes:
         candidates.pop(0)
         omitted += 1
         evidence.update(candidates=candidates, omitted_candidates=omitted)
+
+
+def _tuning_text(result: Any) -> bytes:
+    """A ``BIFResult``'s automatic choices and their evidence as JSON of at most ``_TUNING_BYTES`` (empty without)."""
+    tuning = None if result is None else result.diagnostics.tuning
+    if tuning is None:
+        return b""
+    summary = tuning.summary()
+    text = json.dumps(summary, sort_keys=True, default=float)
+    if len(text.encode()) > _TUNING_BYTES:  # the eigenvalue list is the only long entry
+        summary["top_eigenvalues"] = (summary.get("top_eigenvalues") or [])[:8]
+        text = json.dumps(summary, sort_keys=True, default=float)
+    return _bounded_text(text, _TUNING_BYTES)
 
 
 def check_writable(path: PathLike) -> None:
@@ -369,6 +383,7 @@ class LogWriter:
             "message": _bounded_text(record.message, _MESSAGE_BYTES),
             "step_size": record.used_step_size(),
             "calibration": _calibration_text(record.calibration),
+            "tuning": _tuning_text(record.result),
         }
         result = record.result
         if result is None:
