@@ -49,7 +49,7 @@ def _anchors(path: Path) -> set[str]:
 def _broken_links() -> list[str]:
     broken = []
     for page in PAGES:
-        for number, line in enumerate(_prose(page.read_text(encoding="utf-8")), start=1):
+        for line in _prose(page.read_text(encoding="utf-8")):
             for target in LINK.findall(line):
                 if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
                     continue
@@ -57,7 +57,7 @@ def _broken_links() -> list[str]:
                 linked = (page.parent / file_part).resolve() if file_part else page
                 where = f"{page.relative_to(ROOT)}: ({target})"
                 if not linked.exists():
-                    broken.append(f"{where}: no file {linked.relative_to(ROOT) if linked.is_relative_to(ROOT) else linked}")
+                    broken.append(f"{where}: no file {linked}")
                 elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
                     broken.append(f"{where}: no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
     return broken
