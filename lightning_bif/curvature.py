@@ -38,17 +38,25 @@ class Curvature:
     mean: float
 
 
-def _hessian_vector_products(
+def objective_gradient(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*."""
+    """``flat [D] -> ∇(mean loss of batch + λ/2·||w||²)`` at ``flat``: the gradient whose Jacobian is H + λ."""
 
     def objective(flat: torch.Tensor) -> torch.Tensor:
         loss = fmodel.losses(flat, batch, size, loss_fn, buffers, "loss_fn").mean()
         return loss + weight_decay / 2 * flat.square().sum()
 
-    gradient = grad(objective)
+    return grad(objective)
+
+
+def _hessian_vector_products(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*."""
+    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
     center = fmodel.center
 
     def one(vector: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch.func import grad
 
 from .config import SGLDConfig
-from .curvature import _hessian_vector_products
+from .curvature import _hessian_vector_products, objective_gradient
 from .data import Batch
 from .functional import FunctionalModel, LossFn
 
@@ -231,12 +230,7 @@ def _finite_difference_products(
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``vectors [D, b] -> (H + λ) vectors``: (∇(w* + h·v) - ∇(w* - h·v))/(2h) per column, 2 gradients each."""
-
-    def objective(flat: torch.Tensor) -> torch.Tensor:
-        loss = fmodel.losses(flat, batch, size, loss_fn, buffers, "loss_fn").mean()
-        return loss + weight_decay / 2 * flat.square().sum()
-
-    gradient = grad(objective)
+    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
     center = fmodel.center
 
     def products(vectors: torch.Tensor) -> torch.Tensor:

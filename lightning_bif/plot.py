@@ -540,8 +540,8 @@ def plot_sign_changes(log: InfluenceLog | PathLike, z: float = 3.0, top: int = 2
         counts_axis.axhline(0, color="black", lw=0.6)
         counts_axis.set_ylabel("pairs flipping\n(↑ harmful, ↓ helpful)", fontsize="small")
         pairs = len(log.probe_ids) * len(log.train_ids)
-        counts_axis.set_title(f"{len(changes)} sign change(s) among {pairs} (probe, train) pairs over {len(ok)} ok "
-                              f"snapshots, |BIF| > {z:g} SE", fontsize="medium")
+        figure.suptitle(f"{len(changes)} sign change(s) among {pairs} (probe, train) pairs over {len(ok)} ok "
+                        f"snapshots, |BIF| > {z:g} SE", fontsize="medium")
         counts_axis.legend(fontsize="small", loc="best")
         for position, change in enumerate(shown):
             color = "tab:red" if change.turns == "harmful" else "tab:blue"

@@ -124,7 +124,7 @@ def test_sign_changes_timeline_counts_and_lists_the_flipping_pair(log_path: Path
         assert [(c.probe, c.train) for c in changes] == [(0, 0)]
         figure = plot_sign_changes(log)
         counts, listing = figure.axes
-        assert counts.get_title().startswith("1 sign change(s) among 24 (probe, train) pairs over 5 ok snapshots")
+        assert figure._suptitle.get_text().startswith("1 sign change(s) among 24 (probe, train) pairs over 5 ok")
         assert legend_texts(counts.get_legend()) == ["turn harmful (1)", "turn helpful (0)"]
         assert [t.get_text() for t in listing.get_yticklabels()] == ["probe 0 (0) ← train 0 (0)"]
         assert listing.get_lines()[1].get_xdata()[0] == pytest.approx(changes[0].crossing)
