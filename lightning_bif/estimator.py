@@ -275,25 +275,36 @@ class BIFEstimator:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
 
     def _preconditioned_step(self, cfg: SGLDConfig, lowrank: LowRankPreconditioner) -> SGLDConfig:
-        """ε from the largest eigenvalue of the preconditioned posterior curvature G^{1/2}·A·G^{1/2} (Lanczos).
+        """ε from the largest eigenvalue of the preconditioned drift's curvature G^{1/2}·A_B·G^{1/2} (Lanczos).
 
-        The stability of preconditioned SGLD is set by ε·λ_max(G·A), not by ε·nβ·λ_max: where the top
-        eigenvectors come from a curvature sample smaller than the data, or the spectrum below the K-th
-        eigenvalue is not flat, the amplified complement can be stiffer than the stiffest direction.
+        The stability of preconditioned SGLD is set by ε·λ_max(G·A_B), not by ε·nβ·λ_max, where A_B is
+        the curvature of the drift each step actually follows: with minibatch SGLD that of a minibatch
+        B. G flattens the top eigenvectors of the curvature sample, so measured on that same sample
+        its complement looks as flat as λ_{K+1}; a fresh minibatch has curvature outside that subspace,
+        which G amplifies (λ_1 + δ)/(λ_{K+1} + δ) times. So λ_max is measured on the Hessians of
+        minibatches drawn as the chains draw theirs (the full data with full-batch SGLD), and the
+        largest is kept.
         """
-        products, nbeta, gamma = self._products, self.nbeta, cfg.localization
+        nbeta, gamma = self.nbeta, cfg.localization
         cached = self._measured.preconditioned.get((gamma, lowrank.damping))
         if cached is not None:  # same curvature, same γ and δ: the same operator
             return self._preconditioned_choice(cfg, cached, "cached")
+        stiffest = -math.inf
+        samples = self.sampler.drift_samples()
+        for size, batch in samples:
+            products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
 
-        def preconditioned(vectors: torch.Tensor) -> torch.Tensor:
-            root = lowrank.apply_sqrt(vectors.T.clone())
-            curved = nbeta * products(root.T.contiguous()).T + gamma * root
-            return lowrank.apply_sqrt(curved).T
+            def preconditioned(vectors: torch.Tensor, products=products) -> torch.Tensor:
+                root = lowrank.apply_sqrt(vectors.T.clone())
+                curved = nbeta * products(root.T.contiguous()).T + gamma * root
+                return lowrank.apply_sqrt(curved).T
 
-        (_, stiffest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
+            (_, largest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
+            stiffest = max(stiffest, largest)
         self._measured.preconditioned[(gamma, lowrank.damping)] = stiffest
-        return self._preconditioned_choice(cfg, stiffest, "24 Lanczos steps")
+        return self._preconditioned_choice(cfg, stiffest, f"24 Lanczos steps on each of {len(samples)} drift "
+                                                          "minibatches" if len(samples) > 1 else
+                                                          "24 Lanczos steps on the full-batch drift")
 
     def _preconditioned_choice(self, cfg: SGLDConfig, stiffest: float, source: str) -> SGLDConfig:
         step_size = min(STIFFNESS_STEP / stiffest, cfg.step_size)

@@ -198,6 +198,17 @@ class SGLDSampler:
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed))
         return size, self.data.gather(order[:size], self.fmodel.device)
 
+    def drift_samples(self, count: int = _CURVATURE_MINIBATCHES) -> list[tuple[int, Batch]]:
+        """Examples whose Hessians are those the SGLD drift sees: the full data with full-batch SGLD, else
+        ``count`` minibatches drawn as the chains draw theirs (with replacement), from the sampler's seed
+        but not from :meth:`curvature_sample`'s examples alone. Returns ``[(size, batch), ...]``."""
+        if self._full_batch is not None:
+            return [(len(self.data), self._full_batch)]
+        generator = torch.Generator().manual_seed(chain_seed(self.config.seed, -4))
+        return [(self.minibatch, self.data.gather(torch.randint(len(self.data), (self.minibatch,),
+                                                                generator=generator), self.fmodel.device))
+                for _ in range(count)]
+
     @property
     def steps_per_chain(self) -> int:
         """SGLD steps every chain takes: burn-in plus draws times thinning."""
