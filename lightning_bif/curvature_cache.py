@@ -37,14 +37,15 @@ class CachedCurvature:
         extremes: Lanczos (λ_min, λ_max).
         ritz: Their unit Ritz vectors ``[D, 2]``.
         curvature: The top eigenpairs, or ``None`` when they were not needed.
-        preconditioned: λ_max of the low-rank-preconditioned posterior curvature per (γ, δ) it was measured for.
+        preconditioned: (λ_max(A), λ_max(G·A)) of the drift's curvature without and with the low-rank
+            preconditioner, per (γ, δ) it was measured for.
     """
 
     key: tuple
     extremes: tuple[float, float]
     ritz: torch.Tensor
     curvature: Curvature | None = None
-    preconditioned: dict[tuple[float, float], float] = field(default_factory=dict)
+    preconditioned: dict[tuple[float, float], tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

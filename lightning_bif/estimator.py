@@ -275,42 +275,47 @@ class BIFEstimator:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
 
     def _preconditioned_step(self, cfg: SGLDConfig, lowrank: LowRankPreconditioner) -> SGLDConfig:
-        """ε from the largest eigenvalue of the preconditioned drift's curvature G^{1/2}·A_B·G^{1/2} (Lanczos).
+        """ε so that the preconditioned drift is no stiffer than the plain drift at the plain rule's ε.
 
-        The stability of preconditioned SGLD is set by ε·λ_max(G·A_B), not by ε·nβ·λ_max, where A_B is
-        the curvature of the drift each step actually follows: with minibatch SGLD that of a minibatch
-        B. G flattens the top eigenvectors of the curvature sample, so measured on that same sample
-        its complement looks as flat as λ_{K+1}; a fresh minibatch has curvature outside that subspace,
-        which G amplifies (λ_1 + δ)/(λ_{K+1} + δ) times. So λ_max is measured on the Hessians of
-        minibatches drawn as the chains draw theirs (the full data with full-batch SGLD), and the
-        largest is kept.
+        The stability of SGLD is set by ε·λ_max of the curvature of the drift each step follows: A_B =
+        nβ·H_B + γ for the step's minibatch B, and G^{1/2}·A_B·G^{1/2} with the preconditioner. G
+        flattens the top eigenvectors of the curvature sample, so measured on that same sample its
+        complement looks as flat as λ_{K+1}; a fresh minibatch has curvature outside that subspace,
+        which G amplifies up to (λ_1 + δ)/(λ_{K+1} + δ) times. So both λ_max are measured (Lanczos) on
+        minibatches drawn as the chains draw theirs (the full data with full-batch SGLD), the largest
+        of each kept, and ε = ε_plain · min(1, λ_max(A_B) / λ_max(G·A_B)): the margin the plain rule
+        leaves on the drift's minibatches is kept, whatever G does to them.
         """
         nbeta, gamma = self.nbeta, cfg.localization
         cached = self._measured.preconditioned.get((gamma, lowrank.damping))
-        if cached is not None:  # same curvature, same γ and δ: the same operator
-            return self._preconditioned_choice(cfg, cached, "cached")
-        stiffest = -math.inf
+        if cached is not None:  # same curvature, same γ and δ: the same operators
+            return self._preconditioned_choice(cfg, *cached, "cached")
+        plain = preconditioned = -math.inf
         samples = self.sampler.drift_samples()
         for size, batch in samples:
             products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
 
-            def preconditioned(vectors: torch.Tensor, products=products) -> torch.Tensor:
+            def curved(vectors: torch.Tensor, products=products) -> torch.Tensor:
+                return nbeta * products(vectors) + gamma * vectors
+
+            def conjugated(vectors: torch.Tensor, curved=curved) -> torch.Tensor:
                 root = lowrank.apply_sqrt(vectors.T.clone())
-                curved = nbeta * products(root.T.contiguous()).T + gamma * root
-                return lowrank.apply_sqrt(curved).T
+                return lowrank.apply_sqrt(curved(root.T.contiguous()).T).T
 
-            (_, largest), _ = lanczos_extremes(preconditioned, self.fmodel, seed=chain_seed(cfg.seed, -3))
-            stiffest = max(stiffest, largest)
-        self._measured.preconditioned[(gamma, lowrank.damping)] = stiffest
-        return self._preconditioned_choice(cfg, stiffest, f"24 Lanczos steps on each of {len(samples)} drift "
-                                                          "minibatches" if len(samples) > 1 else
-                                                          "24 Lanczos steps on the full-batch drift")
+            seed = chain_seed(cfg.seed, -3)
+            plain = max(plain, lanczos_extremes(curved, self.fmodel, seed=seed)[0][1])
+            preconditioned = max(preconditioned, lanczos_extremes(conjugated, self.fmodel, seed=seed)[0][1])
+        self._measured.preconditioned[(gamma, lowrank.damping)] = (plain, preconditioned)
+        source = (f"24 Lanczos steps each on {len(samples)} SGLD minibatches" if len(samples) > 1 else
+                  "24 Lanczos steps each on the full-batch drift")
+        return self._preconditioned_choice(cfg, plain, preconditioned, source)
 
-    def _preconditioned_choice(self, cfg: SGLDConfig, stiffest: float, source: str) -> SGLDConfig:
-        step_size = min(STIFFNESS_STEP / stiffest, cfg.step_size)
-        self.tuning.preconditioned_stiffness = stiffest
-        self.tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/λ_max(G·A), the stiffest direction of the "
-                                                   f"low-rank-preconditioned posterior ({source})")
+    def _preconditioned_choice(self, cfg: SGLDConfig, plain: float, preconditioned: float, source: str) -> SGLDConfig:
+        step_size = cfg.step_size * min(1.0, plain / preconditioned)
+        self.tuning.preconditioned_stiffness = preconditioned
+        self.tuning.choose("step_size", step_size,
+                           f"{cfg.step_size:.3g} · min(1, λ_max(A) / λ_max(G·A)) = {cfg.step_size:.3g} · min(1, "
+                           f"{plain:.4g} / {preconditioned:.4g}) on the drift's curvature ({source})")
         return cfg.replace(step_size=step_size)
 
     def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:

@@ -156,12 +156,15 @@ def test_no_direction_becomes_stiffer_than_the_stiffest_one(damping: float) -> N
 
 
 @pytest.mark.parametrize("batch_size", [4, 8])
-def test_the_automatic_step_size_bounds_the_preconditioned_minibatch_drift(batch_size: int) -> None:
-    """ε·λ_max(G^{1/2}·A_B·G^{1/2}) against the exact minibatch Hessians the drift follows (explicit lowrank).
+def test_the_automatic_step_size_keeps_the_preconditioned_minibatch_drift_as_stiff_as_the_plain_one(
+    batch_size: int,
+) -> None:
+    """ε·λ_max(G^{1/2}·A_B·G^{1/2}) against ε_plain·λ_max(A_B), exact Hessians of the minibatches B the drift follows.
 
     G flattens the curvature sample's top eigenvectors; a fresh minibatch's curvature outside them is
-    amplified by G's rest gain, so measured on the curvature sample alone the rule overshot: a typical
-    minibatch sat at ε·λ_max ≈ 1.4–1.5 and the worst of 100 at 1.9–2.7, and on digits every chain diverged.
+    amplified by G's rest gain, so with λ_max(G·A) measured on the curvature sample alone the
+    preconditioned drift was 1.2–1.3 × stiffer than the plain one (typical and worst minibatch), and
+    on digits every chain diverged.
     """
     model, x, y = trained_mlp()
     config = SGLDConfig(weight_decay=WEIGHT_DECAY, preconditioner="lowrank", preconditioner_rank=5,
@@ -170,14 +173,17 @@ def test_the_automatic_step_size_bounds_the_preconditioned_minibatch_drift(batch
     estimator.prepare()
     assert "step_size" in estimator.tuning.chosen
     eps, nbeta, gamma = estimator.config.step_size, estimator.nbeta, estimator.config.localization
+    plain_eps = 1 / (nbeta * estimator.tuning.lambda_max + gamma)  # the rule without the preconditioner
     identity = torch.eye(estimator.fmodel.dim, dtype=torch.float64)
     root = estimator.sampler.lowrank_preconditioner(estimator._buffers).apply_sqrt(identity)
     generator = torch.Generator().manual_seed(123)
-    stiffness = []
+    plain, preconditioned = [], []
     for _ in range(100):  # minibatches drawn as the chains draw theirs, not those the rule measured
         index = torch.randint(len(x), (batch_size,), generator=generator)
         curvature = nbeta * exact_hessian(model, x[index], y[index]) + gamma * identity
-        stiffness.append(float(torch.linalg.eigvalsh(root @ curvature @ root)[-1]))
-    stiffness = eps * torch.tensor(stiffness)
-    assert stiffness.median() <= 1.1  # the rule's target: the stiffest direction at ε·A = 1
-    assert stiffness.max() <= 2.0  # and the worst minibatch at half the stability bound ε·A < 4
+        plain.append(plain_eps * float(torch.linalg.eigvalsh(curvature)[-1]))
+        preconditioned.append(eps * float(torch.linalg.eigvalsh(root @ curvature @ root)[-1]))
+    plain, preconditioned = torch.tensor(plain), torch.tensor(preconditioned)
+    assert preconditioned.max() <= 1.1 * plain.max()
+    assert preconditioned.median() <= 1.1 * plain.median()
+    assert preconditioned.max() < 4  # the stability bound
