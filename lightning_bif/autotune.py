@@ -4,7 +4,8 @@ docs/self-tuning.md derives each rule; in short:
 
 * ``step_size``: ε = ``STIFFNESS_STEP``/(nβ·λ_max + γ), λ_max from Lanczos: the stiffest direction of
   the posterior then takes a step a quarter of the SGLD stability bound (the horizon's rule, which
-  now also serves snapshots without a horizon).
+  now also serves snapshots without a horizon). With the low-rank preconditioner G, times
+  min(1, λ_max(A)/λ_max(G·A)) on the drift's minibatches, so that G makes no step stiffer.
 * ``preconditioner``: ``"lowrank"`` when its working memory (three ``[D, K + 20]`` blocks of the
   parameters' dtype) fits ``LOWRANK_MEMORY_BUDGET`` and K < D, else ``"none"``; also ``"none"``, with
   the error as the reason, when Hessian-vector products of ``loss_fn`` fail.
@@ -46,8 +47,10 @@ class Tuning:
         lambda_max: Lanczos estimate of the largest.
         mean_eigenvalue: Hutchinson estimate of tr(H + λ)/D (with the eigenpairs; else ``None``).
         top_eigenvalues: The K + 1 largest eigenvalues (with the eigenpairs; else ``None``).
-        preconditioned_stiffness: λ_max(G·A) of the low-rank-preconditioned posterior, whose inverse is ε
-            when the step size is automatic (``None`` otherwise).
+        preconditioned_stiffness: λ_max(G·A) of the drift's curvature with the low-rank preconditioner, the
+            largest over the SGLD minibatches measured, when the step size is automatic (``None`` otherwise).
+        drift_stiffness: λ_max(A) of the same minibatches without it: ε is the plain rule's times
+            min(1, drift_stiffness/preconditioned_stiffness).
         lowrank_memory_mib: Working memory the low-rank preconditioner needs (or would need).
         curvature_reused: Whether the curvature came from an earlier estimate (:mod:`lightning_bif.curvature_cache`).
         curvature_drift: The staleness check's Rayleigh-quotient drift (NaN when nothing was checked).
@@ -64,6 +67,7 @@ class Tuning:
     top_eigenvalues: list[float] | None = None
     lowrank_memory_mib: float | None = None
     preconditioned_stiffness: float | None = None
+    drift_stiffness: float | None = None
     curvature_reused: bool = False
     curvature_drift: float = float("nan")
     curvature_reason: str = ""

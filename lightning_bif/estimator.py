@@ -312,7 +312,7 @@ class BIFEstimator:
 
     def _preconditioned_choice(self, cfg: SGLDConfig, plain: float, preconditioned: float, source: str) -> SGLDConfig:
         step_size = cfg.step_size * min(1.0, plain / preconditioned)
-        self.tuning.preconditioned_stiffness = preconditioned
+        self.tuning.preconditioned_stiffness, self.tuning.drift_stiffness = preconditioned, plain
         self.tuning.choose("step_size", step_size,
                            f"{cfg.step_size:.3g} · min(1, λ_max(A) / λ_max(G·A)) = {cfg.step_size:.3g} · min(1, "
                            f"{plain:.4g} / {preconditioned:.4g}) on the drift's curvature ({source})")

@@ -79,10 +79,11 @@ def test_unset_settings_are_chosen_and_recorded_and_set_ones_win() -> None:
     tuning = auto.diagnostics.tuning
     assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates"}
     assert tuning.given == ["draws"] and auto.config.draws == 4
-    # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/λ_max(G·A), at most 1/(nβ·λ_max + γ).
+    # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/(nβ·λ_max + γ), times λ_max(A)/λ_max(G·A) on the
+    # drift's minibatches where the preconditioner makes them stiffer.
     assert auto.config.thin == 1
-    assert auto.config.step_size == pytest.approx(min(1 / (96 * tuning.lambda_max + 100.0),
-                                                      1 / tuning.preconditioned_stiffness))
+    assert auto.config.step_size == pytest.approx(
+        min(1.0, tuning.drift_stiffness / tuning.preconditioned_stiffness) / (96 * tuning.lambda_max + 100.0))
     assert tuning.lambda_min <= tuning.lambda_max and tuning.mean_eigenvalue > 0
     assert "MiB" in tuning.reasons["preconditioner"] and tuning.lowrank_memory_mib > 0
     given = estimate_bif(model, cross_entropy, train, probes,
