@@ -300,31 +300,37 @@ def bif_scores(setup: Setup, model: nn.Module, data: Data, config: SGLDConfig, n
     return Scores(name, result.influence.double(), time.process_time() - start, details)
 
 
+class ClassificationLosses:
+    """kronfluence task losses for ``(x, y)`` examples: summed cross-entropy; ``sample`` draws the true Fisher's labels.
+
+    A mixin (kronfluence's ``Task`` is imported only where EK-FAC runs, so that kronfluence stays optional).
+    """
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+
 def kronfluence_scores(model: nn.Module, data: Data, dampings: dict[str, float | None]) -> list[Scores]:
     """kronfluence EK-FAC (true Fisher, seed 0) with the given dampings; its raw scores are negated."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.distributions.Categorical(logits=logits.detach()).sample()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
     train = torch.utils.data.TensorDataset(data.x_train, data.y_train)
     probes = torch.utils.data.TensorDataset(data.x_probe, data.y_probe)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        task = Classification()
+        task = type("ClassificationTask", (ClassificationLosses, Task), {})()
         analyzer = Analyzer(analysis_name="midtrain", model=prepare_model(copy.deepcopy(model), task), task=task,
                             cpu=True, disable_tqdm=True, output_dir=tmp)
         torch.manual_seed(0)

@@ -58,7 +58,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds_digits
@@ -318,22 +317,6 @@ def classical_scores(problem: Problem) -> list[Score]:
     return out
 
 
-class _Classification:
-    """kronfluence task for ``(x, y)`` examples: summed cross-entropy; ``sample`` draws the true Fisher's labels."""
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits.detach()).sample()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
-
-
 def ekfac_scores(problem: Problem) -> list[Score]:
     """kronfluence EK-FAC with its heuristic damping and with δ = λ (+ the horizon damping); raw scores negated."""
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -341,7 +324,7 @@ def ekfac_scores(problem: Problem) -> list[Score]:
     from kronfluence.task import Task
 
     if problem.classification:
-        task = type("ClassificationTask", (_Classification, Task), {})()
+        task = type("ClassificationTask", (lds_midtrain.ClassificationLosses, Task), {})()
     else:
         task = lds_markov.kronfluence_task()
     damping = problem.weight_decay
