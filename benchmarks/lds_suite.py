@@ -65,8 +65,9 @@ import lds_markov
 import lds_midtrain
 from lds_digits import lds, seed_ceiling
 
-from lightning_bif import BIFCallback, SGLDConfig, estimate_bif
+from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.horizon import horizon_damping, optimizer_step
+from lightning_bif.snapshot import training_config, with_horizon
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -181,12 +182,14 @@ def callback_config(problem: Problem) -> SGLDConfig:
     """The SGLDConfig a default ``BIFCallback`` would run this snapshot with, resolved by the callback's own code.
 
     The L2 prior is read from the optimizer's weight decay, then the horizon (H, η, μ) is added
-    where the optimizer has a step (exactly the callback's fit-start and per-snapshot resolution).
+    where the optimizer has a step (exactly the callback's fit-start and per-snapshot resolution,
+    :func:`lightning_bif.snapshot.training_config` and :func:`~lightning_bif.snapshot.with_horizon`).
     """
-    callback = BIFCallback(train=problem.train, probes=problem.probes, every_n_steps=1,
-                           horizon=problem.horizon_steps, progress=False, tensorboard=False)
-    trainer = types.SimpleNamespace(optimizers=[problem.optimizer], precision="32-true")
-    return callback._with_horizon(trainer, callback._resolve_config(trainer), problem.checkpoint)
+    config = training_config(SGLDConfig(), [problem.optimizer]).config
+    resolved = with_horizon(config, [problem.optimizer], problem.horizon_steps, problem.checkpoint)
+    for message in resolved.warnings if problem.checkpoint else ():  # at step 0 the callback only informs
+        warnings.warn(message, stacklevel=2)
+    return resolved.config
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, object]]:

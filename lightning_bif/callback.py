@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import time
@@ -23,19 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .accumulator import CovarianceAccumulator
 from .autotune import Tuning, budget_minibatch, resolve_budget
 from .calibration import calibrate as calibrate_step_size
+from .collectives import StrategyCollectives
 from .config import SGLDConfig
 from .curvature_cache import CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .datamodule_source import DataModuleExamples
-from .estimator import BIFEstimator, BIFResult
-from .functional import LossFn, preserved_state
-from .horizon import optimizer_step
+from .functional import LossFn
 from .log import LogWriteError, LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
+from .snapshot import SnapshotSink, Snapshotter, training_config, with_horizon
 from .tensorboard import TensorBoardSink, check_charts
 from .threads import oversubscription, snapshot_threads
 
@@ -50,7 +48,6 @@ _CALIBRATION_OPTIONS = tuple(
     name for name, parameter in inspect.signature(calibrate_step_size).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "cache")
 )
-_MAX_ERROR_CHARS = 500
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -60,96 +57,54 @@ def module_per_example_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class BIFCallback(Callback):
-    r"""Take Bayesian-influence-function snapshots of the model while it trains.
+    """Take Bayesian-influence-function snapshots of the model while it trains.
 
-    On a schedule the callback pauses training, runs ``config.chains`` localized SGLD chains from
-    the current weights w* (as :func:`~lightning_bif.estimate_bif` does), and appends the snapshot
-    — ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors,
-    correlations, losses at w* and sampler diagnostics — to an HDF5 log written by global rank 0,
-    and to the trainer's ``TensorBoardLogger`` when there is one. Negative = the training example
-    helps the probe, positive = it hurts. Training is left bitwise as it would have been without
-    the callback (parameters, gradients, optimizer state, buffers, modes, global RNG).
-
-    Without ``loss_fn`` the LightningModule must define ``per_example_loss(self, batch) -> Tensor[B]``.
-    Bad input stops the fit at fit start with a :class:`MisconfigurationException`; a snapshot that
-    diverges or fails is logged with its status and training goes on; one that cannot be written (a
-    full disk) is left out, reported and counted (docs/reliability.md). docs/user-guide.md covers
-    schedules, the prior read from the optimizer, precision, DDP, resume, calibration and failures.
+    On a schedule the callback runs a snapshot (:class:`~lightning_bif.snapshot.Snapshotter`: localized
+    SGLD chains from the current weights, as :func:`~lightning_bif.estimate_bif`) and hands the record,
+    ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors and diagnostics, to
+    the HDF5 log (global rank 0) and the trainer's ``TensorBoardLogger``. Training is left bitwise as it
+    would have been without it. Bad input stops the fit at fit start (``MisconfigurationException``); a
+    snapshot that diverges or fails is logged with its status, and training goes on. docs/user-guide.md
+    ("The callback") and docs/lightning.md describe every option in full.
 
     Args:
-        train: Training examples whose influence is tracked (``Dataset``, ``Subset``, ``DataLoader``
-            or tuple of tensors); N examples. Their ids in the log are dataset indices. A
-            :class:`~lightning_bif.DataModuleExamples` takes them from the trainer's DataModule at setup.
-        probes: Probe examples whose behaviour is explained; P examples (same kinds).
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]`` per-example losses; drives SGLD and gives the
-            training losses ℓ_i. Default: the module's ``per_example_loss`` method.
-        probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j; default ``loss_fn``.
-            With ``SGLDConfig(per_token=True)`` it returns ``[B, T]`` and the log gains per-token influence.
-        train_groups: A label per tracked training example (e.g. its class), ``[N]``.
+        train: Tracked training examples (``Dataset``, ``Subset``, ``DataLoader``, tuple of tensors or
+            :class:`~lightning_bif.DataModuleExamples`); N examples, logged by dataset index.
+        probes: Probe examples whose behaviour is explained (same kinds); P examples.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default: the module's ``per_example_loss(batch)``.
+        probe_fn: ``probe_fn(model, batch) -> Tensor[B]`` (``[B, T]`` with ``per_token``); default ``loss_fn``.
+        train_groups: A label per tracked example, ``[N]``.
         probe_groups: A label per probe, ``[P]``.
-        train_group_names: Display names of train groups, ``{label: name}`` (TensorBoard tags, stored in the log).
+        train_group_names: Display names of train groups, ``{label: name}``.
         probe_group_names: Display names of probe groups.
-        probe_tokens: The display string of every token of every probe, ``[P][T]`` (a list of lists of
-            str), stored in the log for the token view (``lightning-bif tokens``). Needs
-            ``SGLDConfig(per_token=True)``; T is checked against ``probe_fn``'s ``[B, T]`` at fit start.
-        train_text: The display text of every tracked training example, ``[N]``, stored in the log
-            (each cut to 1024 UTF-8 bytes) so the token view can show the most helpful and harmful ones.
-        every_n_steps: A snapshot after every n-th optimizer step (``trainer.global_step``: under manual
-            optimization every ``optimizer.step()`` counts; see docs/lightning.md).
+        probe_tokens: Display strings of every probe token, ``[P][T]`` (needs ``SGLDConfig(per_token=True)``).
+        train_text: Display text of every tracked example, ``[N]`` (cut to 1024 UTF-8 bytes).
+        every_n_steps: A snapshot after every n-th optimizer step (``trainer.global_step``).
         every_n_epochs: A snapshot at the end of every n-th training epoch.
         at_steps: Snapshots after exactly these optimizer steps.
-        log_spaced: ``LogSpaced(num, first=1, last=None)`` or just ``num``: log-spaced steps up to
-            ``last`` (default: the trainer's ``estimated_stepping_batches``).
+        log_spaced: ``LogSpaced(num, first=1, last=None)`` or ``num``: log-spaced steps.
         at_fit_start: A snapshot before the first training step.
         at_fit_end: A snapshot when training ends.
-        config: The estimator's :class:`SGLDConfig` (chains, draws, step size, nβ, γ, ...).
-        data: Where SGLD minibatches come from; default: the dataset of the trainer's training
-            ``DataLoader`` (indexed directly, so no sampler or shuffling RNG is involved).
-        weight_decay_from_optimizer: Read the L2 prior from the optimizer when
-            ``config.weight_decay`` is 0 (the largest param group's; exact for SGD and Adam).
-        precision_from_trainer: Run the snapshot's forward passes in bf16 when the trainer trains in
-            bf16 and ``config.autocast`` is None (fp16 trainers keep float32 snapshots).
-        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` with a ``TensorBoardLogger`` or
-            ``CSVLogger``, else ``<default_root_dir>/bif_logs/version_<N>/influence.h5`` (next free N).
-        if_exists: What to do when ``log_path`` already exists at fit start: ``"error"``,
-            ``"overwrite"``, or ``"resume"`` (append; the file must come from the same run: same
-            config and ids). A fit resumed from a checkpoint always resumes its log.
-        tensorboard: Write group curves, a matrix figure and diagnostics to the trainer's
-            ``TensorBoardLogger`` (``True``); ``False`` for none, ``"all"``, or a list of chart names
-            to add the opt-in ones (see :mod:`lightning_bif.tensorboard` and docs/tensorboard.md).
-        progress: Show progress during a snapshot (in the progress bar, or as log lines).
-        calibrate: Choose the SGLD step size from pilot chains at the first snapshot, and again at
-            later ones until one is accepted: ``True`` for :func:`~lightning_bif.calibration.calibrate`'s
-            defaults, or a dict of its settings, e.g. ``{"pilot_steps": 200, "pilot_chains": 2,
-            "step_sizes": [...]}`` (keys: ``step_sizes``, ``pilot_steps``, ``pilot_chains``,
-            ``tracked``, ``tolerance``, ``drift_tolerance``, ``safety``). The default ladder is
-            ``config.step_size`` (or the automatic one) times 16, 8, ..., 1/16, tried from the largest down; a
-            candidate costs ``pilot_chains × pilot_steps`` SGLD steps, three times that when its
-            half-step reference runs too. The time is not part of the snapshot's ``duration_s``
-            (it is in the calibration evidence).
-        horizon: The question a snapshot answers (docs/horizon.md): how up-weighting z_i from the snapshot's
-            step on changes φ_j over the next H optimizer steps, with the optimizer's current learning rate
-            and momentum (read at every snapshot, :func:`~lightning_bif.horizon.optimizer_step`). H is the
-            number of steps to the next scheduled snapshot (``"interval"``, so consecutive snapshots tile
-            the run), to the end of training (``"rest"``), or a fixed number. It sets γ (raised at saddles)
-            per snapshot in place of ``localization``, and ε when ``step_size`` is ``None`` (a step size you
-            set, or a calibrated one, is kept); the log records H, η, μ, γ and λ_min. ``None``, or a config with its own
-            ``horizon_steps``, keeps the config's γ and ε.
-        min_split_half: Warn (once per fit) when a snapshot's split-half reliability falls below
-            this value: its single entries are then mostly Monte-Carlo noise. ``None`` turns the
-            warning off.
-        num_threads: ``torch.set_num_threads`` during snapshots (restored after each), e.g. 1 on a CPU
-            shared with dataloader workers or other processes; ``None`` keeps torch's setting. On a CPU,
-            a warning at fit start says when torch's threads plus the workers exceed the cores.
+        config: The :class:`SGLDConfig` of the snapshots.
+        data: Where SGLD minibatches come from; default: the dataset of the trainer's training ``DataLoader``.
+        weight_decay_from_optimizer: Use the optimizer's weight decay as the L2 prior when ``config.weight_decay``
+            is 0.
+        precision_from_trainer: bf16 autocast for snapshots of a bf16 trainer when ``config.autocast`` is None.
+        log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` (docs/lightning.md, "Default log paths").
+        if_exists: ``"error"``, ``"overwrite"`` or ``"resume"`` (same run) when ``log_path`` exists at fit start.
+        tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md).
+        progress: Show progress during a snapshot.
+        calibrate: ``True`` or a dict of :func:`~lightning_bif.calibration.calibrate`'s settings: choose the step
+            size from pilot chains before snapshots until one is accepted.
+        horizon: H of the snapshots' question (docs/horizon.md): ``"interval"`` (to the next snapshot), ``"rest"``
+            (to the end), a number of steps, or ``None`` (the config's γ and ε).
+        min_split_half: Warn once per fit below this split-half reliability; ``None``: never.
+        num_threads: ``torch.set_num_threads`` during snapshots; ``None`` keeps torch's setting.
 
     Example::
 
-        import lightning as L
-        from lightning.pytorch.loggers import TensorBoardLogger
-        from lightning_bif import BIFCallback, SGLDConfig
-
         bif = BIFCallback(train=train_subset, probes=probe_set, log_spaced=12, at_fit_start=True,
-                          config=SGLDConfig(chains=4, draws=100, step_size=1e-4))
+                          config=SGLDConfig(chains=4, draws=100))
         trainer = L.Trainer(max_epochs=10, callbacks=[bif], logger=TensorBoardLogger("runs", name="exp"))
         trainer.fit(model, datamodule)  # model defines per_example_loss(self, batch) -> Tensor[B]
     """
@@ -229,18 +184,20 @@ class BIFCallback(Callback):
             if fn is not None and not callable(fn):
                 raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
         self.train, self.probes, self.data = train, probes, data
+        self.loss_fn = loss_fn
+        self.probe_fn = probe_fn
         self._groups_given = (train_groups, probe_groups)
         self._texts_given = (probe_tokens, train_text)
         self.train_ids = self.probe_ids = self.train_groups = self.probe_groups = None
         self.probe_tokens = self.train_text = None
-        self._train_source: ExampleSource | None = None  # the examples themselves, from train/probes at setup
-        self._probe_source: ExampleSource | None = None
+        self._curvature = CurvatureCache()  # curvature at w*, reused by later snapshots and pilots while fresh
+        # What snapshots are taken of: made from train/probes (at setup for DataModuleExamples); its SGLD data
+        # is the trainer's from train start on (unless `data` is given), its collectives the trainer's strategy.
+        self._snapshotter: Snapshotter | None = None
         if not isinstance(train, DataModuleExamples) and not isinstance(probes, DataModuleExamples):
             self._use_examples(train, probes)
         self.train_group_names = dict(train_group_names) if train_group_names else None
         self.probe_group_names = dict(probe_group_names) if probe_group_names else None
-        self.loss_fn = loss_fn
-        self.probe_fn = probe_fn
         self.config = config or SGLDConfig()
         self.weight_decay_from_optimizer = weight_decay_from_optimizer
         self.precision_from_trainer = precision_from_trainer
@@ -251,23 +208,20 @@ class BIFCallback(Callback):
 
         self._config = self.config  # the configured config, resolved at fit start; it identifies the run in the log
         self._calibrated_step_size: float | None = None  # checkpointed: a resumed fit keeps it
-        self._data_source = data
         self._tokens: int | None = None  # tokens per probe of a per-token config, found at fit start (log layout)
         self._vectorized: bool | None = None  # chains under vmap: decided at the first train start (checkpointed)
         self._sequential_reason: str | None = None  # why not, under vectorize="auto"; in each snapshot's message
-        self._curvature = CurvatureCache()  # curvature at w*, reused by later snapshots and pilots while fresh
         self._active_schedule = self.schedule
         self._last_step = -1  # global step of the last snapshot (checkpointed)
         self._last_seen_step = -1  # global step at the last on_train_batch_end (gradient accumulation)
         self._start = (0, 0)  # global step at train start, training batches since (sizes log_spaced under manual opt.)
         self._snapshots = 0
-        self._resumed_log_path: Path | None = None
         self._resumed = False
-        self._resolved_log_path: Path | None = None
-        self._writer: LogWriter | None = None
+        self._resolved_log_path: Path | None = None  # this fit's log; from the checkpoint or the last fit until then
+        self._writer: LogWriter | None = None  # the log among the sinks (resume, truncation)
+        self._sinks: list[SnapshotSink] = []  # rank 0: the log and, with a TensorBoardLogger, TensorBoard
         self._lost: list[int] = []  # steps of snapshots this fit could not write to the log (rank 0)
         self._write_error = ""  # the first such error
-        self._sink: Any = None  # a TensorBoardSink when the trainer has a TensorBoardLogger
         self._warned: set[str] = set()
 
     @property
@@ -279,7 +233,8 @@ class BIFCallback(Callback):
     def _use_examples(self, train: ExampleSource, probes: ExampleSource) -> None:
         """Adopt concrete example sets: their ids, and the group labels checked against their sizes."""
         train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
-        self._train_source, self._probe_source = train, probes
+        self._snapshotter = Snapshotter(self.loss_fn or module_per_example_loss, train, probes,
+                                        probe_fn=self.probe_fn, data=self.data, cache=self._curvature)
         self.train_ids = train_set.ids().numpy()
         self.probe_ids = probe_set.ids().numpy()
         self.train_groups = _groups(self._groups_given[0], len(train_set), "train_groups", "train")
@@ -341,6 +296,7 @@ class BIFCallback(Callback):
             self._check_loss_hook(pl_module)
             if isinstance(self.train, DataModuleExamples) or isinstance(self.probes, DataModuleExamples):
                 self._resolve_examples(trainer)
+            self._snapshotter.collectives = StrategyCollectives(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -359,11 +315,11 @@ class BIFCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data is None:
-            self._data_source = self._trainer_data(trainer)
+            self._snapshotter.data = self._trainer_data(trainer)
         self._start = (trainer.global_step, 0)
         self._check_threads(trainer, pl_module)
         if self._vectorized is None:
-            self._decide_vectorized(trainer, pl_module)
+            self._decide_vectorized(pl_module)
         self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
@@ -399,8 +355,7 @@ class BIFCallback(Callback):
         self._close_log()
         self._report_lost()
         if stage == "fit" and self._resolved_log_path is not None:
-            # A later fit with this callback (more epochs on the same trainer) continues the same log.
-            self._resumed, self._resumed_log_path = True, self._resolved_log_path
+            self._resumed = True  # a later fit with this callback (more epochs on the same trainer) continues the log
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -408,7 +363,7 @@ class BIFCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        path = self._resolved_log_path or self._resumed_log_path
+        path = self._resolved_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
                 "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size,
                 "vectorized": self._vectorized, "sequential_reason": self._sequential_reason}
@@ -417,7 +372,7 @@ class BIFCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict["last_step"])
         self._snapshots = int(state_dict["snapshots"])
-        self._resumed_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
+        self._resolved_log_path = None if state_dict["log_path"] is None else Path(state_dict["log_path"])
         self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
         self._vectorized = state_dict.get("vectorized")
         self._sequential_reason = state_dict.get("sequential_reason")
@@ -442,29 +397,21 @@ class BIFCallback(Callback):
 
     def _resolve_config(self, trainer: pl.Trainer) -> SGLDConfig:
         """The configured config with the settings it leaves to the trainer filled in."""
-        config = self.config
-        if not config.weight_decay and self.weight_decay_from_optimizer:
-            decay = _optimizer_weight_decay(trainer)
-            if decay:
-                rank_zero_info(f"BIFCallback: SGLD prior weight_decay={decay:g}, read from the optimizer "
-                               "(set SGLDConfig(weight_decay=...) to choose another value).")
-                config = config.replace(weight_decay=decay)
-        if config.autocast is None and self.precision_from_trainer and str(trainer.precision).startswith("bf16"):
-            rank_zero_info(f"BIFCallback: snapshots run their forward passes under bf16 autocast, as the trainer "
-                           f"(precision={trainer.precision!r}); pass precision_from_trainer=False for float32.")
-            config = config.replace(autocast="bf16")
-        return config
+        resolved = training_config(self.config, trainer.optimizers, trainer.precision,
+                                   weight_decay_from_optimizer=self.weight_decay_from_optimizer,
+                                   precision_from_trainer=self.precision_from_trainer)
+        for message in resolved.warnings:
+            rank_zero_warn(f"BIFCallback: {message}")
+        for message in resolved.notes:
+            rank_zero_info(f"BIFCallback: {message}")
+        return resolved.config
 
     def _check_losses_at_start(self, pl_module: pl.LightningModule) -> None:
         """Evaluate the loss functions on every tracked example at w*: shapes and finiteness."""
-        model = _float32_model(pl_module)
-        estimator = self._estimator(model, pl_module.device, data=self._data_source, vectorized=False)
         try:
-            with preserved_state(model, [pl_module.device]):
-                estimator.check_losses()  # shapes and finiteness only: tuning waits for the first snapshot
+            self._tokens = self._snapshotter.check_losses(pl_module, self._config, pl_module.device)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
-        self._tokens = estimator.tokens
         if self.probe_tokens is not None:
             lengths = sorted({len(row) for row in self.probe_tokens})
             if self._tokens is None:
@@ -478,21 +425,18 @@ class BIFCallback(Callback):
                     f"returns T = {self._tokens} token losses per probe: pass one string per token loss."
                 )
 
-    def _decide_vectorized(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _decide_vectorized(self, pl_module: pl.LightningModule) -> None:
         """Decide once, before the first snapshot, whether chains run under vmap; rank 0's answer holds everywhere.
 
         At train start, when the SGLD data (by default the trainer's training DataLoader) is known:
         every function a snapshot calls is tried under vmap on it.
         """
-        model = _float32_model(pl_module)
-        estimator = self._estimator(model, pl_module.device, data=self._data_source)
         try:
-            with snapshot_threads(self.num_threads), preserved_state(model, [pl_module.device]):
-                estimator.decide_vectorized()
+            with snapshot_threads(self.num_threads):
+                self._vectorized, self._sequential_reason = self._snapshotter.decide_vectorized(
+                    pl_module, self._config, pl_module.device)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
-        self._vectorized, self._sequential_reason = trainer.strategy.broadcast(
-            (estimator.vectorized, estimator.sequential_reason))
 
     def _check_threads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset).
@@ -574,7 +518,7 @@ class BIFCallback(Callback):
 
     def _open_log(self, trainer: pl.Trainer) -> None:
         """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
-        path = self.log_path or self._resumed_log_path
+        path = self.log_path or self._resolved_log_path
         if path is None:
             path = default_log_path(trainer)
         self._resolved_log_path = path
@@ -606,12 +550,12 @@ class BIFCallback(Callback):
             if dropped:
                 rank_zero_info(f"BIFCallback: resumed; removed {dropped} snapshot(s) after step {self._last_step} "
                                "written after the checkpoint.")
+        self._sinks = [self._writer]
         if self.tensorboard:
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if logger is not None:
-                self._sink = TensorBoardSink(logger.experiment, self._identity(),
-                                             self.train_group_names, self.probe_group_names, self.tensorboard,
-                                             log_path=path)
+                self._sinks.append(TensorBoardSink(logger.experiment, self._identity(), self.train_group_names,
+                                                   self.probe_group_names, self.tensorboard, log_path=path))
         return None
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:
@@ -628,15 +572,13 @@ class BIFCallback(Callback):
         self._last_step = max(self._last_step, last)
 
     def _close_log(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
+        sinks, self._sinks, self._writer = self._sinks, [], None
+        for sink in sinks:
             try:
-                writer.close()
+                sink.close()
             except LogWriteError as error:
-                rank_zero_warn(f"BIFCallback: {error}. Check the log with `lightning-bif summary {writer.path}`.")
-        if self._sink is not None:
-            self._sink.close()
-        self._sink = None
+                rank_zero_warn(f"BIFCallback: {error}. Check the log with `lightning-bif summary "
+                               f"{self._resolved_log_path}`.")
 
     def _report_lost(self) -> None:
         """Say at the end of a fit how many snapshots could not be written to the log, and why."""
@@ -666,29 +608,17 @@ class BIFCallback(Callback):
             self._snapshot(trainer, pl_module)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step = trainer.global_step
         calibration = None
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
-                calibration = self._calibrate(trainer, pl_module, step)
+                calibration = self._calibrate(pl_module, step)
             config = self._with_horizon(trainer, self.resolved_config, step)
-            start = time.perf_counter()
-            result, message, result_reason = self._estimate(trainer, pl_module, step, config)
-            duration = time.perf_counter() - start
-        wall_time = time.time()
-        status = "failed" if result is None else ("ok" if result.ok else "diverged")
-        if status == "diverged":
-            message = result.divergence
-        if result is not None and not result.diagnostics.vectorized and self._vectorized:
-            # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
-            self._vectorized = False
-            self._sequential_reason = result_reason or "torch.func.vmap failed during sampling on another rank"
-        if result is not None and self._sequential_reason is not None and not message:
-            message = f"chains ran one after another: {self._sequential_reason}"
-        record = SnapshotRecord(step=step, epoch=epoch, wall_time=wall_time, duration_s=duration,
-                                status=status, result=result, message=message,
-                                step_size=config.step_size if result is None else result.config.step_size,
-                                calibration=calibration)
+            taken = self._snapshotter.take(pl_module, config, device=pl_module.device,
+                                           progress=self._progress_fn(trainer, step), vectorized=self._vectorized,
+                                           sequential_reason=self._sequential_reason)
+        self._vectorized, self._sequential_reason = taken.vectorized, taken.sequential_reason
+        record = taken.record(step, trainer.current_epoch, calibration)
         self._last_step = step
         self._snapshots += 1
         written = self._write(record) if trainer.is_global_zero else True
@@ -698,22 +628,14 @@ class BIFCallback(Callback):
         """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
         if self.horizon is None or config.horizon_steps is not None:
             return config
-        found = optimizer_step(trainer.optimizers)
-        steps = self._horizon_steps(trainer, step)
-        if found is None or steps is None:
-            why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
-                   "or it has taken no step yet (Adam, RMSprop)" if found is None
-                   else "the number of steps to come is unknown")
-            message = (f"BIFCallback: the snapshot at step {step} has no horizon ({why}); it uses "
-                       f"SGLDConfig.localization={config.localization:g} and step_size={_shown(config.step_size)}. Set "
-                       "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.")
+        resolved = with_horizon(config, trainer.optimizers, self._horizon_steps(trainer, step), step)
+        for message in resolved.warnings:
             if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
-                rank_zero_info(message)
+                rank_zero_info(f"BIFCallback: {message}")
             elif "horizon" not in self._warned:
                 self._warned.add("horizon")
-                rank_zero_warn(message + " (Shown once.)")
-            return config
-        return config.replace(horizon_steps=steps, learning_rate=found.learning_rate, momentum=found.momentum)
+                rank_zero_warn(f"BIFCallback: {message} (Shown once.)")
+        return resolved.config
 
     def _horizon_steps(self, trainer: pl.Trainer, step: int) -> int | None:
         """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end.
@@ -746,25 +668,9 @@ class BIFCallback(Callback):
             candidates.append(end)
         return min(candidates) if candidates else None
 
-    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
-        """Calibrate the step size on global rank 0 and broadcast the evidence; adopt an accepted step size.
-
-        Rank 0 alone runs the pilots, so every rank gets the same answer even where GPU kernels
-        are not bitwise reproducible across devices. Returns the evidence for the log.
-        """
-        evidence: dict[str, Any] | None = None
-        if trainer.is_global_zero:
-            device = pl_module.device
-            model = _float32_model(pl_module)
-            try:
-                with preserved_state(model, [device]):
-                    found = calibrate_step_size(model, self.loss_fn or module_per_example_loss, self._data_source,
-                                                self._config, device=device, cache=self._curvature, **self.calibrate)
-                evidence = {**found.summary(), "duration_s": found.duration_s}
-            except Exception as caught:  # a failed calibration keeps the configured step size; training goes on
-                error = f"{type(caught).__name__}: {caught}"[:_MAX_ERROR_CHARS]
-                evidence = {"step_size": self._config.step_size, "ok": False, "error": error, "candidates": []}
-        evidence = trainer.strategy.broadcast(evidence)
+    def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
+        """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""
+        evidence = self._snapshotter.calibrate(pl_module, self._config, pl_module.device, **self.calibrate)
         if evidence["ok"]:
             self._calibrated_step_size = float(evidence["step_size"])
             rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
@@ -783,71 +689,21 @@ class BIFCallback(Callback):
             )
         return evidence
 
-    def _estimate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, config: SGLDConfig
-    ) -> tuple[BIFResult | None, str, str | None]:
-        """Run this rank's chains, merge across ranks; a failure anywhere fails the snapshot everywhere.
-
-        Returns the result (``None`` when failed), the error message, and why this rank's chains
-        fell back from vmap during sampling (``None`` when they did not).
-        """
-        device = pl_module.device
-        world = trainer.world_size
-        chains = [c for c in range(config.chains) if c % world == trainer.global_rank]
-        model = _float32_model(pl_module)
-        start = time.perf_counter()
-        error: Exception | None = None
-        try:
-            estimator = self._estimator(model, device, data=self._data_source, config=config)
-            with preserved_state(model, [device]):
-                estimator.prepare()
-                # The runaway rerun is decided per process; under DDP every rank must sample alike.
-                sample = estimator.sample_checked if world == 1 else estimator.sample
-                accumulator = sample(chains, self._progress_fn(trainer, step))
-        except Exception as caught:  # a failed snapshot is recorded; training goes on
-            error = caught
-        if world > 1:
-            # A rank whose chains fell back from vmap makes every rank's result count as sequential.
-            fell_back = trainer.strategy.reduce_boolean_decision(
-                error is None and bool(self._vectorized) and not estimator.vectorized, all=False)
-            if fell_back and error is None:
-                estimator.vectorized = False
-        failed = error is not None
-        if world > 1:
-            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
-        if failed:
-            message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            return None, message, None
-        if world > 1:
-            _merge(trainer, accumulator)
-        return estimator.summarize(accumulator, time.perf_counter() - start), "", estimator.sequential_reason
-
-    def _estimator(
-        self, model: nn.Module, device: torch.device, data: ExampleSource | None, config: SGLDConfig | None = None,
-        vectorized: bool | None = None,
-    ) -> BIFEstimator:
-        loss_fn = self.loss_fn or module_per_example_loss
-        vectorized = self._vectorized if vectorized is None else vectorized
-        return BIFEstimator(model, loss_fn, self._train_source, self._probe_source, probe_fn=self.probe_fn, data=data,
-                            config=config or self._config, device=device, vectorized=vectorized,
-                            cache=self._curvature)
-
     def _write(self, record: SnapshotRecord) -> bool:
-        """Append to the sinks; a log write that fails is counted and reported once, and training goes on."""
+        """Hand the record to every sink; a write that fails is counted and reported once, and training goes on."""
         written = True
-        if self._writer is not None:
+        for sink in self._sinks:
             try:
-                self._writer.append(record)
+                sink.write(record)
             except LogWriteError as error:
+                if written:
+                    self._lost.append(record.step)
                 written = False
-                self._lost.append(record.step)
                 if "write" not in self._warned:
                     self._warned.add("write")
                     self._write_error = str(error)
                     rank_zero_warn(f"BIFCallback: {error}. Training goes on; later snapshots are tried again and "
                                    "the end of the fit says how many were lost. (Shown once.)")
-        if self._sink is not None:
-            self._sink.write(record.step, record)
         return written
 
     def _report(self, record: SnapshotRecord, written: bool = True) -> None:
@@ -963,38 +819,6 @@ def _texts(texts: Sequence | None, size: int, name: str, what: str, nested: bool
 
 def _qualname(fn: Callable) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
-
-
-def _optimizer_weight_decay(trainer: pl.Trainer) -> float:
-    groups = [(float(g.get("weight_decay", 0.0)), sum(p.numel() for p in g["params"]))
-              for optimizer in trainer.optimizers for g in optimizer.param_groups]
-    if not groups:
-        return 0.0
-    values = {decay for decay, _ in groups}
-    decay = max(groups, key=lambda g: g[1])[0]
-    if len(values) > 1:
-        rank_zero_warn(
-            f"BIFCallback: the optimizer's param groups use different weight decays {sorted(values)}; the SGLD "
-            f"prior uses {decay:g} (the largest group's). Set SGLDConfig(weight_decay=...) to choose."
-        )
-    return decay
-
-
-def _float32_model(module: nn.Module) -> nn.Module:
-    """The module itself, or a float32 copy when its parameters are half precision (bf16-true, 16-true).
-
-    SGLD steps of size ε·∇ vanish in bf16/fp16 rounding, so the estimate runs on float32 weights.
-    Mixed-precision trainers keep float32 parameters and need no copy.
-    """
-    if all(p.dtype not in (torch.float16, torch.bfloat16) for p in module.parameters()):
-        return module
-    return copy.deepcopy(module).float()
-
-
-def _merge(trainer: pl.Trainer, accumulator: CovarianceAccumulator) -> None:
-    """Sum the per-chain sums across ranks (chains are disjoint, so the sum is the union). Every rank calls this."""
-    for tensor in accumulator.tensors():
-        tensor.copy_(trainer.strategy.reduce(tensor, reduce_op="sum"))
 
 
 def _tqdm_train_bar(trainer: pl.Trainer) -> Any:

@@ -19,7 +19,7 @@ from .control_variates import Subspace, projected_gradients
 from .curvature import LowRankPreconditioner, top_curvature
 from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
-from .functional import FunctionalModel, LossFn, preserved_state
+from .functional import FunctionalModel, LossFn
 from .health import divergence, loss_rise_bound
 from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
 from .sampler import ProgressFn, SGLDSampler, chain_seed
@@ -121,7 +121,7 @@ class BIFEstimator:
 
     ``estimate_bif`` is ``prepare`` → ``sample_checked(all chains)`` → ``summarize``. A DDP caller runs
     ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
-    ranks, and calls ``summarize`` on the merged result.
+    ranks, and calls ``summarize`` on the merged result: :class:`~lightning_bif.snapshot.Snapshotter` does both.
 
     Args: as :func:`estimate_bif`, and
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
@@ -581,24 +581,6 @@ class BIFEstimator:
             **per_token,
         )
 
-    def run(
-        self, chains: Sequence[int] | None = None, progress: ProgressFn | None = None,
-        merge: Callable[[CovarianceAccumulator], None] | None = None,
-    ) -> BIFResult:
-        """Prepare, sample ``chains`` (default: all), optionally ``merge`` across ranks, summarize.
-
-        The model's mode and the global RNG are restored afterwards. Works inside
-        ``torch.inference_mode()`` (e.g. a Lightning validation hook): SGLD needs gradients, so
-        inference mode is switched off for the estimate.
-        """
-        start = time.perf_counter()
-        with preserved_state(self.model, [self.device]), torch.inference_mode(False):
-            self.prepare()
-            accumulator = self.sample_checked(range(self.config.chains) if chains is None else chains, progress)
-            if merge is not None:
-                merge(accumulator)
-            return self.summarize(accumulator, time.perf_counter() - start)
-
 
 def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
     """Report a group's per-chain step count as steps done over all chains."""
@@ -685,7 +667,8 @@ def estimate_bif(
     Runs ``config.chains`` localized SGLD chains from the model's current weights w* and
     returns ``BIF(z_i → φ_j) = -Cov(ℓ_i(w), φ_j(w))`` over the draws, with correlations,
     per-entry standard errors and sampler diagnostics. The model is left exactly as it was
-    (parameters, gradients, buffers, train/eval mode) and the global RNG is not advanced.
+    (parameters, gradients, buffers, train/eval mode) and the global RNG is not advanced. A
+    half-precision model is sampled as a float32 copy (:class:`~lightning_bif.snapshot.Snapshotter`).
 
     Args:
         model: Any ``nn.Module`` at the weights to explain.
@@ -721,6 +704,10 @@ def estimate_bif(
     References:
         Kreer et al. 2025, "Bayesian Influence Functions for Hessian-Free Data Attribution".
     """
-    estimator = BIFEstimator(model, loss_fn, train, probes, probe_fn=probe_fn, data=data, config=config,
-                             device=device, cache=cache)
-    return estimator.run(progress=progress)
+    from .snapshot import Snapshotter  # the snapshot unit builds on this module
+
+    taken = Snapshotter(loss_fn, train, probes, probe_fn=probe_fn, data=data, cache=cache).take(
+        model, config or SGLDConfig(), device=device, progress=progress)
+    if taken.error is not None:
+        raise taken.error
+    return taken.result

@@ -105,7 +105,7 @@ class TensorBoardSink:
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter        # doctest: +SKIP
         >>> sink = TensorBoardSink(SummaryWriter("runs/exp"), identity)  # doctest: +SKIP
-        >>> sink.write(step=500, record=record)                      # doctest: +SKIP
+        >>> sink.write(record)                                       # doctest: +SKIP
         >>> sink.close()                                             # doctest: +SKIP
     """
 
@@ -144,13 +144,13 @@ class TensorBoardSink:
         """The group-curve tag of each probe group (the same tags in every train-group run)."""
         return list(self._group_tags)
 
-    def write(self, step: int, record: SnapshotRecord) -> None:
-        """Write one snapshot at training step ``step`` and flush.
+    def write(self, record: SnapshotRecord) -> None:
+        """Write one snapshot at its training step (``record.step``) and flush.
 
         A failed snapshot (``record.result is None``) writes its status text and, when chosen, its
         duration and step size.
         """
-        writer, charts = self.writer, self.charts
+        writer, charts, step = self.writer, self.charts, record.step
         if "duration_s" in charts:
             writer.add_scalar("bif_diag/duration_s", record.duration_s, step)
         step_size = record.used_step_size()

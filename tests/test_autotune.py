@@ -49,7 +49,8 @@ def test_automatic_choices_sample_the_exact_gaussian_bif(weight_decay: float, sm
                         batch_size=None, seed=0, preconditioner_rank=rank)
     estimator = BIFEstimator(problem.model, half_squared_error, (problem.x, problem.y), (problem.xp, problem.yp),
                              config=config)
-    result = estimator.run()
+    estimator.prepare()
+    result = estimator.summarize(estimator.sample_checked(range(config.chains)), 0.0)
     chosen = result.diagnostics.tuning.chosen
     assert set(chosen) == {"thin", "step_size", "preconditioner", "control_variates"}
     assert chosen["preconditioner"] == "lowrank" and chosen["control_variates"] is True

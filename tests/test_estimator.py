@@ -93,16 +93,16 @@ def test_chains_split_over_two_runs_and_merged_equal_one_run(trained) -> None:
     model, x, y = trained
     config = FAST.replace(chains=4)
     whole = estimate_bif(model, cross_entropy, (x, y), (x[:5], y[:5]), config=config)
-    kept: list[CovarianceAccumulator] = []
-    first = BIFEstimator(model, cross_entropy, (x, y), (x[:5], y[:5]), config=config)
-    partial = first.run(chains=[0, 1], merge=kept.append)
-
-    def merge(accumulator: CovarianceAccumulator) -> None:  # what an all-reduce across two ranks does
-        for mine, theirs in zip(accumulator.tensors(), kept[0].tensors(), strict=True):
-            mine += theirs
-
-    second = BIFEstimator(model, cross_entropy, (x, y), (x[:5], y[:5]), config=config)
-    merged = second.run(chains=[2, 3], merge=merge)
+    ranks: list[tuple[BIFEstimator, CovarianceAccumulator]] = []
+    for chains in ([0, 1], [2, 3]):
+        estimator = BIFEstimator(model, cross_entropy, (x, y), (x[:5], y[:5]), config=config)
+        estimator.prepare()
+        ranks.append((estimator, estimator.sample_checked(chains)))
+    (first, kept), (second, accumulator) = ranks
+    partial = first.summarize(kept, 0.0)
+    for mine, theirs in zip(accumulator.tensors(), kept.tensors(), strict=True):
+        mine += theirs  # what an all-reduce across two ranks does
+    merged = second.summarize(accumulator, 0.0)
 
     torch.testing.assert_close(merged.influence, whole.influence, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(merged.stderr, whole.stderr, rtol=1e-4, atol=1e-8)

@@ -200,7 +200,7 @@ def test_config_validates_and_round_trips_per_token():
 
 def test_chains_split_and_merged_like_ddp_ranks_give_the_same_token_influence():
     config = CONFIG.replace(per_token=True)
-    whole = BIFEstimator(MODEL, per_example, TRAIN, PROBES, probe_fn=token_losses, config=config).run()
+    whole = estimate_bif(MODEL, per_example, TRAIN, PROBES, probe_fn=token_losses, config=config)
     ranks = []
     for chains in ([0, 2], [1, 3]):
         estimator = BIFEstimator(MODEL, per_example, TRAIN, PROBES, probe_fn=token_losses, config=config)

@@ -32,7 +32,7 @@ def write_run(tmp_path: Path, records, charts=True, **names) -> TensorBoardSink:
     with LogWriter(tmp_path / "bif.h5", make_identity()) as log_writer:
         for r in records:
             log_writer.append(r)
-            sink.write(r.step, r)
+            sink.write(r)
     sink.close()
     writer.close()
     return sink
@@ -122,10 +122,10 @@ def test_failed_snapshot_writes_its_status_and_the_chosen_duration_and_step_size
     sink = TensorBoardSink(writer, make_identity(train_groups=None, probe_groups=None),
                            charts=[*DEFAULT_CHARTS, "duration_s", "step_size"])
     assert sink.group_tags == ["bif_x_nbeta/probes_all"] and [Path(r).name for r in sink.group_runs] == ["train_all"]
-    sink.write(3, record(3, "failed", message="out of memory"))
+    sink.write(record(3, "failed", message="out of memory"))
     failed = record(4, "failed", message="out of memory")
     failed.step_size = 2e-4
-    sink.write(4, failed)
+    sink.write(failed)
     sink.close()
     writer.close()
     events = read_events(tmp_path / "tb")
@@ -141,8 +141,8 @@ def test_an_unreadable_log_skips_the_groups_figure_with_one_warning(tmp_path: Pa
     writer = SummaryWriter(str(tmp_path / "tb"))
     sink = TensorBoardSink(writer, make_identity(), charts=["groups_figure"], log_path=tmp_path / "missing.h5")
     with pytest.warns(UserWarning, match=r"no bif/groups image while the log .*missing.h5 cannot be read") as caught:
-        sink.write(10, record(10))
-        sink.write(20, record(20))
+        sink.write(record(10))
+        sink.write(record(20))
     assert len(caught) == 1
     sink.close()
     writer.close()

@@ -359,6 +359,10 @@ class LogWriter:
         self._steps = np.append(self._steps, np.int64(record.step))
         return row
 
+    def write(self, record: SnapshotRecord) -> None:
+        """:meth:`append`, as a snapshot sink (:class:`~lightning_bif.snapshot.SnapshotSink`)."""
+        self.append(record)
+
     def _roll_back(self, row: int) -> None:
         """Shrink every dataset back to ``row`` rows after a failed append (best effort: the disk may still fail)."""
         for name in reversed(self._layout):

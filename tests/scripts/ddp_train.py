@@ -18,6 +18,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from toy import FAST, ToyClassifier, class_losses, loader, toy_dataset, tracked_sets
 
 from lightning_bif import BIFCallback
+from lightning_bif.log import LogWriter
+from lightning_bif.tensorboard import TensorBoardSink
 
 CONFIG = FAST.replace(chains=4)
 
@@ -40,8 +42,8 @@ class Report(Callback):
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "losses": [float(x) for x in pl_module.losses],
-            "opened_log": self.bif._writer is not None,
-            "tensorboard": self.bif._sink is not None,
+            "opened_log": any(isinstance(s, LogWriter) for s in self.bif._sinks),
+            "tensorboard": any(isinstance(s, TensorBoardSink) for s in self.bif._sinks),
             "step_size": self.bif.resolved_config.step_size,
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
