@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .autotune import Tuning, budget_minibatch, resolve_budget
 from .calibration import calibrate as calibrate_step_size
 from .collectives import StrategyCollectives
 from .config import SGLDConfig
@@ -493,28 +492,16 @@ class BIFCallback(Callback):
     # ------------------------------------------------------------------ the log
 
     def _identity(self) -> RunIdentity:
-        cfg = self._config
         callback = {
             "loss_fn": _qualname(self.loss_fn) if self.loss_fn else f"LightningModule.{LOSS_HOOK}",
             "probe_fn": _qualname(self.probe_fn) if self.probe_fn else "loss_fn",
             "data": "trainer training data" if self.data is None else "data argument",
             "horizon": self.horizon,
         }
-        return RunIdentity(
-            config={"sgld": cfg.to_dict(), "callback": callback},
-            train_ids=self.train_ids,
-            probe_ids=self.probe_ids,
-            train_groups=self.train_groups,
-            probe_groups=self.probe_groups,
-            chains=cfg.chains,
-            draws=resolve_budget(cfg, len(self.train_ids) + len(self.probe_ids),
-                                 budget_minibatch(cfg, len(self.train_ids)), Tuning()).draws,
-            tokens=self._tokens,
-            train_group_names=self.train_group_names,
-            probe_group_names=self.probe_group_names,
-            probe_tokens=self.probe_tokens,
-            train_text=self.train_text,
-        )
+        return self._snapshotter.identity(
+            self._config, tokens=self._tokens, settings={"callback": callback}, train_groups=self.train_groups,
+            probe_groups=self.probe_groups, train_group_names=self.train_group_names,
+            probe_group_names=self.probe_group_names, probe_tokens=self.probe_tokens, train_text=self.train_text)
 
     def _open_log(self, trainer: pl.Trainer) -> None:
         """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
@@ -647,26 +634,13 @@ class BIFCallback(Callback):
             return self.horizon
         total = trainer.estimated_stepping_batches
         end = int(total) if math.isfinite(total) else None
-        following = end if self.horizon == "rest" else self._next_snapshot_step(trainer, step, end)
+        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+            if math.isfinite(trainer.num_training_batches) else 0
+        following = end if self.horizon == "rest" else self._active_schedule.next_step(step, per_epoch, end)
         if following is not None and following > step:
             return following - step
         previous = max(self._last_step, 0)
         return step - previous if step > previous else None
-
-    def _next_snapshot_step(self, trainer: pl.Trainer, step: int, end: int | None) -> int | None:
-        """The step of the next scheduled snapshot after ``step``, at most ``end``; ``None`` when none is known."""
-        schedule = self._active_schedule
-        candidates = [s for s in schedule.steps if s > step]
-        if schedule.every_n_steps:
-            candidates.append((step // schedule.every_n_steps + 1) * schedule.every_n_steps)
-        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
-            if math.isfinite(trainer.num_training_batches) else 0
-        if schedule.every_n_epochs and per_epoch > 0:
-            epochs = schedule.every_n_epochs
-            candidates.append(((step // per_epoch) // epochs + 1) * epochs * per_epoch)
-        if end is not None:  # training stops there, scheduled or not
-            candidates.append(end)
-        return min(candidates) if candidates else None
 
     def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""

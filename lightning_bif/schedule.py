@@ -178,6 +178,24 @@ class SnapshotSchedule:
         """The explicit steps (``at_steps`` and, once bound, the log-spaced ones), sorted."""
         return tuple(sorted(set(self.at_steps) | (self._log_steps or set())))
 
+    def next_step(self, step: int, steps_per_epoch: int = 0, end: int | None = None) -> int | None:
+        """The step of the next snapshot after ``step`` (bound schedule), at most ``end``; ``None`` when none is known.
+
+        Args:
+            step: The current optimizer step.
+            steps_per_epoch: Optimizer steps per epoch (for ``every_n_epochs``); 0 when unknown.
+            end: The step training stops at, scheduled or not; ``None`` when unknown.
+        """
+        candidates = [s for s in self.steps if s > step]
+        if self.every_n_steps:
+            candidates.append((step // self.every_n_steps + 1) * self.every_n_steps)
+        if self.every_n_epochs and steps_per_epoch > 0:
+            epochs = self.every_n_epochs
+            candidates.append(((step // steps_per_epoch) // epochs + 1) * epochs * steps_per_epoch)
+        if end is not None:
+            candidates.append(end)
+        return min(candidates) if candidates else None
+
     def due(self, event: Event, step: int, epoch: int) -> bool:
         """Whether ``event`` at optimizer step ``step`` in epoch ``epoch`` (0-based) calls for a snapshot.
 

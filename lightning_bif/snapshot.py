@@ -20,15 +20,16 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from .autotune import Tuning, budget_minibatch, resolve_budget
 from .calibration import calibrate as calibrate_step_size
 from .collectives import Collectives, SingleProcess
 from .config import SGLDConfig
 from .curvature_cache import CurvatureCache
-from .data import ExampleSource
+from .data import ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
 from .functional import LossFn, preserved_state
 from .horizon import optimizer_step
-from .log import SnapshotRecord
+from .log import RunIdentity, SnapshotRecord
 from .sampler import ProgressFn
 
 _MAX_ERROR_CHARS = 500
@@ -127,6 +128,24 @@ class Snapshotter:
         """The estimator of one snapshot of ``model`` (already a float32 view)."""
         return BIFEstimator(model, self.loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=self.data,
                             config=config, device=device, vectorized=vectorized, cache=self.cache)
+
+    def identity(
+        self, config: SGLDConfig, *, tokens: int | None = None, settings: dict[str, Any] | None = None,
+        **labels: Any,
+    ) -> RunIdentity:
+        """The identity of a log of snapshots taken with ``config`` (for :class:`~lightning_bif.log.LogWriter`).
+
+        Args:
+            config: The snapshots' settings (stored as ``config["sgld"]``; C and D size the diagnostics).
+            tokens: Tokens per probe of a per-token config (:meth:`check_losses` returns it).
+            settings: More JSON-compatible settings stored next to ``"sgld"`` (e.g. the callback's).
+            **labels: :class:`~lightning_bif.log.RunIdentity`'s optional labels: ``train_groups``,
+                ``probe_groups``, ``train_group_names``, ``probe_group_names``, ``probe_tokens``, ``train_text``.
+        """
+        train, probes = ExampleSet(self.train, "train"), ExampleSet(self.probes, "probes")
+        draws = resolve_budget(config, len(train) + len(probes), budget_minibatch(config, len(train)), Tuning()).draws
+        return RunIdentity(config={"sgld": config.to_dict(), **(settings or {})}, train_ids=train.ids().numpy(),
+                           probe_ids=probes.ids().numpy(), chains=config.chains, draws=draws, tokens=tokens, **labels)
 
     def check_losses(
         self, model: nn.Module, config: SGLDConfig, device: torch.device | str | None = None
