@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -22,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .calibration import calibrate as calibrate_step_size
+from .arguments import Groups, calibration_options, check_options, display_texts, group_labels
 from .collectives import StrategyCollectives
 from .config import SGLDConfig
 from .curvature_cache import CurvatureCache
@@ -32,21 +30,14 @@ from .functional import LossFn
 from .log import LogWriteError, LogWriter, RunIdentity, SnapshotRecord
 from .log_path import default_log_path
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
-from .snapshot import SnapshotSink, Snapshotter, training_config, with_horizon
-from .tensorboard import TensorBoardSink, check_charts
+from .snapshot import SnapshotSink, Snapshotter, shown_step_size, training_config, with_horizon
+from .tensorboard import TensorBoardSink
 from .threads import oversubscription, snapshot_threads
-
-Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 
 #: Name of the LightningModule method used when no ``loss_fn`` is given.
 LOSS_HOOK = "per_example_loss"
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-# calibrate()'s settings a user may pass through BIFCallback(calibrate={...}); the rest comes from the callback.
-_CALIBRATION_OPTIONS = tuple(
-    name for name, parameter in inspect.signature(calibrate_step_size).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("device", "cache")
-)
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -150,38 +141,13 @@ class BIFCallback(Callback):
                 ExampleSet(data, "data")
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback: {error}") from error
-        if if_exists not in ("error", "overwrite", "resume"):
-            raise MisconfigurationException(
-                f"BIFCallback(if_exists={if_exists!r}): use 'error', 'overwrite' or 'resume'."
-            )
-        self.calibrate = _calibration_options(calibrate)
         try:
-            check_charts(tensorboard)
+            check_options(if_exists=if_exists, tensorboard=tensorboard, min_split_half=min_split_half,
+                          num_threads=num_threads, horizon=horizon, loss_fn=loss_fn, probe_fn=probe_fn)
+            self.calibrate = calibration_options(calibrate)
         except ValueError as error:
-            raise MisconfigurationException(f"BIFCallback(tensorboard=...): {error}") from error
-        if min_split_half is not None and not (
-            isinstance(min_split_half, (int, float)) and not isinstance(min_split_half, bool)
-            and -1 <= min_split_half <= 1
-        ):
-            raise MisconfigurationException(
-                f"BIFCallback(min_split_half={min_split_half!r}) must be a correlation in [-1, 1] or None."
-            )
-        self.min_split_half = min_split_half
-        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
-                                        or num_threads < 1):
-            raise MisconfigurationException(f"BIFCallback(num_threads={num_threads!r}) must be a positive integer "
-                                            "or None.")
-        self.num_threads = num_threads
-        if horizon not in ("interval", "rest", None) and not (
-            isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1
-        ):
-            raise MisconfigurationException(
-                f"BIFCallback(horizon={horizon!r}) must be 'interval', 'rest', a number of steps >= 1, or None."
-            )
-        self.horizon = horizon
-        for name, fn in (("loss_fn", loss_fn), ("probe_fn", probe_fn)):
-            if fn is not None and not callable(fn):
-                raise MisconfigurationException(f"BIFCallback({name}=...) must be callable as {name}(model, batch).")
+            raise MisconfigurationException(str(error)) from error
+        self.min_split_half, self.num_threads, self.horizon = min_split_half, num_threads, horizon
         self.train, self.probes, self.data = train, probes, data
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
@@ -236,10 +202,13 @@ class BIFCallback(Callback):
                                         probe_fn=self.probe_fn, data=self.data, cache=self._curvature)
         self.train_ids = train_set.ids().numpy()
         self.probe_ids = probe_set.ids().numpy()
-        self.train_groups = _groups(self._groups_given[0], len(train_set), "train_groups", "train")
-        self.probe_groups = _groups(self._groups_given[1], len(probe_set), "probe_groups", "probes")
-        self.probe_tokens = _texts(self._texts_given[0], len(probe_set), "probe_tokens", "probes", nested=True)
-        self.train_text = _texts(self._texts_given[1], len(train_set), "train_text", "train", nested=False)
+        try:
+            self.train_groups = group_labels(self._groups_given[0], len(train_set), "train_groups", "train")
+            self.probe_groups = group_labels(self._groups_given[1], len(probe_set), "probe_groups", "probes")
+            self.probe_tokens = display_texts(self._texts_given[0], len(probe_set), "probe_tokens", "probes", True)
+            self.train_text = display_texts(self._texts_given[1], len(train_set), "train_text", "train", False)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
 
     def _resolve_examples(self, trainer: pl.Trainer) -> None:
         """Take ``DataModuleExamples`` from the trainer's dataloaders (after the DataModule's setup)."""
@@ -648,7 +617,7 @@ class BIFCallback(Callback):
         if evidence["ok"]:
             self._calibrated_step_size = float(evidence["step_size"])
             rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
-                           f"(configured {_shown(self._config.step_size)}); used from this snapshot on.")
+                           f"(configured {shown_step_size(self._config.step_size)}); used from this snapshot on.")
         elif "calibration" not in self._warned:
             self._warned.add("calibration")
             reasons = evidence.get("error") or "; ".join(
@@ -657,9 +626,9 @@ class BIFCallback(Callback):
             rank_zero_warn(
                 f"BIFCallback: step-size calibration at step {step} accepted no step size ({reasons}). This is "
                 "typical early in training, where the weights are not yet a stationary point of the sampled "
-                f"posterior. Keeping the configured step_size={_shown(self._config.step_size)} and calibrating "
-                "again at the next snapshot until one is accepted; every attempt is in the log's calibration column. "
-                "(Shown once.)"
+                f"posterior. Keeping the configured step_size={shown_step_size(self._config.step_size)} and "
+                "calibrating again at the next snapshot until one is accepted; every attempt is in the log's "
+                "calibration column. (Shown once.)"
             )
         return evidence
 
@@ -741,54 +710,11 @@ class BIFCallback(Callback):
         return report
 
 
-def _calibration_options(calibrate: bool | Mapping[str, Any]) -> dict[str, Any] | None:
-    """``calibrate(...)``'s keyword arguments from ``BIFCallback(calibrate=...)``; ``None`` when off."""
-    if isinstance(calibrate, bool):
-        return {} if calibrate else None
-    if not isinstance(calibrate, Mapping):
-        raise MisconfigurationException(
-            "BIFCallback(calibrate=...) takes True/False or a dict of calibrate() settings, got "
-            f"{type(calibrate).__name__}."
-        )
-    unknown = sorted(set(calibrate) - set(_CALIBRATION_OPTIONS))
-    if unknown:
-        raise MisconfigurationException(
-            f"BIFCallback(calibrate=...): unknown setting(s) {unknown}; use {list(_CALIBRATION_OPTIONS)}."
-        )
-    return dict(calibrate)
-
-
-def _groups(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:
-    if groups is None:
-        return None
-    array = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
-    if array.ndim != 1 or array.shape[0] != size:
-        raise MisconfigurationException(
-            f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
-        )
-    return array if array.dtype.kind in "US" else array.astype(np.int64)
-
-
 def _key(source: ExampleSource | DataModuleExamples) -> int | str:
     """What identifies an example set in the state key: its size (known before setup for ``DataModuleExamples``)."""
     if isinstance(source, DataModuleExamples):
         return f"{source.dataloader}:{source.size}"
     return len(ExampleSet(source, "examples"))
-
-
-def _texts(texts: Sequence | None, size: int, name: str, what: str, nested: bool) -> list | None:
-    """Display strings as lists, one entry per example (``nested``: a list of token strings per example)."""
-    if texts is None:
-        return None
-    if isinstance(texts, str) or len(texts) != size or not all(
-        not isinstance(entry, str) and all(isinstance(v, str) for v in entry) if nested else isinstance(entry, str)
-        for entry in texts
-    ):
-        kind = "a list of token strings" if nested else "a str"
-        raise MisconfigurationException(
-            f"BIFCallback({name}=...) needs {kind} for each of the {size} examples of {what}, in order."
-        )
-    return [list(entry) for entry in texts] if nested else list(texts)
 
 
 def _qualname(fn: Callable) -> str:
@@ -803,8 +729,3 @@ def _tqdm_train_bar(trainer: pl.Trainer) -> Any:
         return bar.train_progress_bar
     except TypeError:
         return None
-
-
-def _shown(step_size: float | None) -> str:
-    """A configured step size for a message: ``None`` is chosen per snapshot."""
-    return "auto" if step_size is None else f"{step_size:.3g}"

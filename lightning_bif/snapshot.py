@@ -348,13 +348,17 @@ def with_horizon(
         why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
                "or it has taken no step yet (Adam, RMSprop)" if found is None
                else "the number of steps to come is unknown")
-        step_size = "auto" if config.step_size is None else f"{config.step_size:.3g}"
         return ConfigFromTraining(config, warnings=(
             f"the snapshot at step {step} has no horizon ({why}); it uses SGLDConfig.localization="
-            f"{config.localization:g} and step_size={step_size}. Set SGLDConfig(horizon_steps=..., "
-            "learning_rate=..., momentum=...) to choose the horizon yourself.",))
+            f"{config.localization:g} and step_size={shown_step_size(config.step_size)}. Set "
+            "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.",))
     return ConfigFromTraining(config.replace(horizon_steps=horizon_steps, learning_rate=found.learning_rate,
                                              momentum=found.momentum))
+
+
+def shown_step_size(step_size: float | None) -> str:
+    """A configured step size for a message: ``None`` is chosen per snapshot ("auto")."""
+    return "auto" if step_size is None else f"{step_size:.3g}"
 
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
