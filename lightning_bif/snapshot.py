@@ -121,7 +121,7 @@ class Snapshotter:
     collectives: Collectives = field(default_factory=SingleProcess)
     cache: CurvatureCache | None = None
 
-    def estimator(
+    def _estimator(
         self, model: nn.Module, config: SGLDConfig, device: torch.device | str | None = None,
         vectorized: bool | None = None,
     ) -> BIFEstimator:
@@ -159,7 +159,7 @@ class Snapshotter:
             TypeError, ValueError: A loss function returns the wrong kind, shape or non-finite values.
         """
         model = float32_model(model)
-        estimator = self.estimator(model, config, device, vectorized=False)
+        estimator = self._estimator(model, config, device, vectorized=False)
         with preserved_state(model, [estimator.device]), torch.inference_mode(False):
             estimator.check_losses()  # tuning (curvature, vmap timing) waits for the first snapshot
         return estimator.tokens
@@ -176,7 +176,7 @@ class Snapshotter:
             ValueError: With ``vectorize=True`` when vmap cannot run one of the functions.
         """
         model = float32_model(model)
-        estimator = self.estimator(model, config, device)
+        estimator = self._estimator(model, config, device)
         with preserved_state(model, [estimator.device]), torch.inference_mode(False):
             estimator.decide_vectorized()
         return self.collectives.broadcast((estimator.vectorized, estimator.sequential_reason))
@@ -242,7 +242,7 @@ class Snapshotter:
         error: Exception | None = None
         with torch.inference_mode(False):  # SGLD needs gradients, also inside a validation hook
             try:
-                estimator = self.estimator(model, config, device, vectorized)
+                estimator = self._estimator(model, config, device, vectorized)
                 with preserved_state(model, [estimator.device]):
                     estimator.prepare()
                     # The runaway rerun is decided per process; under DDP every rank must sample alike.

@@ -39,6 +39,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     assert [r["opened_log"] for r in reports] == [True, False]
     assert [r["tensorboard"] for r in reports] == [True, False]
     assert reports[0]["step_size"] == reports[1]["step_size"]
+    assert [r["collectives"] for r in reports] == [[0, 2], [1, 2]]  # the snapshot unit ran on the DDP strategy
     assert sorted(p.name for p in tmp_path.glob("*.h5")) == ["bif.h5", "tokens.h5"]
     # Rank 0 alone writes TensorBoard: its run and the run of the one train group ("all").
     tensorboard = tmp_path / "tb"

@@ -45,6 +45,7 @@ class Report(Callback):
             "opened_log": any(isinstance(s, LogWriter) for s in self.bif._sinks),
             "tensorboard": any(isinstance(s, TensorBoardSink) for s in self.bif._sinks),
             "step_size": self.bif.resolved_config.step_size,
+            "collectives": [self.bif._snapshotter.collectives.rank, self.bif._snapshotter.collectives.world_size],
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
         if trainer.is_global_zero:
