@@ -228,7 +228,7 @@ class Snapshotter:
             device: Where to compute; default the device of the model's parameters.
             progress: Called as ``progress(done_steps, total_steps)`` during sampling.
             vectorized: Whether chains run under vmap, decided earlier (:meth:`decide_vectorized`); ``None``
-                decides now.
+                decides now, on each rank alone (with several ranks, decide first).
             sequential_reason: Why chains were decided to run one after another (for the message).
 
         Returns:
@@ -264,7 +264,9 @@ class Snapshotter:
                 for tensor in accumulator.tensors():  # chains are disjoint across ranks: the sum is their union
                     tensor.copy_(collectives.sum(tensor))
             result = estimator.summarize(accumulator, time.perf_counter() - start)
-        if not result.diagnostics.vectorized and vectorized:
+        if vectorized is None:  # decided by this snapshot
+            vectorized, sequential_reason = result.diagnostics.vectorized, estimator.sequential_reason
+        elif vectorized and not result.diagnostics.vectorized:
             # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
             vectorized = False
             sequential_reason = estimator.sequential_reason or "torch.func.vmap failed during sampling on another rank"

@@ -42,6 +42,7 @@ def test_the_unit_gives_the_callbacks_snapshot_and_estimate_bifs_result_bitwise(
     snapshotter = Snapshotter(ToyClassifier.per_example_loss, TRAIN, PROBES, data=loader(DATA))
     taken = snapshotter.take(model, config)
     assert (taken.status, taken.message, taken.error) == ("ok", "", None)
+    assert (taken.vectorized, taken.sequential_reason) == (False, None)  # decided by the snapshot: vectorize=False
     alone = estimate_bif(model, ToyClassifier.per_example_loss, TRAIN, PROBES, data=loader(DATA), config=config)
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [5] and log.status.tolist() == ["ok"]
