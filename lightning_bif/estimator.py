@@ -202,13 +202,16 @@ class BIFEstimator:
         self.vectorized = self._choose_vectorized()
 
     def check_losses(self) -> None:
-        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning)."""
+        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning).
+
+        Sets ``train_loss [N]`` and ``probe_loss`` (the tracked losses at w*, as in :class:`BIFResult`).
+        """
         cfg = self.config
         self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
-        self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
-        _check_finite(self.train_loss0, "loss_fn", "training example")
-        _check_finite(self.probe_loss0, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
+        self.train_loss, self.probe_loss = train_loss[0], probe_loss[0]
+        _check_finite(self.train_loss, "loss_fn", "training example")
+        _check_finite(self.probe_loss, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
         # Tokens per probe: the observables are P token means followed by P·T token losses.
         self.tokens = probe_loss.shape[1] // len(self.probes) - 1 if cfg.per_token else None
         if self.tokens is not None:
@@ -217,6 +220,20 @@ class BIFEstimator:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.horizon: HorizonCheck | None = None
         self.subspace: Subspace | None = None
+
+    @property
+    def train_loss0(self) -> torch.Tensor:
+        """Deprecated name of ``train_loss``."""
+        warnings.warn("BIFEstimator.train_loss0 is deprecated; use BIFEstimator.train_loss.", DeprecationWarning,
+                      stacklevel=2)
+        return self.train_loss
+
+    @property
+    def probe_loss0(self) -> torch.Tensor:
+        """Deprecated name of ``probe_loss``."""
+        warnings.warn("BIFEstimator.probe_loss0 is deprecated; use BIFEstimator.probe_loss.", DeprecationWarning,
+                      stacklevel=2)
+        return self.probe_loss
 
     def tune(self) -> None:
         """Resolve the unset settings (:mod:`lightning_bif.autotune`) into :attr:`config` (call check_losses first)."""
@@ -491,13 +508,13 @@ class BIFEstimator:
         if not healthy.any():
             return None
         rise = float((accumulator.sum_train[healthy].sum(0) / accumulator.count[healthy].sum()).mean())
-        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss0.double().abs().mean()))
+        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss.double().abs().mean()))
         return f"mean loss rise {rise:.3g} > max(D/nβ, loss at w*) = {bound:.3g}" if rise > bound else None
 
     def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
         cfg = self.config
-        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
+        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss, self.probe_loss, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
         # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
         # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
@@ -562,7 +579,7 @@ class BIFEstimator:
             duration_s=duration_s,
             horizon=self.horizon,
             tuning=self.tuning,
-            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss0.double().mean())),
+            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss.double().mean())),
             constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
         per_token = {}
@@ -574,8 +591,8 @@ class BIFEstimator:
             influence=stats.influence[:probes].float().cpu(),
             correlation=stats.correlation[:probes].float().cpu(),
             stderr=stats.stderr[:probes].float().cpu(),
-            train_loss=self.train_loss0.float().cpu(),
-            probe_loss=self.probe_loss0[:probes].float().cpu(),
+            train_loss=self.train_loss.float().cpu(),
+            probe_loss=self.probe_loss[:probes].float().cpu(),
             diagnostics=diagnostics,
             config=self.config,
             **per_token,
