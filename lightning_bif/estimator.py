@@ -125,7 +125,7 @@ class BIFEstimator:
 
     Args: as :func:`estimate_bif`, and
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
-            :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a group of
+            :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a batch of
             chains that fails under vmap still falls back to running one chain at a time.
         cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature_cache`), reused while
             fresh; the new measurement is stored in it.
@@ -398,9 +398,9 @@ class BIFEstimator:
         ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once on every function a draw runs
         (:meth:`vmap_error`), falling back on failure. On a CPU, vmap only saves per-call overhead,
         while its batched matmuls run slower than one matmul per chain: once a step is long enough
-        for overhead not to matter, vmap loses (16 chains of an MLP, one thread: 3x faster at 1.4 ms
-        a step, on par at 5 ms, 1.7x slower at 10 ms). Both ways give the same draws up to float
-        rounding. ``True`` is checked the same way and refused with the failing function named.
+        for overhead not to matter, vmap loses (docs/benchmarks.md, "Speed", has the measurements
+        behind the threshold). Both ways give the same draws up to float rounding. ``True`` is checked
+        the same way and refused with the failing function named.
         """
         if self._decided is not None:
             return self._decided
@@ -432,7 +432,7 @@ class BIFEstimator:
         """
         probe = self.fmodel.center.expand(2, -1)
         buffers, tokens = self._buffers, self.config.per_token
-        batch, shared = self.sampler.example_minibatch(groups=2)
+        batch, shared = self.sampler.example_minibatch(chains=2)
         trials: list[tuple[str, Callable[[], object]]] = [
             ("the SGLD gradient of loss_fn", lambda: self.fmodel.batched_grads(
                 probe, batch, self.sampler.minibatch, self.loss_fn, buffers, vectorized=True, shared_batch=shared)),
@@ -456,7 +456,7 @@ class BIFEstimator:
 
     def _one_chain_step_seconds(self) -> float:
         """Wall time of one SGLD gradient step of one chain (at most two calls)."""
-        batch, shared = self.sampler.example_minibatch(groups=1, vectorized=False)
+        batch, shared = self.sampler.example_minibatch(chains=1, vectorized=False)
         center = self.fmodel.center[None]
 
         def seconds() -> float:
@@ -516,49 +516,49 @@ class BIFEstimator:
         cfg = self.config
         accumulator = CovarianceAccumulator(cfg.chains, self.train_loss, self.probe_loss, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
-        # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
+        # Without an explicit chains_per_batch, a batch of chains that runs out of GPU memory is split in
         # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
-        # (seed, chain), so the rerun yields exactly what a smaller group would have.
+        # (seed, chain), so the rerun yields exactly what a smaller batch would have.
         split_on_oom = self.vectorized and cfg.chains_per_batch is None
         chains = list(chains)
         total = len(chains) * self.sampler.steps_per_chain
         start = 0
         while start < len(chains):
-            group = chains[start:start + size]
-            step_progress = None if progress is None else _group_progress(
-                progress, start * self.sampler.steps_per_chain, len(group), total
+            batch = chains[start:start + size]
+            step_progress = None if progress is None else _batch_progress(
+                progress, start * self.sampler.steps_per_chain, len(batch), total
             )
             try:
-                for draw in self.sampler.run(group, self.vectorized, step_progress):
+                for draw in self.sampler.run(batch, self.vectorized, step_progress):
                     train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
                     accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss, draw.params,
                                     self.fmodel.center)
             except torch.cuda.OutOfMemoryError:
-                if not split_on_oom or len(group) == 1:
+                if not split_on_oom or len(batch) == 1:
                     raise
                 out_of_memory, vmap_failure = True, None
             except Exception as error:
                 # A draw can take a path the trial in prepare() did not (another minibatch, larger
-                # weights): under "auto" the group reruns one chain at a time, as it would have run
-                # had the trial failed. Its draws do not depend on the group, so the rerun is exact.
+                # weights): under "auto" the batch reruns one chain at a time, as it would have run
+                # had the trial failed. Its draws do not depend on the batch, so the rerun is exact.
                 if not self.vectorized or self.config.vectorize != "auto":
                     raise
                 out_of_memory, vmap_failure = False, f"{type(error).__name__}: {str(error)[:300]}"
             else:
                 out_of_memory, vmap_failure = False, None
-            if out_of_memory:  # outside the except block, so the failed group's tensors are freed
-                _forget_chains(accumulator, group)
-                size = len(group) // 2
-                warnings.warn(f"{len(group)} chains at once ran out of GPU memory; running {size} at a time.",
+            if out_of_memory:  # outside the except block, so the failed batch's tensors are freed
+                _forget_chains(accumulator, batch)
+                size = len(batch) // 2
+                warnings.warn(f"{len(batch)} chains at once ran out of GPU memory; running {size} at a time.",
                               stacklevel=2)
                 continue
             if vmap_failure is not None:
-                _forget_chains(accumulator, group)
+                _forget_chains(accumulator, batch)
                 self.vectorized, size, split_on_oom = False, 1, False
                 self.sequential_reason = f"torch.func.vmap failed during sampling ({vmap_failure})"
                 warnings.warn(f"Chains run one after another from here on: {self.sequential_reason}.", stacklevel=2)
                 continue
-            start += len(group)
+            start += len(batch)
         return accumulator
 
     def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
@@ -617,9 +617,9 @@ class BIFEstimator:
             return self.summarize(accumulator, time.perf_counter() - start)
 
 
-def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
-    """Report a group's per-chain step count as steps done over all chains."""
-    return lambda done, _: progress(done_before + done * group_size, total)
+def _batch_progress(progress: ProgressFn, done_before: int, batch_size: int, total: int) -> ProgressFn:
+    """Report a batch's per-chain step count as steps done over all chains."""
+    return lambda done, _: progress(done_before + done * batch_size, total)
 
 
 def _joint_batch(

@@ -197,3 +197,18 @@ def test_a_bad_declaration_is_refused_with_the_fix() -> None:
 def test_snapshot_record_lives_outside_the_log_and_is_still_importable_there() -> None:
     assert LogSnapshotRecord is SnapshotRecord and SchemaSnapshotRecord is SnapshotRecord
     assert SnapshotRecord.__module__ == "lightning_bif.record"
+
+
+def test_a_version_1_log_reads_every_column_it_has_and_none_for_later_ones() -> None:
+    with open_log(ROOT / "tests" / "data" / "log_v1.h5") as log:
+        assert log.format_version == 1 and len(log) == 3
+        snapshot = log.snapshot(0)
+        for column in COLUMNS:
+            series, cell = getattr(log, column.accessor), getattr(snapshot, column.field)
+            if column.since > 1:
+                assert series == ([None] * 3 if column.dtype == "json" else None) and cell is None, column.name
+            elif column.optional:  # no token axis in this log
+                assert series is None and cell is None, column.name
+            else:  # calibration is stored, and empty for this snapshot
+                assert len(series) == 3 and (cell is not None or column.dtype == "json"), column.name
+        assert snapshot.status == "ok" and snapshot.step == 10 and snapshot.influence.shape == (3, 8)
