@@ -212,3 +212,10 @@ def test_a_version_1_log_reads_every_column_it_has_and_none_for_later_ones() -> 
             else:  # calibration is stored, and empty for this snapshot
                 assert len(series) == 3 and (cell is not None or column.dtype == "json"), column.name
         assert snapshot.status == "ok" and snapshot.step == 10 and snapshot.influence.shape == (3, 8)
+
+
+def test_a_new_json_column_is_stored_as_bounded_json_without_its_own_encoder() -> None:
+    column = Column("extra", "json", (), "result.diagnostics.tuning.summary", "x", width=24)
+    assert column.encode_value({"b": 1.5, "a": "é"}) == b'{"a": "\\u00e9", "b": 1.5}'[:24]
+    text = Column("note", "text", (), "record.message", "x", width=4).encode_value("ééé")
+    assert text == "éé".encode()  # cut at 4 bytes without splitting a character

@@ -163,7 +163,7 @@ class Column:
     def encode_value(self, value: Any) -> Any:
         """The stored form of a value (bounded UTF-8 bytes for text and JSON, a NumPy array for tensors)."""
         if self.dtype == "text":
-            return bounded_text(str(value), self.width)
+            return _bounded_text(str(value), self.width)
         if self.dtype == "json":
             return (self.encode or _json_text)(value, self.width)
         if hasattr(value, "detach"):
@@ -177,13 +177,13 @@ class Column:
         return kind | None if self.since > 1 or self.optional else kind
 
 
-def bounded_text(text: str, limit: int) -> bytes:
+def _bounded_text(text: str, limit: int) -> bytes:
     """UTF-8 bytes of ``text`` cut to ``limit`` bytes without splitting a character."""
     return text.encode()[:limit].decode(errors="ignore").encode()
 
 
 def _json_text(value: Any, width: int) -> bytes:
-    return bounded_text(json.dumps(value, sort_keys=True, default=float), width)
+    return _bounded_text(json.dumps(value, sort_keys=True, default=float), width)
 
 
 def _calibration_json(evidence: dict[str, Any], width: int) -> bytes:
@@ -194,7 +194,7 @@ def _calibration_json(evidence: dict[str, Any], width: int) -> bytes:
     while True:
         text = json.dumps(evidence, sort_keys=True).encode()
         if len(text) <= width or not candidates:
-            return bounded_text(text.decode(), width)
+            return _bounded_text(text.decode(), width)
         # The last candidates (the accepted one and its nearest rejections) are the informative ones.
         candidates.pop(0)
         omitted += 1
@@ -207,7 +207,7 @@ def _tuning_json(summary: dict[str, Any], width: int) -> bytes:
     if len(text.encode()) > width:
         summary = {**summary, "top_eigenvalues": (summary.get("top_eigenvalues") or [])[:8]}
         text = json.dumps(summary, sort_keys=True, default=float)
-    return bounded_text(text, width)
+    return _bounded_text(text, width)
 
 
 def _horizon(name: str, what: str, source: str) -> Column:
