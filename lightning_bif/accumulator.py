@@ -47,21 +47,22 @@ class CovarianceAccumulator:
 
     Args:
         chains: Total number of chains C (a chain's row stays zero until it is added to).
-        train_center: Train losses at w*, ``[N]``; the shift applied before accumulating.
-        probe_center: Probe observables at w*, ``[P]``.
+        train_loss: Losses of the tracked training examples at w*, ``[N]`` (as in ``BIFResult``); every
+            draw is accumulated as its shift from them, which keeps the float64 sums well conditioned.
+        probe_loss: Probe observables at w*, ``[P]``; likewise.
         draws: Draws per chain D, for the per-draw traces.
         subspace: With subspace control variates (:mod:`lightning_bif.control_variates`), the eigenbasis
             and projected gradients: the coordinates of every draw in it are accumulated too, and the
             statistics drop the off-diagonal noise of the linear part.
     """
 
-    def __init__(self, chains: int, train_center: torch.Tensor, probe_center: torch.Tensor, draws: int,
+    def __init__(self, chains: int, train_loss: torch.Tensor, probe_loss: torch.Tensor, draws: int,
                  subspace: Subspace | None = None) -> None:
-        device = train_center.device
+        device = train_loss.device
         f64 = torch.float64
-        n, p = train_center.numel(), probe_center.numel()
-        self.train_center = train_center.to(f64)
-        self.probe_center = probe_center.to(f64)
+        n, p = train_loss.numel(), probe_loss.numel()
+        self.train_loss = train_loss.to(f64)
+        self.probe_loss = probe_loss.to(f64)
         self.count = torch.zeros(chains, dtype=f64, device=device)
         self.sum_train = torch.zeros(chains, n, dtype=f64, device=device)
         self.sum_probe = torch.zeros(chains, p, dtype=f64, device=device)
@@ -89,8 +90,8 @@ class CovarianceAccumulator:
 
         With a subspace, also the draw's parameters ``params [G, D]`` and w* ``center [D]``.
         """
-        t = train.to(torch.float64) - self.train_center
-        q = probe.to(torch.float64) - self.probe_center
+        t = train.to(torch.float64) - self.train_loss
+        q = probe.to(torch.float64) - self.probe_loss
         self.count.index_add_(0, chains, torch.ones_like(chains, dtype=torch.float64))
         self.sum_train.index_add_(0, chains, t)
         self.sum_probe.index_add_(0, chains, q)

@@ -27,8 +27,9 @@ from .curvature_cache import CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .datamodule_source import DataModuleExamples
 from .functional import LossFn
-from .log import LogWriteError, LogWriter, RunIdentity, SnapshotRecord
+from .log import LogWriteError, LogWriter, RunIdentity
 from .log_path import default_log_path
+from .record import SnapshotRecord
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
 from .snapshot import SnapshotSink, Snapshotter, shown_step_size, training_config, with_horizon
 from .tensorboard import TensorBoardSink

@@ -132,7 +132,7 @@ def export(log: InfluenceLog, out: TextIO, step: int | None = None, tokens: bool
         for (probe, token, train), value in np.ndenumerate(snapshot.token_influence):
             writer.writerow([snapshot.step, log.probe_ids[probe], probe_groups[probe], token, log.train_ids[train],
                              train_groups[train], repr(float(value)),
-                             repr(float(snapshot.token_influence_se[probe, token, train]))])
+                             repr(float(snapshot.token_stderr[probe, token, train]))])
         return snapshot.step
     writer.writerow(["step", "probe_id", "probe_group", "train_id", "train_group", "influence", "stderr",
                      "correlation", *names])

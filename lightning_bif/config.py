@@ -85,8 +85,8 @@ class SGLDConfig:
             fails, except on a CPU when one chain's SGLD step takes 5 ms or more, where vmap is
             slower than a loop over chains. Either way the draws agree up to float rounding.
         chains_per_batch: Largest number of chains vectorized at once (bounds memory); ``None``
-            vectorizes all chains together and, on CUDA, splits a group in halves and reruns it
-            when it runs out of memory (a chain's draws do not depend on its group).
+            vectorizes all chains together and, on CUDA, splits a batch in halves and reruns it
+            when it runs out of memory (a chain's draws do not depend on its batch).
         autocast: Precision of the forward passes: ``"bf16"`` or ``"fp16"`` runs the per-draw
             evaluation and the SGLD loss gradients under ``torch.autocast`` with that dtype (pass
             the precision the model trains in); ``None`` runs them in the parameters' dtype. The

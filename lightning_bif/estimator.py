@@ -125,7 +125,7 @@ class BIFEstimator:
 
     Args: as :func:`estimate_bif`, and
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
-            :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a group of
+            :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a batch of
             chains that fails under vmap still falls back to running one chain at a time.
         cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature_cache`), reused while
             fresh; the new measurement is stored in it.
@@ -202,13 +202,16 @@ class BIFEstimator:
         self.vectorized = self._choose_vectorized()
 
     def check_losses(self) -> None:
-        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning)."""
+        """Build the functional model and evaluation batches; compute and check the losses at w* (no tuning).
+
+        Sets ``train_loss [N]`` and ``probe_loss`` (the tracked losses at w*, as in :class:`BIFResult`).
+        """
         cfg = self.config
         self._build()
         train_loss, probe_loss = self.evaluate(self.fmodel, self.fmodel.center[None], vectorized=False)
-        self.train_loss0, self.probe_loss0 = train_loss[0], probe_loss[0]
-        _check_finite(self.train_loss0, "loss_fn", "training example")
-        _check_finite(self.probe_loss0, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
+        self.train_loss, self.probe_loss = train_loss[0], probe_loss[0]
+        _check_finite(self.train_loss, "loss_fn", "training example")
+        _check_finite(self.probe_loss, "probe_fn" if self.probe_fn is not self.loss_fn else "loss_fn", "probe")
         # Tokens per probe: the observables are P token means followed by P·T token losses.
         self.tokens = probe_loss.shape[1] // len(self.probes) - 1 if cfg.per_token else None
         if self.tokens is not None:
@@ -217,6 +220,20 @@ class BIFEstimator:
             self._joint_batch = _joint_batch(self._train_batches, self._probe_batches, cfg.eval_batch_size)
         self.horizon: HorizonCheck | None = None
         self.subspace: Subspace | None = None
+
+    @property
+    def train_loss0(self) -> torch.Tensor:
+        """Deprecated name of ``train_loss``."""
+        warnings.warn("BIFEstimator.train_loss0 is deprecated; use BIFEstimator.train_loss.", DeprecationWarning,
+                      stacklevel=2)
+        return self.train_loss
+
+    @property
+    def probe_loss0(self) -> torch.Tensor:
+        """Deprecated name of ``probe_loss``."""
+        warnings.warn("BIFEstimator.probe_loss0 is deprecated; use BIFEstimator.probe_loss.", DeprecationWarning,
+                      stacklevel=2)
+        return self.probe_loss
 
     def tune(self) -> None:
         """Resolve the unset settings (:mod:`lightning_bif.autotune`) into :attr:`config` (call check_losses first)."""
@@ -381,9 +398,9 @@ class BIFEstimator:
         ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once on every function a draw runs
         (:meth:`vmap_error`), falling back on failure. On a CPU, vmap only saves per-call overhead,
         while its batched matmuls run slower than one matmul per chain: once a step is long enough
-        for overhead not to matter, vmap loses (16 chains of an MLP, one thread: 3x faster at 1.4 ms
-        a step, on par at 5 ms, 1.7x slower at 10 ms). Both ways give the same draws up to float
-        rounding. ``True`` is checked the same way and refused with the failing function named.
+        for overhead not to matter, vmap loses (docs/benchmarks.md, "Speed", has the measurements
+        behind the threshold). Both ways give the same draws up to float rounding. ``True`` is checked
+        the same way and refused with the failing function named.
         """
         if self._decided is not None:
             return self._decided
@@ -415,7 +432,7 @@ class BIFEstimator:
         """
         probe = self.fmodel.center.expand(2, -1)
         buffers, tokens = self._buffers, self.config.per_token
-        batch, shared = self.sampler.example_minibatch(groups=2)
+        batch, shared = self.sampler.example_minibatch(chains=2)
         trials: list[tuple[str, Callable[[], object]]] = [
             ("the SGLD gradient of loss_fn", lambda: self.fmodel.batched_grads(
                 probe, batch, self.sampler.minibatch, self.loss_fn, buffers, vectorized=True, shared_batch=shared)),
@@ -439,7 +456,7 @@ class BIFEstimator:
 
     def _one_chain_step_seconds(self) -> float:
         """Wall time of one SGLD gradient step of one chain (at most two calls)."""
-        batch, shared = self.sampler.example_minibatch(groups=1, vectorized=False)
+        batch, shared = self.sampler.example_minibatch(chains=1, vectorized=False)
         center = self.fmodel.center[None]
 
         def seconds() -> float:
@@ -491,57 +508,57 @@ class BIFEstimator:
         if not healthy.any():
             return None
         rise = float((accumulator.sum_train[healthy].sum(0) / accumulator.count[healthy].sum()).mean())
-        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss0.double().abs().mean()))
+        bound = max(self.fmodel.dim / self.nbeta, float(self.train_loss.double().abs().mean()))
         return f"mean loss rise {rise:.3g} > max(D/nβ, loss at w*) = {bound:.3g}" if rise > bound else None
 
     def sample(self, chains: Sequence[int], progress: ProgressFn | None = None) -> CovarianceAccumulator:
         """Run the chains ``chains`` and accumulate their draws (call :meth:`prepare` first)."""
         cfg = self.config
-        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss0, self.probe_loss0, cfg.draws, self.subspace)
+        accumulator = CovarianceAccumulator(cfg.chains, self.train_loss, self.probe_loss, cfg.draws, self.subspace)
         size = (cfg.chains_per_batch or cfg.chains) if self.vectorized else 1
-        # Without an explicit chains_per_batch, a group that runs out of GPU memory is split in
+        # Without an explicit chains_per_batch, a batch of chains that runs out of GPU memory is split in
         # halves and rerun. Its partial draws are dropped first; a chain's draws depend only on
-        # (seed, chain), so the rerun yields exactly what a smaller group would have.
+        # (seed, chain), so the rerun yields exactly what a smaller batch would have.
         split_on_oom = self.vectorized and cfg.chains_per_batch is None
         chains = list(chains)
         total = len(chains) * self.sampler.steps_per_chain
         start = 0
         while start < len(chains):
-            group = chains[start:start + size]
-            step_progress = None if progress is None else _group_progress(
-                progress, start * self.sampler.steps_per_chain, len(group), total
+            batch = chains[start:start + size]
+            step_progress = None if progress is None else _batch_progress(
+                progress, start * self.sampler.steps_per_chain, len(batch), total
             )
             try:
-                for draw in self.sampler.run(group, self.vectorized, step_progress):
+                for draw in self.sampler.run(batch, self.vectorized, step_progress):
                     train, probe = self.evaluate(self.fmodel, draw.params, self.vectorized)
                     accumulator.add(draw.chains, draw.index, train, probe, draw.sampling_loss, draw.params,
                                     self.fmodel.center)
             except torch.cuda.OutOfMemoryError:
-                if not split_on_oom or len(group) == 1:
+                if not split_on_oom or len(batch) == 1:
                     raise
                 out_of_memory, vmap_failure = True, None
             except Exception as error:
                 # A draw can take a path the trial in prepare() did not (another minibatch, larger
-                # weights): under "auto" the group reruns one chain at a time, as it would have run
-                # had the trial failed. Its draws do not depend on the group, so the rerun is exact.
+                # weights): under "auto" the batch reruns one chain at a time, as it would have run
+                # had the trial failed. Its draws do not depend on the batch, so the rerun is exact.
                 if not self.vectorized or self.config.vectorize != "auto":
                     raise
                 out_of_memory, vmap_failure = False, f"{type(error).__name__}: {str(error)[:300]}"
             else:
                 out_of_memory, vmap_failure = False, None
-            if out_of_memory:  # outside the except block, so the failed group's tensors are freed
-                _forget_chains(accumulator, group)
-                size = len(group) // 2
-                warnings.warn(f"{len(group)} chains at once ran out of GPU memory; running {size} at a time.",
+            if out_of_memory:  # outside the except block, so the failed batch's tensors are freed
+                _forget_chains(accumulator, batch)
+                size = len(batch) // 2
+                warnings.warn(f"{len(batch)} chains at once ran out of GPU memory; running {size} at a time.",
                               stacklevel=2)
                 continue
             if vmap_failure is not None:
-                _forget_chains(accumulator, group)
+                _forget_chains(accumulator, batch)
                 self.vectorized, size, split_on_oom = False, 1, False
                 self.sequential_reason = f"torch.func.vmap failed during sampling ({vmap_failure})"
                 warnings.warn(f"Chains run one after another from here on: {self.sequential_reason}.", stacklevel=2)
                 continue
-            start += len(group)
+            start += len(batch)
         return accumulator
 
     def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
@@ -562,7 +579,7 @@ class BIFEstimator:
             duration_s=duration_s,
             horizon=self.horizon,
             tuning=self.tuning,
-            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss0.double().mean())),
+            loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss.double().mean())),
             constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
         per_token = {}
@@ -574,17 +591,17 @@ class BIFEstimator:
             influence=stats.influence[:probes].float().cpu(),
             correlation=stats.correlation[:probes].float().cpu(),
             stderr=stats.stderr[:probes].float().cpu(),
-            train_loss=self.train_loss0.float().cpu(),
-            probe_loss=self.probe_loss0[:probes].float().cpu(),
+            train_loss=self.train_loss.float().cpu(),
+            probe_loss=self.probe_loss[:probes].float().cpu(),
             diagnostics=diagnostics,
             config=self.config,
             **per_token,
         )
 
 
-def _group_progress(progress: ProgressFn, done_before: int, group_size: int, total: int) -> ProgressFn:
-    """Report a group's per-chain step count as steps done over all chains."""
-    return lambda done, _: progress(done_before + done * group_size, total)
+def _batch_progress(progress: ProgressFn, done_before: int, batch_size: int, total: int) -> ProgressFn:
+    """Report a batch's per-chain step count as steps done over all chains."""
+    return lambda done, _: progress(done_before + done * batch_size, total)
 
 
 def _joint_batch(

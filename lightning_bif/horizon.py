@@ -30,8 +30,8 @@ LANCZOS_STEPS = 24
 # Length of the parameter step of a finite-difference Hessian-vector product (when forward-mode AD fails).
 FINITE_DIFFERENCE_STEP = 1e-3
 # ε·(nβ·λ_max + γ) of a horizon snapshot: a quarter of the SGLD stability bound 4 (the stiffest direction's
-# variance is inflated by 1/(1 - 1/4)). Chosen on benchmarks/lds_midtrain.py (docs/horizon.md): 1 scored
-# 0.49-0.65 per checkpoint, 2 scored 0.44-0.59, the default ε = 1e-4 (about 0.06 there) 0.34-0.48.
+# variance is inflated by 1/(1 - 1/4)). Chosen against 2 and a fixed ε on the development set-up
+# (docs/horizon.md, "Which step-size rule, and why").
 STIFFNESS_STEP = 1.0
 
 

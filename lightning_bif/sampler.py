@@ -27,10 +27,10 @@ _CURVATURE_MINIBATCHES = 4
 
 @dataclass
 class Draw:
-    """One kept draw of a group of chains.
+    """One kept draw of a batch of chains (chains run together).
 
     Attributes:
-        chains: Indices of the chains in this group, ``[G]``.
+        chains: Indices of the chains in this batch, ``[G]``.
         params: Their flat sampled parameters, ``[G, D]``.
         sampling_loss: Mean SGLD minibatch loss over the steps since the previous draw, ``[G]``.
         index: Position of the draw within each chain, ``0 .. draws - 1``.
@@ -51,7 +51,7 @@ def _rows(batch: Batch, start: int, stop: int) -> Batch:
 
 
 def chain_seed(seed: int, chain: int) -> int:
-    """Seed of chain ``chain``'s generators: fixed per (seed, chain), independent of grouping."""
+    """Seed of chain ``chain``'s generators: fixed per (seed, chain), independent of how chains are batched."""
     return (seed * 1_000_003 + chain * 7_919 + 17) % (2**63 - 1)
 
 
@@ -137,7 +137,7 @@ def sgld_step(
 
 
 class SGLDSampler:
-    """Runs groups of localized SGLD chains from ``fmodel.center`` (w*).
+    """Runs batches of localized SGLD chains from ``fmodel.center`` (w*).
 
     Args:
         fmodel: The functional view of the model; its ``center`` is w*.
@@ -164,7 +164,7 @@ class SGLDSampler:
         self.cached_curvature: Curvature | None = None
 
     def lowrank_preconditioner(self, buffers: dict[str, torch.Tensor]) -> LowRankPreconditioner:
-        """The ``preconditioner="lowrank"`` operator, computed on first use and kept for later chain groups.
+        """The ``preconditioner="lowrank"`` operator, computed on first use and kept for later batches of chains.
 
         Its Hessian is that of the SGLD data's mean loss (all of it with full-batch SGLD, else a fixed
         sample of four minibatches' worth of examples drawn with the sampler's seed) plus the L2 prior.
@@ -214,20 +214,20 @@ class SGLDSampler:
         """SGLD steps every chain takes: burn-in plus draws times thinning."""
         return self.config.burn_in + self.config.draws * self.config.thin
 
-    def _minibatches(self, rng: _ChainRandomness, groups: int, vectorized: bool) -> tuple[Batch, bool]:
+    def _minibatches(self, rng: _ChainRandomness, chains: int, vectorized: bool) -> tuple[Batch, bool]:
         """Per-chain minibatches (stacked on a chain axis when vectorized), and whether one is shared."""
         if self._full_batch is not None:
             return self._full_batch, True
         m = self.minibatch
         flat = self.data.gather(rng.indices(len(self.data), m), self.fmodel.device)
         if vectorized:
-            return _map_tensors(lambda t: t.view(groups, m, *t.shape[1:]), flat), False
-        return [_rows(flat, g * m, (g + 1) * m) for g in range(groups)], False
+            return _map_tensors(lambda t: t.view(chains, m, *t.shape[1:]), flat), False
+        return [_rows(flat, g * m, (g + 1) * m) for g in range(chains)], False
 
-    def example_minibatch(self, groups: int, vectorized: bool = True) -> tuple[Batch, bool]:
-        """A minibatch for ``groups`` chains from throwaway generators (for checks and timing)."""
-        return self._minibatches(_ChainRandomness(list(range(groups)), self.config.seed, self.fmodel.device),
-                                 groups, vectorized)
+    def example_minibatch(self, chains: int, vectorized: bool = True) -> tuple[Batch, bool]:
+        """A minibatch for a batch of ``chains`` chains from throwaway generators (for checks and timing)."""
+        return self._minibatches(_ChainRandomness(list(range(chains)), self.config.seed, self.fmodel.device),
+                                 chains, vectorized)
 
     def run(
         self, chains: list[int], vectorized: bool, progress: ProgressFn | None = None
@@ -235,24 +235,24 @@ class SGLDSampler:
         """Run the chains ``chains`` together and yield every kept draw.
 
         Chain c's trajectory depends only on (seed, c): the same chain gives the same draws
-        whether it runs alone, in a vectorized group, or on another DDP rank.
+        whether it runs alone, in a vectorized batch, or on another DDP rank.
         """
         cfg = self.config
         fmodel = self.fmodel
-        groups = len(chains)
+        size = len(chains)
         center = fmodel.center
         buffers = fmodel.fresh_buffers()
         rng = _ChainRandomness(chains, cfg.seed, fmodel.device)
         chain_index = torch.as_tensor(chains, dtype=torch.long, device=fmodel.device)
-        w = center.expand(groups, -1).clone()
+        w = center.expand(size, -1).clone()
         noise = torch.empty_like(w)
         precondition: Preconditioner | None = (  # G = 1 until the "rmsprop" preconditioner is frozen
             self.lowrank_preconditioner(buffers) if cfg.preconditioner == "lowrank" else None
         )
         second_moment = torch.zeros_like(w) if cfg.preconditioner == "rmsprop" else None
-        loss_since_draw = torch.zeros(groups, device=fmodel.device, dtype=w.dtype)
+        loss_since_draw = torch.zeros(size, device=fmodel.device, dtype=w.dtype)
         for step in range(self.steps_per_chain):
-            batch, shared = self._minibatches(rng, groups, vectorized)
+            batch, shared = self._minibatches(rng, size, vectorized)
             grads, values = fmodel.batched_grads(
                 w, batch, self.minibatch, self.loss_fn, buffers, vectorized=vectorized, shared_batch=shared
             )

@@ -6,7 +6,7 @@ this rank's share of the chains, the merge across ranks through :mod:`lightning_
 summary, and the status (``"ok"``, ``"diverged"``, ``"failed"``: a failure is recorded, not raised).
 It also calibrates the step size (rank 0, broadcast). :func:`training_config` and :func:`with_horizon`
 derive the config a snapshot runs with from the training run's optimizer; the result goes to the sinks
-(:class:`SnapshotSink`: the HDF5 log, TensorBoard) as a :class:`~lightning_bif.log.SnapshotRecord`.
+(:class:`SnapshotSink`: the HDF5 log, TensorBoard) as a :class:`~lightning_bif.record.SnapshotRecord`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from .data import ExampleSet, ExampleSource
 from .estimator import BIFEstimator, BIFResult
 from .functional import LossFn, preserved_state
 from .horizon import optimizer_step
-from .log import RunIdentity, SnapshotRecord
+from .log import RunIdentity
+from .record import SnapshotRecord
 from .sampler import ProgressFn
 
 _MAX_ERROR_CHARS = 500

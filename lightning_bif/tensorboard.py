@@ -13,8 +13,9 @@ Per snapshot (``step`` is the training step) it writes, by default:
 - ``bif_diag/split_half``, ``bif_diag/loss_rise``, ``bif_diag/diverged_chains``; and
   ``bif_diag/status`` (Text) for every snapshot that is not ``ok``.
 
-Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``ess``, ``sampling_loss``,
-``duration_s``, ``step_size`` (scalars under ``bif_diag/``), ``histogram`` (``bif/influence_hist``) and
+The ``bif_diag/`` scalars are the log columns that declare a chart (:attr:`lightning_bif.log.columns.Column.chart`).
+Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``duration_s``, ``ess``, ``step_size``,
+``sampling_loss`` (scalars under ``bif_diag/``), ``histogram`` (``bif/influence_hist``) and
 ``groups_figure`` (``bif/groups``, Images: :func:`lightning_bif.plot.plot_groups` of the log so far,
 with a log step axis and a colour per train group; it re-reads the log and draws a figure of
 several panels at every snapshot, so it costs seconds per snapshot).
@@ -32,16 +33,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .analysis import group_labels, group_means
-from .log import PathLike, RunIdentity, SnapshotRecord, open_log
+from .log import PathLike, RunIdentity, open_log
+from .log.columns import COLUMNS, Column, value
+from .record import SnapshotRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
-DEFAULT_CHARTS = ("groups", "matrix", "split_half", "loss_rise", "diverged_chains", "status")
-OPTIONAL_CHARTS = ("ess", "sampling_loss", "duration_s", "step_size", "histogram", "groups_figure")
+# Scalar charts: the log columns that declare one, by chart name.
+SCALAR_CHARTS: dict[str, Column] = {column.chart.name: column for column in COLUMNS if column.chart is not None}
+DEFAULT_CHARTS = ("groups", "matrix", *(name for name, c in SCALAR_CHARTS.items() if c.chart.default), "status")
+OPTIONAL_CHARTS = (*(name for name, c in SCALAR_CHARTS.items() if not c.chart.default), "histogram", "groups_figure")
 GROUP_TAG = "bif_x_nbeta/probes_{}"
-_DIAGNOSTICS = ("split_half", "loss_rise", "diverged_chains", "ess", "sampling_loss")
 _DPI = 100
 
 
@@ -151,11 +155,7 @@ class TensorBoardSink:
         duration and step size.
         """
         writer, charts, step = self.writer, self.charts, record.step
-        if "duration_s" in charts:
-            writer.add_scalar("bif_diag/duration_s", record.duration_s, step)
-        step_size = record.used_step_size()
-        if "step_size" in charts and math.isfinite(step_size):
-            writer.add_scalar("bif_diag/step_size", step_size, step)
+        self._write_scalars(step, record)
         if "status" in charts and record.status != "ok":
             writer.add_text("bif_diag/status", f"step {step}: **{record.status}**"
                             + (f" — {record.message}" if record.message else ""), step)
@@ -187,16 +187,18 @@ class TensorBoardSink:
                         self._warned_unreadable = True
                         warnings.warn(f"TensorBoardSink: no bif/groups image while the log {self.log_path} cannot be "
                                       f"read ({error}); tried again at every snapshot. (Shown once.)", stacklevel=2)
-            diagnostics = result.diagnostics
-            sampling = diagnostics.sampling_loss.detach().cpu().double().numpy()
-            sampling = sampling[np.isfinite(sampling)]
-            values = {"split_half": diagnostics.split_half, "loss_rise": diagnostics.loss_rise,
-                      "diverged_chains": int(diagnostics.diverged.sum()), "ess": diagnostics.ess,
-                      "sampling_loss": sampling.mean() if sampling.size else float("nan")}
-            for name in _DIAGNOSTICS:
-                if name in charts:
-                    writer.add_scalar(f"bif_diag/{name}", values[name], step)
         writer.flush()
+
+    def _write_scalars(self, step: int, record: SnapshotRecord) -> None:
+        """The chosen scalar charts: a column of the estimate when there is one, a column of the record when finite."""
+        for name in self.charts:
+            column = SCALAR_CHARTS.get(name)
+            raw = None if column is None else value(column, record)
+            if raw is None:
+                continue
+            scalar = column.chart.scalar(column.encode_value(raw))
+            if column.from_result or math.isfinite(scalar):
+                self.writer.add_scalar(column.chart.tag, scalar, step)
 
     def _write_groups(self, step: int, influence: np.ndarray, nbeta: float) -> None:
         if not self._group_writers:

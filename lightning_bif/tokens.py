@@ -191,7 +191,7 @@ def token_view(
         columns = np.arange(len(log.train_ids))
         selection = f"sum over all {len(columns)} tracked examples"
     token = log.token_influence[row, probe][:, columns]
-    token_se = log.token_influence_se[row, probe][:, columns]
+    token_se = log.token_stderr[row, probe][:, columns]
     mean, mean_se = log.influence[row, probe], log.stderr[row, probe]
     order = np.argsort(mean, kind="stable")
     ranked = lambda positions: [_ranked(log, int(i), mean, mean_se) for i in positions]  # noqa: E731
@@ -365,7 +365,7 @@ def render_html(
         "groups": groups,
         "members": [np.flatnonzero(log.train_groups == g).tolist() for g in groups],
         "token": _rounded(np.stack([log.token_influence[int(r)][probes] for r in rows])),
-        "token_se": _rounded(np.stack([log.token_influence_se[int(r)][probes] for r in rows])),
+        "token_se": _rounded(np.stack([log.token_stderr[int(r)][probes] for r in rows])),
         "influence": _rounded(np.stack([log.influence[int(r)][probes] for r in rows])),
         "stderr": _rounded(np.stack([log.stderr[int(r)][probes] for r in rows])),
         "initial": {"probe": int(np.flatnonzero(probes == probe % len(log.probe_ids))[0]),

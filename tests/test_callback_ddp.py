@@ -68,7 +68,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     # Per-token sums are merged across the ranks like the rest: the same token influence as one process.
     with open_log(tmp_path / "tokens.h5") as log:
         assert log.steps.tolist() == [4] and log.tokens == 3 and log.status.tolist() == ["ok"]
-        token_influence, token_se = log.token_influence[-1], log.token_influence_se[-1]
+        token_influence, token_se = log.token_influence[-1], log.token_stderr[-1]
         config = logged_config(log)
     assert config.per_token and config.chains == 4 and config.horizon_steps == 4  # no earlier snapshot: from step 0
     single = estimate_bif(model, ToyClassifier.per_example_loss, train, probes, probe_fn=class_losses, data=data,

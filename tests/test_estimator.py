@@ -1,4 +1,4 @@
-"""estimate_bif / BIFEstimator: sign, chain grouping, model isolation, inputs and errors."""
+"""estimate_bif / BIFEstimator: sign, chain batching, model isolation, inputs and errors."""
 
 from __future__ import annotations
 

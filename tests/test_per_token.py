@@ -244,7 +244,7 @@ def test_log_stores_and_reads_token_influence(tmp_path, capsys):
         assert np.isnan(path.influence[1]).all()  # the failed snapshot
         snapshot = log.snapshot(-1)
         np.testing.assert_array_equal(snapshot.token_influence, second.token_influence.numpy())
-        np.testing.assert_array_equal(snapshot.token_influence_se, second.token_stderr.numpy())
+        np.testing.assert_array_equal(snapshot.token_stderr, second.token_stderr.numpy())
         np.testing.assert_allclose(snapshot.token_influence.mean(axis=1), snapshot.influence, rtol=1e-4,
                                    atol=1e-6 * np.abs(snapshot.influence).max())
         with pytest.raises(IndexError, match="train position 24"):
@@ -271,9 +271,9 @@ def test_a_log_without_tokens_opens_with_no_token_axis(tmp_path, capsys):
         writer.append(_record(0, estimate()))
 
     with open_log(tmp_path / "bif.h5") as log:
-        assert log.tokens is None and log.token_influence is None and log.token_influence_se is None
+        assert log.tokens is None and log.token_influence is None and log.token_stderr is None
         snapshot = log.snapshot(0)
-        assert snapshot.token_influence is None and snapshot.token_influence_se is None
+        assert snapshot.token_influence is None and snapshot.token_stderr is None
         with pytest.raises(ValueError, match=r"no per-token influence.*per_token=True"):
             log.token_trajectory(probe=0, train=0)
     assert cli_main(["export", str(tmp_path / "bif.h5"), "--tokens", "--csv", "-"]) == 1

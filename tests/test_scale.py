@@ -1,4 +1,4 @@
-"""Snapshot scale: parameter subsets, out-of-memory splitting of chain groups, autocast evaluation."""
+"""Snapshot scale: parameter subsets, out-of-memory splitting of chain batches, autocast evaluation."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_sampling_a_subset_keeps_the_chain_state_at_the_subsets_size_and_leaves_
         assert torch.equal(p, before[name]), name
 
 
-def test_a_group_that_runs_out_of_gpu_memory_is_split_and_gives_the_same_result_as_smaller_groups() -> None:
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_gives_the_same_result_as_smaller_batches() -> None:
     model, train, probes = problem()
     config = SGLDConfig(chains=4, draws=6, burn_in=2, step_size=1e-3, vectorize=True)
     state = {"armed": False, "fired": False}

@@ -29,7 +29,7 @@ def test_tiny_lm_example_logs_per_token_influence_with_its_tokens_and_writes_the
     with open_log(path) as log:
         assert len(log) == 1 and (log.status == "ok").all() and log.format_version == 2
         assert log.tokens == CONTEXT and log.token_influence.shape == (1, 3, CONTEXT, MODULES * PER_MODULE)
-        assert np.isfinite(log.token_influence[0]).all() and (log.token_influence_se[0] > 0).all()
+        assert np.isfinite(log.token_influence[0]).all() and (log.token_stderr[0] > 0).all()
         texts = ["".join(tokens) for tokens in log.probe_tokens]
         assert texts[0].startswith("Pop and return") and texts[2].startswith("Return the sample")
         assert all(len(tokens) == CONTEXT for tokens in log.probe_tokens)

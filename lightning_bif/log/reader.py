@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +14,9 @@ import numpy as np
 
 from ..analysis import SignChange, sign_changes
 from . import tables
+from .columns import ALIASES, COLUMNS, Column
 from .recover import DamagedLogError, damage_as_error, first_inconsistent_row, open_swmr, salvage
-from .schema import (
-    HORIZON_COLUMNS,
-    PathLike,
-    _check_format,
-    _file_layout,
-    _read_group_names,
-    _read_labels,
-    _read_texts,
-    _stored_tokens,
-)
+from .schema import PathLike, check_format, file_layout, read_group_names, read_labels, read_texts, stored_tokens
 
 
 @dataclass
@@ -60,39 +52,41 @@ class TokenTrajectory:
     stderr: np.ndarray
 
 
-@dataclass
-class Snapshot:
-    """Every stored array of one snapshot (row of the log). Matrices are ``[probe, train]``."""
+def _deprecated(old: str, new: str, owner: str) -> None:
+    warnings.warn(f"{owner}.{old} is deprecated; use {owner}.{new} (the same values).", DeprecationWarning,
+                  stacklevel=3)
 
-    index: int
-    step: int
-    epoch: int
-    wall_time: float
-    duration_s: float
-    status: str
-    message: str
-    influence: np.ndarray
-    correlation: np.ndarray
-    stderr: np.ndarray
-    train_loss: np.ndarray
-    probe_loss: np.ndarray
-    split_half: float
-    loss_rise: float
-    ess: float
-    nbeta: float
-    step_size: float
-    calibration: dict[str, Any] | None
-    sampling_loss: np.ndarray
-    draw_loss: np.ndarray
-    diverged: np.ndarray
-    token_influence: np.ndarray | None = None
-    token_influence_se: np.ndarray | None = None
-    horizon_steps: float | None = None
-    learning_rate: float | None = None
-    momentum: float | None = None
-    localization: float | None = None
-    lambda_min: float | None = None
-    tuning: dict[str, Any] | None = None
+
+def _alias(old: str, new: str) -> property:
+    def read(self: Any) -> Any:
+        _deprecated(old, new, type(self).__name__)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated name of ``{new}``.")
+
+
+def _snapshot_doc() -> str:
+    lines = ["Every stored value of one snapshot (row of the log). Matrices are ``[probe, train]``.", "",
+             "One field per column of :data:`lightning_bif.log.columns.COLUMNS`; a column the log lacks",
+             "(an older format version, or no token axis) is ``None``.", "", "Attributes:",
+             "    index: Position of the snapshot in the log."]
+    lines += [f"    {column.field}: {column.description[0].upper()}{column.description[1:]}"
+              + (f", ``[{', '.join(column.shape)}]``." if column.shape else ".") for column in COLUMNS]
+    return "\n".join(lines)
+
+
+def _optional(column: Column) -> bool:
+    return column.since > 1 or column.optional
+
+
+Snapshot = make_dataclass(
+    "Snapshot",
+    [("index", int),
+     *((column.field, column.python_type()) for column in COLUMNS if not _optional(column)),
+     *((column.field, column.python_type(), field(default=None)) for column in COLUMNS if _optional(column))],
+    namespace={"__doc__": _snapshot_doc(), "__module__": __name__,
+               **{old: _alias(old, new) for old, new in ALIASES.items()}},
+)
 
 
 class RowView:
@@ -160,21 +154,19 @@ class RowView:
 class InfluenceLog:
     """Reader of an influence log; safe to open while a training run is still writing it.
 
-    Small per-snapshot values (``steps``, ``status``, ``split_half``...) are NumPy arrays
-    ``[S]``; the big ones (``influence``, ``correlation``, ``stderr``, ``train_loss``,
-    ``probe_loss``, ``sampling_loss``, ``draw_loss``, ``diverged``) are lazy :class:`RowView`
-    objects that read from disk only what is indexed. Logs of per-token runs also have ``tokens`` (T)
-    and the views ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]`` (``None``, like
-    ``tokens``, in other logs; see :meth:`token_trajectory`). ``probe_tokens`` (the display string of
-    every probe token, ``[P][T]``) and ``train_text`` (of every tracked training example, ``[N]``) are
-    lists of str when the run stored them (format 2), else ``None``. ``step_size`` ``[S]`` is the SGLD step
-    size each snapshot used, and ``calibration`` is a list ``[S]`` holding the evidence of a
-    step-size calibration run before that snapshot (``CalibrationResult.summary()`` as a dict)
-    or ``None``. ``horizon_steps``, ``learning_rate``, ``momentum``, ``localization`` (γ) and
-    ``lambda_min`` ``[S]`` say what horizon question each snapshot answered (NaN without a horizon;
-    ``None`` in logs of format version 1). ``tuning`` is a list ``[S]`` of the settings each snapshot chose
-    automatically with their evidence (``autotune.Tuning.summary()`` as a dict; ``None`` in version-1
-    logs and for failed snapshots). Call :meth:`refresh` to see snapshots appended since opening.
+    Every per-snapshot column (:data:`lightning_bif.log.columns.COLUMNS`; the table in the user guide) is
+    an attribute named by its accessor: scalar columns as NumPy arrays ``[S]`` (``steps``, ``status``,
+    ``split_half``, ``step_size``...), JSON columns as lists ``[S]`` of dicts or ``None`` (``calibration``:
+    the evidence of a step-size calibration run before that snapshot; ``tuning``: the settings a snapshot
+    chose by itself), and array columns (``influence``, ``stderr``, ``correlation``, ``train_loss``,
+    ``sampling_loss``...) as lazy :class:`RowView` objects that read from disk only what is indexed. A
+    column the log lacks reads as ``None`` (a JSON one as a list of ``None``): the format-2 horizon columns
+    ``horizon_steps``, ``learning_rate``, ``momentum``, ``localization`` (γ), ``lambda_min`` in version-1
+    logs, and ``token_influence`` / ``token_stderr`` ``[S, P, T, N]`` in logs of runs without a token axis
+    (``tokens`` (T) is ``None`` there too; see :meth:`token_trajectory`). ``probe_tokens`` (the display
+    string of every probe token, ``[P][T]``) and ``train_text`` (of every tracked training example,
+    ``[N]``) are lists of str when the run stored them (format 2), else ``None``. Call :meth:`refresh` to
+    see snapshots appended since opening.
 
     Ids and positions: ``train_ids`` / ``probe_ids`` hold the dataset index or key of every tracked
     example (what the CLI prints); a *position* is an example's place in those arrays (the column /
@@ -208,7 +200,7 @@ class InfluenceLog:
             raise
 
     def _read_header(self) -> None:
-        _check_format(self._file, self.path)
+        check_format(self._file, self.path)
         attrs = self._file.attrs
         self.format_version = int(attrs["format_version"])
         self.package_version = str(attrs["package_version"])
@@ -216,19 +208,19 @@ class InfluenceLog:
         self.config: dict[str, Any] = json.loads(attrs["config"])
         self.chains = int(attrs["chains"])
         self.draws = int(attrs["draws"])
-        self.tokens = _stored_tokens(self._file)
-        self.train_ids = _read_labels(self._file["train_ids"])
-        self.probe_ids = _read_labels(self._file["probe_ids"])
-        self.train_groups = _read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
-        self.probe_groups = _read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
-        self.train_group_names = _read_group_names(self._file, "train")
-        self.probe_group_names = _read_group_names(self._file, "probe")
-        probe_tokens, train_text = _read_texts(self._file, "probe_tokens"), _read_texts(self._file, "train_text")
+        self.tokens = stored_tokens(self._file)
+        self.train_ids = read_labels(self._file["train_ids"])
+        self.probe_ids = read_labels(self._file["probe_ids"])
+        self.train_groups = read_labels(self._file["train_groups"]) if "train_groups" in self._file else None
+        self.probe_groups = read_labels(self._file["probe_groups"]) if "probe_groups" in self._file else None
+        self.train_group_names = read_group_names(self._file, "train")
+        self.probe_group_names = read_group_names(self._file, "probe")
+        probe_tokens, train_text = read_texts(self._file, "probe_tokens"), read_texts(self._file, "train_text")
         self.probe_tokens: list[list[str]] | None = None if probe_tokens is None else probe_tokens.tolist()
         self.train_text: list[str] | None = None if train_text is None else train_text.tolist()
         # One handle per dataset for the reader's lifetime: a SWMR refresh applies to the handle it
         # is called on, and a handle opened later can still see stale chunks.
-        names = ["step", *(name for name in _file_layout(self._file) if name != "step")]
+        names = ["step", *(name for name in file_layout(self._file) if name != "step")]
         self._datasets = {name: self._file[name] for name in names}
         self._load_rows()
 
@@ -245,40 +237,34 @@ class InfluenceLog:
             raise DamagedLogError(self.path, problem[1], intact=problem[0])
 
     def _read_rows(self) -> None:
-        file = self._datasets
-        self._rows = rows = len(file["step"])
-        self.steps = file["step"][()].astype(np.int64)
-        self.epochs = file["epoch"][:rows].astype(np.int64)
-        self.wall_time = file["wall_time"][:rows]
-        self.duration_s = file["duration_s"][:rows]
-        self.status = np.array(file["status"].asstr()[:rows].tolist(), dtype=str).reshape(rows)
-        self.message = np.array(file["message"].asstr()[:rows].tolist(), dtype=str).reshape(rows)
-        self.split_half = file["split_half"][:rows]
-        self.loss_rise = file["loss_rise"][:rows]
-        self.ess = file["ess"][:rows]
-        self.nbeta = file["nbeta"][:rows]
-        self.step_size = file["step_size"][:rows]
-        self.calibration: list[dict[str, Any] | None] = [
-            json.loads(text) if text else None for text in file["calibration"].asstr()[:rows].tolist()
-        ]
-        # Format version 2 (None in older logs): H, η, μ, γ and λ_min per snapshot (NaN without a horizon).
-        for name in HORIZON_COLUMNS:
-            setattr(self, name, file[name][:rows] if name in file else None)
-        # Format version 2: the automatic sampler choices per snapshot (None in older logs and failed snapshots).
-        self.tuning: list[dict[str, Any] | None] = [
-            json.loads(text) if text else None for text in file["tuning"].asstr()[:rows].tolist()
-        ] if "tuning" in file else [None] * rows
-        self.influence = RowView(file["influence"], rows)
-        self.correlation = RowView(file["correlation"], rows)
-        self.stderr = RowView(file["stderr"], rows)
-        self.train_loss = RowView(file["train_loss"], rows)
-        self.probe_loss = RowView(file["probe_loss"], rows)
-        self.sampling_loss = RowView(file["diagnostics/sampling_loss"], rows)
-        self.draw_loss = RowView(file["diagnostics/draw_loss"], rows)
-        self.diverged = RowView(file["diagnostics/diverged"], rows)
-        per_token = self.tokens is not None
-        self.token_influence = RowView(file["token_influence"], rows) if per_token else None
-        self.token_influence_se = RowView(file["token_influence_se"], rows) if per_token else None
+        self._rows = len(self._datasets["step"])
+        for column in COLUMNS:
+            setattr(self, column.accessor, self._read_column(column))
+
+    def _read_column(self, column: Column) -> Any:
+        """A column as its reader attribute: an ``[S]`` array, a list ``[S]`` (JSON) or a lazy :class:`RowView`.
+
+        A column the log lacks (an older format version, no token axis) reads as ``None``, a JSON one as
+        ``[None] * S``.
+        """
+        rows = self._rows
+        dataset = self._datasets.get(column.name)
+        if dataset is None:
+            return [None] * rows if column.dtype == "json" else None
+        if column.shape:
+            return RowView(dataset, rows)
+        if column.dtype == "json":
+            return [json.loads(text) if text else None for text in dataset.asstr()[:rows].tolist()]
+        if column.dtype == "text":
+            return np.array(dataset.asstr()[:rows].tolist(), dtype=str).reshape(rows)
+        values = dataset[:rows]
+        return values.astype(np.int64) if column.dtype == "int64" else values
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ALIASES:
+            _deprecated(name, ALIASES[name], type(self).__name__)
+            return getattr(self, ALIASES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def refresh(self) -> None:
         """Pick up snapshots that a live writer appended (or removed) since the last look.
@@ -348,14 +334,14 @@ class InfluenceLog:
             IndexError: A position is out of range.
             UnknownIdError: An id is not in the log.
         """
-        if self.token_influence is None or self.token_influence_se is None:
+        if self.token_influence is None or self.token_stderr is None:
             raise ValueError(f"The influence log {self.path} has no per-token influence: the run did not use "
                              "SGLDConfig(per_token=True).")
         probe, train = self._pair(probe, train, probe_id, train_id)
         return TokenTrajectory(
             steps=self.steps.copy(),
             influence=self.token_influence[:, probe, :, train],
-            stderr=self.token_influence_se[:, probe, :, train],
+            stderr=self.token_stderr[:, probe, :, train],
         )
 
     def sign_changes(self, z: float = 3.0) -> list[SignChange]:
@@ -447,23 +433,17 @@ class InfluenceLog:
         if not -self._rows <= index < self._rows:
             raise IndexError(f"snapshot index {index} out of range for {self._rows} snapshots.")
         index %= self._rows
-        return Snapshot(
-            index=index, step=int(self.steps[index]), epoch=int(self.epochs[index]),
-            wall_time=float(self.wall_time[index]), duration_s=float(self.duration_s[index]),
-            status=str(self.status[index]), message=str(self.message[index]),
-            influence=self.influence[index], correlation=self.correlation[index], stderr=self.stderr[index],
-            train_loss=self.train_loss[index], probe_loss=self.probe_loss[index],
-            split_half=float(self.split_half[index]), loss_rise=float(self.loss_rise[index]),
-            ess=float(self.ess[index]), nbeta=float(self.nbeta[index]),
-            step_size=float(self.step_size[index]), calibration=self.calibration[index],
-            sampling_loss=self.sampling_loss[index], draw_loss=self.draw_loss[index],
-            diverged=self.diverged[index],
-            token_influence=None if self.token_influence is None else self.token_influence[index],
-            token_influence_se=None if self.token_influence_se is None else self.token_influence_se[index],
-            **{name: None if getattr(self, name) is None else float(getattr(self, name)[index])
-               for name in HORIZON_COLUMNS},
-            tuning=self.tuning[index],
-        )
+        return Snapshot(index=index, **{column.field: self._cell(column, index) for column in COLUMNS})
+
+    def _cell(self, column: Column, index: int) -> Any:
+        """One snapshot's value of a column (``None`` when the log lacks the column)."""
+        series = getattr(self, column.accessor)
+        if series is None:
+            return None
+        cell = series[index]
+        if column.shape or column.dtype == "json":
+            return cell
+        return {"int64": int, "text": str, "bool": bool}.get(column.dtype, float)(cell)
 
     def to_dataframe(
         self, *, steps: Any = None, rows: Any = None, probes: Any = None, probe_ids: Any = None,

@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .schema import _LIBVER, FORMAT, STATUSES, PathLike, _file_layout, _row_chunks
+from .schema import FORMAT, LIBVER, STATUSES, PathLike, file_layout, row_chunks
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Superblock versions 2 and 3 (every file this package writes: libver v110): 12 bytes of signature,
@@ -460,7 +460,7 @@ def _salvage(source: Path, target: Path, mode: int | None = None, keep_as: Path 
             bad: dict[int, str] = {}
             columns = {name: _column(view, dataset, found, bad) for name, dataset in per_row.items()}
             # A column whose header is lost is recreated empty (its fill value) rather than losing every row.
-            layout = {name: (tail, np.dtype(dtype)) for name, (tail, dtype) in _file_layout(stored).items()}
+            layout = {name: (tail, np.dtype(dtype)) for name, (tail, dtype) in file_layout(stored).items()}
             lost_columns = sorted(set(layout) - set(per_row))
             if set(lost_columns) & _CORE_COLUMNS:
                 raise DamagedLogError(source, f"its {', '.join(sorted(set(lost_columns) & _CORE_COLUMNS))} column "
@@ -491,7 +491,7 @@ def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels
     check_space(target.parent, needed + (1 << 20), f"writing the salvaged log {target}")
     temporary = new_temporary(target, "recover")
     try:
-        with h5py.File(temporary, "w", libver=_LIBVER, locking=False) as copy:
+        with h5py.File(temporary, "w", libver=LIBVER, locking=False) as copy:
             copy.attrs.update(attrs)
             for name, dataset in fixed.items():
                 copy.create_dataset(name, data=labels[name], dtype=dataset.dtype)
@@ -501,7 +501,7 @@ def _write_log(target: Path, attrs: dict, fixed: dict[str, h5py.Dataset], labels
                 if fill is None and dtype.kind == "f":
                     fill = np.nan
                 out = copy.create_dataset(name, shape=(len(kept), *tail), maxshape=(None, *tail),
-                                          chunks=chunks or _row_chunks(tail), dtype=dtype, fillvalue=fill,
+                                          chunks=chunks or row_chunks(tail), dtype=dtype, fillvalue=fill,
                                           fletcher32=True)
                 if kept and name in columns:
                     out[...] = np.stack([np.asarray(columns[name][row], dtype=dtype) for row in kept])

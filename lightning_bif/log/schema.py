@@ -1,8 +1,9 @@
-"""What an influence log file looks like: format constants, dataset layout and chunking, label encoding.
+"""What an influence log file looks like: format constants, the run's identity, chunking, label encoding.
 
-The writer and the reader share these; nothing outside :mod:`lightning_bif.log` should need them.
-:class:`RunIdentity` and :class:`SnapshotRecord` are what a run hands to the writer (and to the
-TensorBoard sink).
+The writer and the reader share these; nothing outside :mod:`lightning_bif.log` should need them. The
+per-snapshot datasets are declared in :mod:`lightning_bif.log.columns`. :class:`RunIdentity` is what a
+run hands to the writer (and to the TensorBoard sink) once; :class:`~lightning_bif.record.SnapshotRecord`
+(re-exported here) what it hands them per snapshot.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
-if TYPE_CHECKING:
-    from ..estimator import BIFResult
+from ..record import SnapshotRecord as SnapshotRecord
+from .columns import layout
 
 FORMAT = "lightning-bif"
 FORMAT_VERSION = 2
@@ -26,18 +27,9 @@ STATUSES = ("ok", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
 # file locks (``locking=False``): a notebook holding the log open must not stop a training run from
-# resuming it. A second writer is kept out by ``_writer_lock`` instead.
-_LIBVER = ("v110", "latest")
+# resuming it. A second writer is kept out by the writer's own lock instead.
+LIBVER = ("v110", "latest")
 _MAX_ID_BYTES = 256
-_STATUS_BYTES = 16
-_MESSAGE_BYTES = 1024
-_CALIBRATION_BYTES = 4096
-# Version 2: per snapshot, the horizon H, the optimizer's η and μ it was read with, the γ used and the least
-# Hessian eigenvalue of the saddle check (NaN when a snapshot had no horizon). Version-1 files lack them.
-HORIZON_COLUMNS = ("horizon_steps", "learning_rate", "momentum", "localization", "lambda_min")
-# Version 2: per snapshot, the automatically chosen sampler settings and their evidence
-# (``autotune.Tuning.summary()`` as JSON, cut to this many bytes; empty for a failed snapshot).
-_TUNING_BYTES = 4096
 # Token strings and training texts (format 2) are display aids: each one is cut to this many UTF-8 bytes.
 _MAX_TOKEN_BYTES = 256
 _MAX_TEXT_BYTES = 1024
@@ -61,7 +53,7 @@ class RunIdentity:
         chains: Chains per snapshot (C), the size of the diagnostics axes.
         draws: Draws per chain (D).
         tokens: Tokens per probe (T) of a per-token run (``SGLDConfig(per_token=True)``): the log then
-            stores ``token_influence`` and ``token_influence_se`` ``[S, P, T, N]``. ``None``: no token axis.
+            stores ``token_influence`` and its standard error ``[S, P, T, N]``. ``None``: no token axis.
         train_group_names: Optional display name of each train group label, ``{label: name}`` (format
             version 2). Display only: a resumed log keeps the names it was created with.
         probe_group_names: Optional display name of each probe group label.
@@ -115,46 +107,15 @@ class RunIdentity:
             self.train_text = _texts(self.train_text, (len(self.train_ids),), "train_text", _MAX_TEXT_BYTES)
 
     @property
+    def sizes(self) -> dict[str, int | None]:
+        """The size of each axis of :data:`~lightning_bif.log.columns.AXES` (``T``: ``None`` without tokens)."""
+        return {"P": len(self.probe_ids), "N": len(self.train_ids), "C": self.chains, "D": self.draws,
+                "T": self.tokens}
+
+    @property
     def config_json(self) -> str:
         """The config as canonical JSON (sorted keys), as stored in the file."""
         return json.dumps(self.config, sort_keys=True)
-
-
-@dataclass
-class SnapshotRecord:
-    """One snapshot as handed to the sinks (HDF5 log, TensorBoard).
-
-    Attributes:
-        step: Training step (``trainer.global_step``) at which the snapshot was taken.
-        epoch: Training epoch.
-        wall_time: Unix time when the snapshot finished.
-        duration_s: Seconds the snapshot took.
-        status: ``"ok"``, ``"diverged"`` (some chains diverged) or ``"failed"``.
-        result: The estimate, or ``None`` when the snapshot failed before producing one
-            (stored as NaN rows).
-        message: Error text of a failed snapshot.
-        step_size: The SGLD step size the snapshot used; ``None``: the result's
-            ``config.step_size`` (NaN for a failed snapshot without a result).
-        calibration: Evidence of a step-size calibration run just before this snapshot
-            (JSON-compatible, e.g. ``CalibrationResult.summary()``), or ``None``.
-    """
-
-    step: int
-    epoch: int
-    wall_time: float
-    duration_s: float
-    status: str
-    result: BIFResult | None
-    message: str = ""
-    step_size: float | None = None
-    calibration: dict[str, Any] | None = None
-
-    def used_step_size(self) -> float:
-        """The step size of this snapshot: ``step_size``, else the result's, else NaN."""
-        if self.step_size is not None:
-            return float(self.step_size)
-        step_size = None if self.result is None else self.result.config.step_size
-        return math.nan if step_size is None else float(step_size)
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -208,7 +169,7 @@ def _check_group_names(names: Any, groups: Any, kind: str) -> dict[int | str, st
     return checked
 
 
-def _store_group_names(file: h5py.File, identity: RunIdentity) -> None:
+def write_group_names(file: h5py.File, identity: RunIdentity) -> None:
     """Group names as root attributes holding JSON ``[[label, name], ...]`` (JSON keeps int labels int)."""
     for kind in ("train", "probe"):
         names = getattr(identity, f"{kind}_group_names")
@@ -216,10 +177,12 @@ def _store_group_names(file: h5py.File, identity: RunIdentity) -> None:
             file.attrs[f"{kind}_group_names"] = json.dumps([[label, name] for label, name in names.items()])
 
 
-def _read_group_names(file: h5py.File, kind: str) -> dict[int | str, str] | None:
-    """``{label: name}`` stored by :func:`_store_group_names`; ``None`` in logs without them (all version-1 logs)."""
+def read_group_names(file: h5py.File, kind: str) -> dict[int | str, str] | None:
+    """``{label: name}`` stored by :func:`write_group_names`; ``None`` in logs without them (all version-1 logs)."""
     text = file.attrs.get(f"{kind}_group_names")
     return None if text is None else {label: name for label, name in json.loads(text)}
+
+
 def _texts(values: Any, shape: tuple[int, ...], name: str, limit: int) -> np.ndarray:
     """Display strings as an object array of ``shape``, each cut to ``limit`` UTF-8 bytes."""
     array = np.array(values, dtype=object)
@@ -230,18 +193,20 @@ def _texts(values: Any, shape: tuple[int, ...], name: str, limit: int) -> np.nda
     return np.vectorize(lambda v: v.encode()[:limit].decode(errors="ignore"), otypes=[object])(array)
 
 
-def _text_dataset(group: h5py.Group, name: str, texts: np.ndarray) -> None:
+def write_texts(group: h5py.Group, name: str, texts: np.ndarray) -> None:
+    """Store display strings (checked by ``RunIdentity``) as a variable-length UTF-8 dataset."""
     group.create_dataset(name, data=texts, dtype=h5py.string_dtype("utf-8"))
 
 
-def _read_texts(group: h5py.Group, name: str) -> np.ndarray | None:
+def read_texts(group: h5py.Group, name: str) -> np.ndarray | None:
     """A stored ``_texts`` array (object dtype of str), or ``None`` when the log has none (e.g. format 1)."""
     if name not in group:
         return None
     return np.array(group[name].asstr()[()], dtype=object)
 
 
-def _label_dataset(group: h5py.Group, name: str, labels: np.ndarray) -> None:
+def write_labels(group: h5py.Group, name: str, labels: np.ndarray) -> None:
+    """Store ids or group labels: int64, or fixed-length UTF-8 as wide as the longest label."""
     if labels.dtype.kind == "U":
         width = max(1, max((len(v.encode()) for v in labels.tolist()), default=1))
         text = h5py.string_dtype("utf-8", width)
@@ -250,13 +215,14 @@ def _label_dataset(group: h5py.Group, name: str, labels: np.ndarray) -> None:
         group.create_dataset(name, data=labels, dtype=np.int64)
 
 
-def _read_labels(dataset: h5py.Dataset) -> np.ndarray:
+def read_labels(dataset: h5py.Dataset) -> np.ndarray:
+    """Ids or group labels stored by :func:`write_labels`, as an int64 or str array."""
     if h5py.check_string_dtype(dataset.dtype) is not None:
         return np.array(dataset.asstr()[()].tolist(), dtype=str)
     return dataset[()].astype(np.int64)
 
 
-def _row_chunks(tail: tuple[int, ...]) -> tuple[int, ...]:
+def row_chunks(tail: tuple[int, ...]) -> tuple[int, ...]:
     """Chunk shape for one snapshot row of shape ``tail``, split along the leading axes when too big."""
     chunk = list(tail)
     for axis in range(len(chunk)):
@@ -267,55 +233,23 @@ def _row_chunks(tail: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *[max(1, c) for c in chunk])
 
 
-def _layout(
-    probes: int, train: int, chains: int, draws: int, tokens: int | None = None
-) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Per-snapshot datasets: name -> (row shape, dtype). ``step`` comes last: it commits a row."""
-    text = h5py.string_dtype("utf-8", _STATUS_BYTES)
-    per_token = {} if tokens is None else {
-        "token_influence": ((probes, tokens, train), np.float32),
-        "token_influence_se": ((probes, tokens, train), np.float32),
-    }
-    return {
-        "epoch": ((), np.int64),
-        "wall_time": ((), np.float64),
-        "duration_s": ((), np.float64),
-        "status": ((), text),
-        "message": ((), h5py.string_dtype("utf-8", _MESSAGE_BYTES)),
-        "influence": ((probes, train), np.float32),
-        "correlation": ((probes, train), np.float32),
-        "stderr": ((probes, train), np.float32),
-        "train_loss": ((train,), np.float32),
-        "probe_loss": ((probes,), np.float32),
-        "split_half": ((), np.float64),
-        "loss_rise": ((), np.float64),
-        "ess": ((), np.float64),
-        "nbeta": ((), np.float64),
-        "step_size": ((), np.float64),
-        "calibration": ((), h5py.string_dtype("utf-8", _CALIBRATION_BYTES)),
-        **{name: ((), np.float64) for name in HORIZON_COLUMNS},
-        "tuning": ((), h5py.string_dtype("utf-8", _TUNING_BYTES)),
-        "diagnostics/sampling_loss": ((chains, draws), np.float32),
-        "diagnostics/draw_loss": ((chains, draws), np.float32),
-        "diagnostics/diverged": ((chains,), np.bool_),
-        **per_token,
-        "step": ((), np.int64),
-    }
-
-
-def _stored_tokens(file: h5py.File) -> int | None:
+def stored_tokens(file: h5py.File) -> int | None:
     """T of a per-token log; ``None`` for logs without a token axis (all logs written before it existed)."""
     return int(file.attrs["tokens"]) if "tokens" in file.attrs else None
 
 
-def _file_layout(file: h5py.File) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """The layout of a stored file: the datasets its format version has (older files lack later columns)."""
-    layout = _layout(len(file["probe_ids"]), len(file["train_ids"]), int(file.attrs["chains"]),
-                     int(file.attrs["draws"]), _stored_tokens(file))
-    return {name: entry for name, entry in layout.items() if name in file}
+def file_layout(file: h5py.File) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The per-snapshot datasets a stored file has (older format versions lack later columns), name -> entry.
+
+    The entries are those of :func:`~lightning_bif.log.columns.layout`: (row shape, HDF5 dtype), ``step`` last.
+    """
+    sizes = {"P": len(file["probe_ids"]), "N": len(file["train_ids"]), "C": int(file.attrs["chains"]),
+             "D": int(file.attrs["draws"]), "T": stored_tokens(file)}
+    return {name: entry for name, entry in layout(sizes).items() if name in file}
 
 
-def _check_format(file: h5py.File, path: PathLike) -> None:
+def check_format(file: h5py.File, path: PathLike) -> None:
+    """Raise ``ValueError`` unless ``file`` is a lightning-bif log of a format version this package reads."""
     if file.attrs.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lightning-bif log (no format={FORMAT!r} attribute).")
     version = int(file.attrs["format_version"])

@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .columns import COLUMNS
+
 if TYPE_CHECKING:
     from .reader import InfluenceLog, RowView
 
 # Largest block of one dataset read at once when a selection spans many snapshots.
 _READ_BUDGET_BYTES = 64 << 20
-VALUES = ("influence", "stderr", "correlation")
+# The [probe, train] columns: one table column (or xarray variable) each.
+VALUES = tuple(column.accessor for column in COLUMNS if column.shape == ("P", "N"))
 
 
 class UnknownIdError(KeyError, ValueError):

@@ -21,6 +21,8 @@ import h5py
 import numpy as np
 
 from ..analysis import flatten_config
+from ..record import SnapshotRecord
+from . import columns
 from .recover import (
     SalvageReport,
     check_space,
@@ -31,27 +33,21 @@ from .recover import (
     remove_stale_temporaries,
 )
 from .schema import (
-    _CALIBRATION_BYTES,
-    _LIBVER,
-    _MESSAGE_BYTES,
-    _STATUS_BYTES,
-    _TUNING_BYTES,
     FORMAT,
     FORMAT_VERSION,
+    LIBVER,
     STATUSES,
     PathLike,
     RunIdentity,
-    SnapshotRecord,
-    _check_format,
-    _file_layout,
-    _label_dataset,
-    _layout,
-    _read_labels,
-    _read_texts,
-    _row_chunks,
-    _store_group_names,
-    _stored_tokens,
-    _text_dataset,
+    check_format,
+    file_layout,
+    read_labels,
+    read_texts,
+    row_chunks,
+    stored_tokens,
+    write_group_names,
+    write_labels,
+    write_texts,
 )
 
 _MODES = ("error", "overwrite", "resume")
@@ -66,41 +62,6 @@ class LogWriteError(OSError):
     The row is not in the log (nothing of it is counted as a snapshot), the snapshots before it are
     intact, and the writer stays usable: a later append is tried again.
     """
-
-
-def _bounded_text(text: str, limit: int) -> bytes:
-    """UTF-8 bytes of ``text`` cut to ``limit`` bytes without splitting a character."""
-    return text.encode()[:limit].decode(errors="ignore").encode()
-
-
-def _calibration_text(evidence: dict[str, Any] | None) -> bytes:
-    """Calibration evidence as JSON of at most ``_CALIBRATION_BYTES``; leading candidates are dropped if needed."""
-    if evidence is None:
-        return b""
-    evidence = dict(evidence)
-    candidates = list(evidence.get("candidates", []))
-    omitted = 0
-    while True:
-        text = json.dumps(evidence, sort_keys=True).encode()
-        if len(text) <= _CALIBRATION_BYTES or not candidates:
-            return _bounded_text(text.decode(), _CALIBRATION_BYTES)
-        # The last candidates (the accepted one and its nearest rejections) are the informative ones.
-        candidates.pop(0)
-        omitted += 1
-        evidence.update(candidates=candidates, omitted_candidates=omitted)
-
-
-def _tuning_text(result: Any) -> bytes:
-    """A ``BIFResult``'s automatic choices and their evidence as JSON of at most ``_TUNING_BYTES`` (empty without)."""
-    tuning = None if result is None else result.diagnostics.tuning
-    if tuning is None:
-        return b""
-    summary = tuning.summary()
-    text = json.dumps(summary, sort_keys=True, default=float)
-    if len(text.encode()) > _TUNING_BYTES:  # the eigenvalue list is the only long entry
-        summary["top_eigenvalues"] = (summary.get("top_eigenvalues") or [])[:8]
-        text = json.dumps(summary, sort_keys=True, default=float)
-    return _bounded_text(text, _TUNING_BYTES)
 
 
 def check_writable(path: PathLike) -> None:
@@ -177,7 +138,7 @@ class LogWriter:
         else:  # a new or recovered file: lock the file we will write
             _unlock(guard)
             self._lock = _writer_lock(self.path)
-        self._layout = _file_layout(self._file)
+        self._layout = file_layout(self._file)
         # One handle per dataset for the writer's lifetime: a handle closed after each write would flush its
         # chunks while being freed, where a failed write (a full disk) is only printed, never raised.
         self._datasets = {name: self._file[name] for name in self._layout}
@@ -213,7 +174,7 @@ class LogWriter:
         from .. import __version__
 
         identity = self.identity
-        file = h5py.File(path, "w", libver=_LIBVER, locking=False)
+        file = h5py.File(path, "w", libver=LIBVER, locking=False)
         file.attrs.update({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -227,27 +188,25 @@ class LogWriter:
         for name in ("train_ids", "probe_ids", "train_groups", "probe_groups"):
             labels = getattr(identity, name)
             if labels is not None:
-                _label_dataset(file, name, labels)
-        _store_group_names(file, identity)
+                write_labels(file, name, labels)
+        write_group_names(file, identity)
         for name in ("probe_tokens", "train_text"):
             texts = getattr(identity, name)
             if texts is not None:
-                _text_dataset(file, name, texts)
-        layout = _layout(len(identity.probe_ids), len(identity.train_ids), identity.chains, identity.draws,
-                         identity.tokens)
-        for name, (tail, dtype) in layout.items():
+                write_texts(file, name, texts)
+        for name, (tail, dtype) in columns.layout(identity.sizes).items():
             # fletcher32: a checksum per chunk, so bytes overwritten inside a snapshot's data are found when read.
-            file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=_row_chunks(tail),
+            file.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), chunks=row_chunks(tail),
                                 dtype=dtype, fillvalue=np.nan if np.dtype(dtype).kind == "f" else None,
                                 fletcher32=True)
         return file
 
     def _open_existing(self) -> h5py.File:
         with open_swmr(self.path) as stored, damage_as_error(self.path):
-            _check_format(stored, self.path)
+            check_format(stored, self.path)
             self._check_identity(stored)
         try:
-            file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
+            file = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         except OSError as error:
             if "already open for read-only" in str(error):
                 raise OSError(f"Cannot resume the influence log {self.path}: this process has it open for reading "
@@ -257,12 +216,12 @@ class LogWriter:
             # The previous writer was killed (no live writer holds _writer_lock) and left the file
             # marked as open for writing; its completed snapshots are intact: copy them to a clean file.
             self.recovered = recover_in_place(self.path)
-            file = h5py.File(self.path, "r+", libver=_LIBVER, locking=False)
+            file = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
         # SWMR at once: until then the file is marked open for writing without SWMR, which readers cannot open.
         file.swmr_mode = True
         # Drop a snapshot in flight when the previous writer died: rows past the last committed step.
         committed = len(file["step"])
-        for name in _file_layout(file):
+        for name in file_layout(file):
             if len(file[name]) != committed:
                 file[name].resize(committed, axis=0)
         return file
@@ -280,17 +239,17 @@ class LogWriter:
         for name in ("chains", "draws"):
             if int(stored.attrs[name]) != getattr(identity, name):
                 differences.append(f"{name} (stored {int(stored.attrs[name])}, now {getattr(identity, name)})")
-        if _stored_tokens(stored) != identity.tokens:
-            differences.append(f"tokens (stored {_stored_tokens(stored)}, now {identity.tokens})")
+        if stored_tokens(stored) != identity.tokens:
+            differences.append(f"tokens (stored {stored_tokens(stored)}, now {identity.tokens})")
         for name in ("train_ids", "probe_ids", "train_groups", "probe_groups"):
             mine = getattr(identity, name)
-            theirs = _read_labels(stored[name]) if name in stored else None
+            theirs = read_labels(stored[name]) if name in stored else None
             if (mine is None) != (theirs is None) or (
                 mine is not None and (mine.shape != theirs.shape or not np.array_equal(mine, theirs))
             ):
                 differences.append(name)
         for name in ("probe_tokens", "train_text"):
-            mine, theirs = getattr(identity, name), _read_texts(stored, name)
+            mine, theirs = getattr(identity, name), read_texts(stored, name)
             if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
                 differences.append(name)
         if differences:
@@ -378,50 +337,25 @@ class LogWriter:
         dataset[row] = value
 
     def _row(self, record: SnapshotRecord) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "step": record.step,
-            "epoch": record.epoch,
-            "wall_time": record.wall_time,
-            "duration_s": record.duration_s,
-            "status": _bounded_text(record.status, _STATUS_BYTES),
-            "message": _bounded_text(record.message, _MESSAGE_BYTES),
-            "step_size": record.used_step_size(),
-            "calibration": _calibration_text(record.calibration),
-            "tuning": _tuning_text(record.result),
-        }
-        result = record.result
-        if result is None:
-            for name, (tail, dtype) in self._layout.items():
-                if name not in values:
-                    values[name] = np.zeros(tail, bool) if np.dtype(dtype).kind == "b" else np.full(tail, np.nan)
-            return values
-        d = result.diagnostics
-        horizon = {"horizon_steps": result.config.horizon_steps, "learning_rate": result.config.learning_rate,
-                   "momentum": result.config.momentum, "localization": result.config.localization,
-                   "lambda_min": None if d.horizon is None else d.horizon.lambda_min}
-        values.update({name: np.nan if value is None else float(value) for name, value in horizon.items()})
-        arrays = {
-            "influence": result.influence, "correlation": result.correlation, "stderr": result.stderr,
-            "train_loss": result.train_loss, "probe_loss": result.probe_loss,
-            "diagnostics/sampling_loss": d.sampling_loss, "diagnostics/draw_loss": d.draw_loss,
-            "diagnostics/diverged": d.diverged,
-        }
-        if "token_influence" in self._layout:
-            if result.token_influence is None or result.token_stderr is None:
-                raise ValueError(f"The influence log {self.path} stores per-token influence (tokens="
-                                 f"{self._layout['token_influence'][0][1]}), but the result has none: run the "
-                                 "estimate with SGLDConfig(per_token=True).")
-            arrays.update(token_influence=result.token_influence, token_influence_se=result.token_stderr)
-        for name, tensor in arrays.items():
-            array = np.asarray(tensor.detach().cpu())
-            expected = self._layout[name][0]
-            if array.shape != expected:
+        """The stored value of every column of this log (:mod:`~lightning_bif.log.columns`) for ``record``."""
+        values: dict[str, Any] = {}
+        for name, (tail, _) in self._layout.items():
+            column = columns.BY_NAME[name]
+            raw = columns.value(column, record)
+            if raw is None:
+                if column.shape and record.result is not None and column.from_result:
+                    what = f"per-token influence (tokens={tail[1]})" if column.optional else f"{name} {tail}"
+                    hint = ": run the estimate with SGLDConfig(per_token=True)" if column.optional else ""
+                    raise ValueError(f"The influence log {self.path} stores {what}, but the result has none{hint}.")
+                values[name] = column.fill(tail)
+                continue
+            stored = column.encode_value(raw)
+            if column.shape and stored.shape != tail:
                 raise ValueError(
-                    f"{name} has shape {array.shape} but the log {self.path} stores {expected} per snapshot "
+                    f"{name} has shape {stored.shape} but the log {self.path} stores {tail} per snapshot "
                     "(probes, train examples, chains and draws are fixed for a log)."
                 )
-            values[name] = array
-        values.update(split_half=d.split_half, loss_rise=d.loss_rise, ess=d.ess, nbeta=d.nbeta)
+            values[name] = stored
         return values
 
     def truncate_after(self, step: int) -> int:
