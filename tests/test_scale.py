@@ -114,7 +114,10 @@ def test_train_and_probes_are_evaluated_in_one_pass_with_the_same_result_as_two(
     joint = BIFEstimator(model, cross_entropy, train, probes, config=config)
     separate = BIFEstimator(model, cross_entropy, train, probes, config=config,
                             probe_fn=lambda m, b: cross_entropy(m, b))
-    one, two = joint.run(), separate.run()
+    for estimator in (joint, separate):
+        estimator.prepare()
+    one, two = (estimator.summarize(estimator.sample_checked(range(config.chains)), 0.0)
+                for estimator in (joint, separate))
     assert joint._joint_batch is not None and separate._joint_batch is None
     torch.testing.assert_close(one.influence, two.influence)
     torch.testing.assert_close(one.probe_loss, two.probe_loss)
