@@ -29,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "scripts")]
-from test_log import make_identity, record  # noqa: E402
+from helpers import make_identity, record  # noqa: E402
 from toy import FAST, ToyClassifier, toy_dataset, tracked_sets  # noqa: E402
 
 from lightning_bif import DamagedLogError, estimate_bif, open_log  # noqa: E402

@@ -1,4 +1,4 @@
-"""Shared test helpers: small models, per-example losses and the closed-form Gaussian BIF.
+"""Shared test helpers: small models, per-example losses, the closed-form Gaussian BIF and log fixtures.
 
 Other test modules import these; keep the signatures stable.
 """
@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from lightning_bif import BIFResult, Diagnostics, SGLDConfig
+from lightning_bif.log import RunIdentity, SnapshotRecord
 
 
 def mlp(inputs: int = 4, hidden: int = 16, outputs: int = 3, seed: int = 0) -> nn.Sequential:
@@ -146,3 +150,46 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
     """Relative Frobenius error ``||estimate - exact|| / ||exact||``."""
     return float((estimate.double() - exact.double()).norm() / exact.double().norm())
+
+
+# --- log fixtures: random results and records of a small run ---------------------------------------
+
+P, N, C, D = 3, 8, 2, 5  # probes, train examples, chains, draws of the log fixtures
+
+
+def make_result(seed: int, probes: int = P, train: int = N, chains: int = C, draws: int = D) -> BIFResult:
+    """A BIFResult of random tensors (the log stores whatever the estimator produced)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    diagnostics = Diagnostics(
+        sampling_loss=randn(chains, draws), draw_loss=randn(chains, draws),
+        diverged=torch.arange(chains) == seed % chains, loss_rise=0.1 * seed, split_half=0.9 - 0.01 * seed,
+        ess=10.0 + seed, vectorized=True, nbeta=100.0, duration_s=1.0,
+    )
+    return BIFResult(
+        influence=randn(probes, train), correlation=randn(probes, train).tanh(), stderr=randn(probes, train).abs(),
+        train_loss=randn(train).abs(), probe_loss=randn(probes).abs(), diagnostics=diagnostics,
+        config=SGLDConfig(chains=chains, draws=draws, step_size=1e-4),
+    )
+
+
+def make_identity(**changes: object) -> RunIdentity:
+    """The run identity of the log fixtures: ``N`` train and ``P`` probe examples, ``C`` chains of ``D`` draws."""
+    values = dict(
+        config={"sgld": SGLDConfig(chains=C, draws=D, step_size=1e-4).to_dict(), "callback": {"every_n_steps": 10}},
+        train_ids=np.arange(N) * 7, probe_ids=np.arange(P), train_groups=np.arange(N) % 3,
+        probe_groups=np.array([0, 1, 1]), chains=C, draws=D,
+    )
+    values.update(changes)
+    return RunIdentity(**values)
+
+
+def record(step: int, status: str = "ok", result: BIFResult | None = None, message: str = "") -> SnapshotRecord:
+    """A snapshot record at ``step`` (a random result unless it failed or ``result`` is given)."""
+    if result is None and status != "failed":
+        result = make_result(step)
+    return SnapshotRecord(step=step, epoch=step // 100, wall_time=1.7e9 + step, duration_s=0.5 + step / 1000,
+                          status=status, result=result, message=message)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_log import make_identity, record
+from helpers import make_identity, record
 
 from lightning_bif.cli import main
 from lightning_bif.log import LogWriter

@@ -23,10 +23,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import classification_data, cross_entropy, mlp, train_briefly
+from helpers import classification_data, cross_entropy, make_identity, make_result, mlp, record, train_briefly
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
-from test_log import make_identity, make_result, record
 
 from lightning_bif import BIFCallback, DamagedLogError, SGLDConfig, estimate_bif, open_log
 from lightning_bif.cli import main as cli
@@ -288,7 +287,7 @@ import numpy as np
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import lightning_bif.log.writer as writer_module
 from lightning_bif.log import LogWriter, LogWriteError
-from test_log import make_identity, record
+from helpers import make_identity, record
 writer_module._FREE_SPACE_MARGIN = -(1 << 40)
 writer = LogWriter({str(small_disk / 'bif.h5')!r}, make_identity())
 filler = open({str(small_disk / 'filler')!r}, 'wb')

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_log import make_identity, make_result, record
+from helpers import make_identity, make_result, record
 
 from lightning_bif import open_log
 from lightning_bif.analysis import group_means

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_log import C, D, N, P, make_identity, make_result, record
+from helpers import C, D, N, P, make_identity, make_result, record
 
 from lightning_bif import open_log
 from lightning_bif.cli import main

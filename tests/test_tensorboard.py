@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_identity, record
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
-from test_log import make_identity, record
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_bif import open_log

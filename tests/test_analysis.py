@@ -48,7 +48,7 @@ def test_unusable_snapshots_and_nan_entries_are_skipped() -> None:
 
 
 def test_a_log_and_the_cli_report_the_sign_changes_of_its_ok_snapshots(tmp_path, capsys) -> None:
-    from test_log import N, P, make_identity, make_result, record  # the log tests' writer fixtures
+    from helpers import N, P, make_identity, make_result, record  # the log fixtures
 
     def result(value: float) -> BIFResult:
         influence = torch.zeros(P, N)

@@ -15,47 +15,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import C, D, N, P, make_identity, make_result, record
 
-from lightning_bif import BIFResult, Diagnostics, SGLDConfig, open_log
-from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, SnapshotRecord, check_writable
-
-P, N, C, D = 3, 8, 2, 5
-
-
-def make_result(seed: int, probes: int = P, train: int = N, chains: int = C, draws: int = D) -> BIFResult:
-    """A BIFResult of random tensors (the log stores whatever the estimator produced)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator)
-
-    diagnostics = Diagnostics(
-        sampling_loss=randn(chains, draws), draw_loss=randn(chains, draws),
-        diverged=torch.arange(chains) == seed % chains, loss_rise=0.1 * seed, split_half=0.9 - 0.01 * seed,
-        ess=10.0 + seed, vectorized=True, nbeta=100.0, duration_s=1.0,
-    )
-    return BIFResult(
-        influence=randn(probes, train), correlation=randn(probes, train).tanh(), stderr=randn(probes, train).abs(),
-        train_loss=randn(train).abs(), probe_loss=randn(probes).abs(), diagnostics=diagnostics,
-        config=SGLDConfig(chains=chains, draws=draws, step_size=1e-4),
-    )
-
-
-def make_identity(**changes: object) -> RunIdentity:
-    values = dict(
-        config={"sgld": SGLDConfig(chains=C, draws=D, step_size=1e-4).to_dict(), "callback": {"every_n_steps": 10}},
-        train_ids=np.arange(N) * 7, probe_ids=np.arange(P), train_groups=np.arange(N) % 3,
-        probe_groups=np.array([0, 1, 1]), chains=C, draws=D,
-    )
-    values.update(changes)
-    return RunIdentity(**values)
-
-
-def record(step: int, status: str = "ok", result: BIFResult | None = None, message: str = "") -> SnapshotRecord:
-    if result is None and status != "failed":
-        result = make_result(step)
-    return SnapshotRecord(step=step, epoch=step // 100, wall_time=1.7e9 + step, duration_s=0.5 + step / 1000,
-                          status=status, result=result, message=message)
+from lightning_bif import open_log
+from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, check_writable
 
 
 def test_round_trip_stores_every_array_of_every_snapshot(tmp_path: Path) -> None:
