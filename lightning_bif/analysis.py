@@ -59,10 +59,11 @@ def group_means(influence: np.ndarray, probe_groups: Any = None, train_groups: A
     influence = np.asarray(influence, dtype=np.float64)
     probe_labels, probe_members = group_labels(probe_groups, influence.shape[0])
     train_labels, train_members = group_labels(train_groups, influence.shape[1])
-    probe_onehot = np.eye(len(probe_labels))[probe_members]  # [P, Gp]
-    train_onehot = np.eye(len(train_labels))[train_members]  # [N, Gt]
-    sums = probe_onehot.T @ influence @ train_onehot
-    counts = np.outer(probe_onehot.sum(0), train_onehot.sum(0))
+    # Summed block by block (not as one-hot matrix products, where 0 · NaN would spread a NaN to every block).
+    sums = np.zeros((len(probe_labels), len(train_labels)))
+    np.add.at(sums, (probe_members[:, None], train_members[None, :]), influence)
+    counts = np.outer(np.bincount(probe_members, minlength=len(probe_labels)),
+                      np.bincount(train_members, minlength=len(train_labels)))
     return GroupMeans(probe_labels, train_labels, sums / counts)
 
 

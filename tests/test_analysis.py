@@ -1,4 +1,4 @@
-"""Significant sign changes of influence curves, from arrays and from a log."""
+"""Offline summaries: group means, extremes, flattened configs, and sign changes of influence curves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_bif import open_log
-from lightning_bif.analysis import SignChange, sign_changes
+from lightning_bif.analysis import SignChange, extremes, flatten_config, group_labels, group_means, sign_changes
 from lightning_bif.cli import main as cli_main
 from lightning_bif.estimator import BIFResult
 from lightning_bif.log import LogWriter
@@ -21,6 +21,46 @@ def curves(*pairs: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """Influence ``[S, 1, N]`` with one column per curve, and unit standard errors."""
     influence = np.array(pairs, dtype=np.float64).T[:, None, :]
     return influence, np.ones_like(influence)
+
+
+def test_group_means_average_each_block_against_a_loop_over_its_entries() -> None:
+    influence = np.random.default_rng(0).normal(size=(5, 7))
+    probe_groups, train_groups = ["b", "a", "b", "c", "a"], [2, 0, 0, 1, 2, 2, 0]
+    result = group_means(influence, probe_groups, train_groups)
+    assert result.probe_groups.tolist() == ["a", "b", "c"] and result.train_groups.tolist() == [0, 1, 2]
+    for a, probe_label in enumerate(result.probe_groups):
+        for b, train_label in enumerate(result.train_groups):
+            rows = [i for i, g in enumerate(probe_groups) if g == probe_label]
+            cols = [j for j, g in enumerate(train_groups) if g == train_label]
+            assert result.means[a, b] == pytest.approx(influence[np.ix_(rows, cols)].mean())
+    whole = group_means(influence)
+    assert whole.probe_groups.tolist() == whole.train_groups.tolist() == ["all"]
+    assert whole.means.shape == (1, 1) and whole.means[0, 0] == pytest.approx(influence.mean())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_entry_spoils_only_its_own_block(bad: float) -> None:
+    influence = np.arange(12.0).reshape(3, 4)
+    influence[0, 0] = bad
+    means = group_means(influence, [0, 1, 1], [0, 0, 1, 1]).means
+    assert np.isnan(means[0, 0]) if np.isnan(bad) else means[0, 0] == np.inf
+    assert means[0, 1] == pytest.approx(2.5) and means[1, 0] == pytest.approx(6.5) and means[1, 1] == pytest.approx(8.5)
+
+
+def test_group_labels_are_sorted_and_extremes_skip_nan() -> None:
+    labels, members = group_labels(np.array(["x", "y", "x"]), 3)
+    assert labels.tolist() == ["x", "y"] and members.tolist() == [0, 1, 0]
+    influence = np.array([[np.nan, -2.0, 1.0], [3.0, np.nan, 0.5]])
+    helpful, harmful = extremes(influence)
+    assert (helpful.probe, helpful.train, helpful.influence) == (0, 1, -2.0)
+    assert (harmful.probe, harmful.train, harmful.influence) == (1, 0, 3.0)
+    assert extremes(np.full((2, 2), np.nan)) is None
+
+
+def test_flatten_config_names_nested_entries_with_dots() -> None:
+    assert flatten_config({"sgld": {"chains": 4, "prior": {"wd": 0.1}}, "every": 10}) == {
+        "sgld.chains": 4, "sgld.prior.wd": 0.1, "every": 10}
+    assert flatten_config(3, "x") == {"x": 3}
 
 
 def test_a_helpful_pair_that_turns_harmful_through_an_unresolved_snapshot_changes_once() -> None:
