@@ -7,12 +7,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
-from lightning_bif.collectives import SingleProcess, StrategyCollectives
 from lightning_bif.curvature_cache import CurvatureCache
 from lightning_bif.log import LogWriter
 from lightning_bif.snapshot import Snapshotter, float32_model, training_config, with_horizon
@@ -167,12 +165,3 @@ def test_the_config_from_an_optimizer() -> None:
     assert unknown.config == SGLDConfig() and "step 5 has no horizon (the number of steps" in unknown.warnings[0]
     optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = 0.0
     assert "optimizer's step is unknown" in with_horizon(SGLDConfig(), [optimizer], 20, step=5).warnings[0]
-
-
-def test_collectives_of_one_process_and_of_a_lightning_strategy() -> None:
-    tensor = torch.arange(3.0)
-    for collectives in (SingleProcess(), StrategyCollectives(SingleDeviceStrategy(device="cpu"))):
-        assert (collectives.rank, collectives.world_size) == (0, 1)
-        assert collectives.broadcast({"ok": True}) == {"ok": True}
-        assert collectives.any(True) is True and collectives.any(False) is False
-        assert torch.equal(collectives.sum(tensor), tensor)
