@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "scripts")]
-from helpers import make_identity, record  # noqa: E402
+from helpers import make_identity, record, resume_until_killed  # noqa: E402
 from toy import FAST, ToyClassifier, toy_dataset, tracked_sets  # noqa: E402
 
 from lightning_bif import DamagedLogError, estimate_bif, open_log  # noqa: E402
@@ -112,26 +111,7 @@ def storm(directory: Path, kills: int) -> dict:
     committed: list[int] = []
     recoveries = interrupted = lost = 0
     for kill in range(kills):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            try:
-                writer = LogWriter(path, make_identity(), if_exists="resume")
-                os.write(write, f"R{int(writer.recovered is not None)}\n".encode())
-                step = int(writer.steps[-1]) + 1 if len(writer) else 1
-                while True:
-                    writer.append(record(step))
-                    os.write(write, f"{step}\n".encode())
-                    step += 1
-            finally:
-                os.kill(os.getpid(), signal.SIGKILL)
-        os.close(write)
-        time.sleep(rng.uniform(0.0, 0.02) if kill % 3 == 0 else rng.uniform(0.1, 0.6))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        with os.fdopen(read) as lines:
-            told = lines.read().split()
+        told = resume_until_killed(path, rng.uniform(0.0, 0.02) if kill % 3 == 0 else rng.uniform(0.1, 0.6))
         recoveries += "R1" in told
         interrupted += kill > 0 and not told
         committed += [int(t) for t in told if not t.startswith("R")]

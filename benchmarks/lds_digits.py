@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import platform
@@ -45,6 +44,9 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.calibration import calibrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_common import CacheKey, subset_masks
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
@@ -71,7 +73,7 @@ BIF_SETTINGS: dict[str, dict[str, object]] = {
 
 
 @dataclass(frozen=True)
-class Setup:
+class Setup(CacheKey):
     """Everything that determines the ground truth (its hash names the cache file)."""
 
     n_train: int = 1000
@@ -84,9 +86,6 @@ class Setup:
     weight_decay: float = 1e-3
     hidden: int = 64
     data_seed: int = 0
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -110,10 +109,7 @@ def load_split(setup: Setup) -> Digits:
     gen = torch.Generator().manual_seed(setup.data_seed)
     order = torch.randperm(len(x), generator=gen)
     train, probe = order[:setup.n_train], order[setup.n_train:setup.n_train + setup.n_probes]
-    size = round(setup.alpha * setup.n_train)
-    masks = torch.zeros(setup.subsets, setup.n_train, dtype=torch.bool)
-    for m in range(setup.subsets):
-        masks[m, torch.randperm(setup.n_train, generator=gen)[:size]] = True
+    masks = subset_masks(setup.subsets, setup.n_train, setup.alpha, gen)
     return Digits(x[train], y[train], x[probe], y[probe], masks)
 
 

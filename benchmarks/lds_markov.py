@@ -26,8 +26,6 @@ checkpoint has a ceiling of 0.8–0.95.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_common import CacheKey, subset_masks
 from workloads import GPT, markov_tokens, sequence_loss
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +46,7 @@ CACHE = HERE / "cache"
 
 
 @dataclass(frozen=True)
-class Setup:
+class Setup(CacheKey):
     """Everything that determines the training run and the ground truth (its hash names the cache file)."""
 
     vocab: int = 16
@@ -68,9 +67,6 @@ class Setup:
     orders: int = 3
     data_seed: int = 0
 
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
 
 @dataclass
 class Data:
@@ -85,10 +81,7 @@ def load_data(setup: Setup) -> Data:
     """Training and probe sequences from one Markov chain, and the random half-subsets."""
     gen = torch.Generator().manual_seed(setup.data_seed)
     tokens = markov_tokens(setup.n_train + setup.n_probes, setup.context + 1, setup.vocab, gen)
-    size = round(setup.alpha * setup.n_train)
-    masks = torch.zeros(setup.subsets, setup.n_train, dtype=torch.bool)
-    for m in range(setup.subsets):
-        masks[m, torch.randperm(setup.n_train, generator=gen)[:size]] = True
+    masks = subset_masks(setup.subsets, setup.n_train, setup.alpha, gen)
     return Data(tokens[:setup.n_train], tokens[setup.n_train:], masks)
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import platform
@@ -53,6 +52,7 @@ from torch.func import functional_call, grad, hessian, vmap
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lds_common import CacheKey, ClassificationLosses, subset_masks
 from lds_digits import lds, seed_ceiling
 
 from lightning_bif import SGLDConfig, estimate_bif
@@ -66,7 +66,7 @@ RULES = ("interval", "rest")
 
 
 @dataclass(frozen=True)
-class Setup:
+class Setup(CacheKey):
     """Everything that determines the training run and the ground truth (its hash names the cache file)."""
 
     n_train: int = 500
@@ -84,9 +84,6 @@ class Setup:
     alpha: float = 0.5
     orders: int = 3
     data_seed: int = 0
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
     def horizon(self, step: int, rule: str) -> int:
         """H after checkpoint ``step``: to the next checkpoint (``interval``) or to the end (``rest``)."""
@@ -114,10 +111,7 @@ def load_data(setup: Setup) -> Data:
     x = (x - x.mean(0)) / x.std(0)
     y = torch.tensor(y, dtype=torch.long)
     gen = torch.Generator().manual_seed(setup.data_seed)
-    size = round(setup.alpha * setup.n_train)
-    masks = torch.zeros(setup.subsets, setup.n_train, dtype=torch.bool)
-    for m in range(setup.subsets):
-        masks[m, torch.randperm(setup.n_train, generator=gen)[:size]] = True
+    masks = subset_masks(setup.subsets, setup.n_train, setup.alpha, gen)
     n = setup.n_train
     return Data(x[:n], y[:n], x[n:], y[n:], masks)
 
@@ -298,25 +292,6 @@ def bif_scores(setup: Setup, model: nn.Module, data: Data, config: SGLDConfig, n
         details.update(horizon_steps=d.horizon.horizon_steps, damping=d.horizon.damping,
                        lambda_min=d.horizon.lambda_min, lambda_max=d.horizon.lambda_max)
     return Scores(name, result.influence.double(), time.process_time() - start, details)
-
-
-class ClassificationLosses:
-    """kronfluence task losses for ``(x, y)`` examples: summed cross-entropy; ``sample`` draws the true Fisher's labels.
-
-    A mixin (kronfluence's ``Task`` is imported only where EK-FAC runs, so that kronfluence stays optional).
-    """
-
-    def compute_train_loss(self, batch, model, sample=False):
-        x, y = batch
-        logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits.detach()).sample()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        x, y = batch
-        return F.cross_entropy(model(x), y, reduction="sum")
 
 
 def kronfluence_scores(model: nn.Module, data: Data, dampings: dict[str, float | None]) -> list[Scores]:

@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from lds_common import ClassificationLosses
 from lds_digits import (
     BIF_SETTINGS,
     RESULTS,
@@ -85,21 +86,6 @@ def score_kronfluence(model: nn.Module, data: Digits, truth: torch.Tensor, setup
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
-    class DigitsTask(Task):
-        """Summed cross-entropy (kronfluence's convention); ``sample`` draws labels for the true Fisher."""
-
-        def compute_train_loss(self, batch: list[torch.Tensor], model: nn.Module, sample: bool = False) -> torch.Tensor:
-            x, y = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = torch.distributions.Categorical(logits=logits.detach()).sample()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch: list[torch.Tensor], model: nn.Module) -> torch.Tensor:
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
     train = torch.utils.data.TensorDataset(data.x_train, data.y_train)
     probes = torch.utils.data.TensorDataset(data.x_probe, data.y_probe)
     # None = kronfluence's heuristic 0.1 × mean eigenvalue; 1e-8 its default; λ makes F + δ the Fisher of
@@ -109,7 +95,7 @@ def score_kronfluence(model: nn.Module, data: Digits, truth: torch.Tensor, setup
     rows = []
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # its GradScaler(...) calls, unused on CPU
-        task = DigitsTask()
+        task = type("DigitsTask", (ClassificationLosses, Task), {})()
         analyzer = Analyzer(analysis_name="digits", model=prepare_model(copy.deepcopy(model), task), task=task,
                             cpu=True, disable_tqdm=True, output_dir=tmp)
         for strategy, empirical_fisher in (("ekfac", False), ("kfac", False), ("ekfac", True))[:3 if empirical else 2]:

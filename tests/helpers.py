@@ -5,7 +5,14 @@ Other test modules import these; keep the signatures stable.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -13,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_bif import BIFResult, Diagnostics, SGLDConfig
-from lightning_bif.log import RunIdentity, SnapshotRecord
+from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord
 
 
 def mlp(inputs: int = 4, hidden: int = 16, outputs: int = 3, seed: int = 0) -> nn.Sequential:
@@ -193,3 +200,43 @@ def record(step: int, status: str = "ok", result: BIFResult | None = None, messa
         result = make_result(step)
     return SnapshotRecord(step=step, epoch=step // 100, wall_time=1.7e9 + step, duration_s=0.5 + step / 1000,
                           status=status, result=result, message=message)
+
+
+
+def resume_until_killed(path: Path, seconds: float) -> list[str]:
+    """Fork a writer that resumes the log at ``path`` and appends ``record(step)`` rows until it is SIGKILLed
+    ``seconds`` later; return what it reported: ``"R1"`` (``"R0"``) when its resume recovered (did not recover) a
+    killed log, then each step whose append returned (is committed)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: resume (recovering the killed log), then append until killed
+        os.close(read)
+        try:
+            writer = LogWriter(path, make_identity(), if_exists="resume")
+            os.write(write, f"R{int(writer.recovered is not None)}\n".encode())
+            step = int(writer.steps[-1]) + 1 if len(writer) else 1
+            while True:
+                writer.append(record(step))
+                os.write(write, f"{step}\n".encode())
+                step += 1
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(write)
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as lines:
+        return lines.read().split()
+
+# --- benchmarks -----------------------------------------------------------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as the module ``name`` (registered first: dataclasses look it up there)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

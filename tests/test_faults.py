@@ -23,7 +23,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import classification_data, cross_entropy, make_identity, make_result, mlp, record, train_briefly
+from helpers import (
+    classification_data,
+    cross_entropy,
+    make_identity,
+    make_result,
+    mlp,
+    record,
+    resume_until_killed,
+    train_briefly,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 
@@ -374,26 +383,8 @@ def test_kill_and_resume_storm_loses_nothing_that_was_committed(tmp_path):
     committed: list[int] = []
     recoveries = interrupted = 0
     for kill in range(10):
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child: resume (recovering the killed log), then append until killed
-            os.close(read)
-            try:
-                writer = LogWriter(path, make_identity(), if_exists="resume")
-                os.write(write, f"R{int(writer.recovered is not None)}\n".encode())
-                step = int(writer.steps[-1]) + 1 if len(writer) else 1
-                while True:
-                    writer.append(record(step))
-                    os.write(write, f"{step}\n".encode())
-                    step += 1
-            finally:
-                os.kill(os.getpid(), signal.SIGKILL)
-        os.close(write)
-        time.sleep(rng.uniform(0.0, 0.02) if kill % 3 == 0 else rng.uniform(0.1, 0.6))  # early kills hit recovery
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        with os.fdopen(read) as lines:
-            told = lines.read().split()
+        early = kill % 3 == 0  # early kills hit the recovery that starts a resume
+        told = resume_until_killed(path, rng.uniform(0.0, 0.02) if early else rng.uniform(0.1, 0.6))
         recoveries += "R1" in told
         interrupted += kill > 0 and not told  # killed before the resume (and its recovery) finished
         committed += [int(t) for t in told if not t.startswith("R")]

@@ -1,20 +1,14 @@
 """CI-sized checks of the time-resolved LDS benchmark (benchmarks/lds_midtrain.py): its pieces and one tiny run."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lds_midtrain.py"
-_SPEC = importlib.util.spec_from_file_location("lds_midtrain", _PATH)
-lds_midtrain = importlib.util.module_from_spec(_SPEC)
-sys.modules["lds_midtrain"] = lds_midtrain  # dataclasses look their module up there
-_SPEC.loader.exec_module(lds_midtrain)
+lds_midtrain = load_benchmark("lds_midtrain")
 
 TINY = lds_midtrain.Setup(n_train=60, n_probes=6, hidden=6, total_steps=40, checkpoints=(0, 20), subsets=8, orders=2)
 ARGV = ["--n-train", "60", "--n-probes", "6", "--hidden", "6", "--total-steps", "40", "--checkpoints", "0,20",

@@ -1,22 +1,17 @@
 """CI-sized checks of the LDS benchmark code (benchmarks/lds_digits.py): its pieces and one tiny run."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 from scipy.stats import spearmanr
 
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "lds_digits.py"
-_SPEC = importlib.util.spec_from_file_location("lds_digits", _PATH)
-lds_digits = importlib.util.module_from_spec(_SPEC)
-sys.modules["lds_digits"] = lds_digits  # dataclasses look their module up there
-_SPEC.loader.exec_module(lds_digits)
+lds_digits = load_benchmark("lds_digits")
 
 TINY = lds_digits.Setup(n_train=60, n_probes=6, subsets=8, seeds=2, train_steps=60, hidden=6)
 

@@ -1,31 +1,28 @@
 """CI-sized checks of the LDS suite (benchmarks/lds_suite.py) and its new set-up (benchmarks/lds_markov.py)."""
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 pytest.importorskip("sklearn")
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-lds_suite = _load("lds_suite")
+lds_suite = load_benchmark("lds_suite")
 lds_markov = sys.modules["lds_markov"]
 
 TINY = lds_markov.Setup(n_train=32, n_probes=6, steps=30, checkpoints=(10, 20), horizon=10, subsets=4, orders=2)
+
+
+def test_the_default_set_ups_keep_the_cache_file_names_and_subsets_keep_half() -> None:
+    """benchmarks/cache/ holds ground truths named by these keys: a changed key would recompute them (hours)."""
+    keys = {name: sys.modules[name].Setup().key() for name in ("lds_digits", "lds_markov", "lds_midtrain")}
+    assert keys == {"lds_digits": "b87d3e104bde", "lds_markov": "592288cda40e", "lds_midtrain": "880d30db6cd3"}
+    assert lds_markov.Setup(subsets=4).key() != keys["lds_markov"]
+    masks = sys.modules["lds_common"].subset_masks(5, 10, 0.5, torch.Generator().manual_seed(0))
+    assert masks.shape == (5, 10) and masks.sum(1).tolist() == [5] * 5 and len({tuple(m.tolist()) for m in masks}) > 1
 
 
 def test_recipes_are_typed_from_the_config_fields() -> None:
