@@ -237,8 +237,14 @@ def seed_ceiling(losses: torch.Tensor) -> dict[str, float]:
     return {"seed_vs_seed": sum(pairs) / len(pairs), "seed_vs_rest": sum(rest) / len(rest)}
 
 
-def flat_params(model: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]]:
-    """The model's parameters as one vector and ``losses(flat, batch)``: per-example losses at ``flat``."""
+def flat_params(
+    model: nn.Module, loss_fn: Callable[[Callable, list[torch.Tensor]], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]]:
+    """The model's parameters as one vector and ``losses(flat, batch)``: ``loss_fn``'s per-example losses at ``flat``.
+
+    ``loss_fn(model, batch)`` (default :func:`per_example_loss`) gets the model as a function of its inputs.
+    """
+    loss_fn = per_example_loss if loss_fn is None else loss_fn
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     numels = [p.numel() for p in model.parameters()]
@@ -246,7 +252,7 @@ def flat_params(model: nn.Module) -> tuple[torch.Tensor, Callable[[torch.Tensor,
 
     def losses(w: torch.Tensor, batch: list[torch.Tensor]) -> torch.Tensor:
         tensors = {n: t.view(s) for n, t, s in zip(names, w.split(numels), shapes, strict=True)}
-        return per_example_loss(lambda x: functional_call(model, tensors, (x,)), batch)
+        return loss_fn(lambda *x: functional_call(model, tensors, x), batch)
 
     return flat, losses
 

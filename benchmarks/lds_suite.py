@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds_digits
@@ -253,17 +253,7 @@ def bif_score(problem: Problem, name: str, config: SGLDConfig) -> Score:
 
 def _flat(model: nn.Module, loss_fn: Callable) -> tuple[torch.Tensor, Callable[[torch.Tensor, list], torch.Tensor]]:
     """The parameters as one float64 vector and ``losses(flat, batch)`` on a float64 copy of the model."""
-    model = copy.deepcopy(model).double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def losses(w: torch.Tensor, batch: list[torch.Tensor]) -> torch.Tensor:
-        tensors = {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes, strict=True)}
-        return loss_fn(lambda *x: functional_call(model, tensors, x), batch)
-
-    return flat, losses
+    return lds_digits.flat_params(copy.deepcopy(model).double(), loss_fn)
 
 
 def _double(batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
