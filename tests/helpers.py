@@ -10,6 +10,9 @@ import os
 import signal
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -158,6 +161,14 @@ def relative_error(estimate: torch.Tensor, exact: torch.Tensor) -> float:
     """Relative Frobenius error ``||estimate - exact|| / ||exact||``."""
     return float((estimate.double() - exact.double()).norm() / exact.double().norm())
 
+
+
+@contextmanager
+def every_warning() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised in the block, repeats included (for tests that count them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
 
 # --- log fixtures: random results and records of a small run ---------------------------------------
 

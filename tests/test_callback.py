@@ -2,13 +2,13 @@
 
 import csv
 import time
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import every_warning
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -36,6 +36,13 @@ def fit(tmp_path: Path, callbacks=(), model: ToyClassifier | None = None, seed: 
     trainer = make_trainer(tmp_path, callbacks, **kwargs)
     trainer.fit(model, loader(DATA))
     return trainer, model
+
+
+def fit_warned(tmp_path: Path, callback: BIFCallback, word: str, **kwargs) -> tuple[pl.Trainer, ToyClassifier, list]:
+    """``fit`` with ``callback``, and the messages of the warnings that mention ``word`` (repeats included)."""
+    with every_warning() as caught:
+        trainer, model = fit(tmp_path, [callback], **kwargs)
+    return trainer, model, [str(w.message) for w in caught if word in str(w.message)]
 
 
 def bif(tmp_path: Path, name: str = "bif.h5", **kwargs) -> BIFCallback:
@@ -241,12 +248,8 @@ def test_sharded_strategies_are_refused(tmp_path):
 
 def test_diverging_chains_are_recorded_warned_once_and_training_goes_on(tmp_path):
     callback = bif(tmp_path, every_n_steps=2, config=FAST.replace(step_size=1e3), horizon=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer, model = fit(tmp_path, [callback], max_steps=6)
-    diverged = [w for w in caught if "diverged" in str(w.message)]
-    assert len(diverged) == 1 and "step_size" in str(diverged[0].message)
-    assert trainer.global_step == 6 and len(model.losses) == 6
+    trainer, model, (warning,) = fit_warned(tmp_path, callback, "diverged", max_steps=6)  # warned once
+    assert "step_size" in warning and trainer.global_step == 6 and len(model.losses) == 6
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [2, 4, 6] and (log.status == "diverged").all()
         assert np.asarray(log.diverged).all()
@@ -259,12 +262,8 @@ def test_a_snapshot_that_raises_is_recorded_as_failed_and_training_goes_on(tmp_p
         return ToyClassifier.per_example_loss(model, batch)
 
     callback = bif(tmp_path, every_n_steps=1, loss_fn=fails_after_step_2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer, model = fit(tmp_path, [callback], max_steps=4)
-    failed = [w for w in caught if "failed" in str(w.message)]
-    assert len(failed) == 1 and "out of memory (simulated)" in str(failed[0].message)
-    assert trainer.global_step == 4 and len(model.losses) == 4
+    trainer, model, (warning,) = fit_warned(tmp_path, callback, "failed", max_steps=4)
+    assert "out of memory (simulated)" in warning and trainer.global_step == 4 and len(model.losses) == 4
     with open_log(tmp_path / "bif.h5") as log:
         assert log.status.tolist() == ["ok", "failed", "failed", "failed"]
         assert "RuntimeError: out of memory (simulated)" in log.message[1]
@@ -355,24 +354,21 @@ def test_low_split_half_reliability_is_warned_about_once_per_fit(tmp_path):
     few_draws = bif(tmp_path, every_n_steps=2, config=FAST.replace(draws=3, burn_in=0, preconditioner="none",
                                                                    control_variates=False),
                     min_split_half=0.3, horizon=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with every_warning() as caught:
         trainer, model = fit(tmp_path, [few_draws], max_steps=6)
     (message,) = split_half_warnings(caught)
     assert "min_split_half=0.3" in message and "chains" in message and "How much to trust a curve" in message
     with open_log(tmp_path / "bif.h5") as log:
         assert (log.split_half < 0.3).all()  # every snapshot is unreliable; the warning came once
     trainer.fit_loop.epoch_loop.max_steps = 8
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with every_warning() as caught:
         trainer.fit(model, loader(DATA))
     assert len(split_half_warnings(caught)) == 1  # once per fit
 
     many_chains = bif(tmp_path, "good.h5", every_n_steps=2, config=FAST.replace(chains=16, draws=50),
                       min_split_half=0.3)
     off = bif(tmp_path, "off.h5", every_n_steps=2, config=FAST.replace(draws=3, burn_in=0), min_split_half=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with every_warning() as caught:
         fit(tmp_path, [many_chains, off], max_steps=6)
     assert split_half_warnings(caught) == []
     with open_log(tmp_path / "good.h5") as log:
@@ -387,10 +383,7 @@ def test_calibration_picks_the_step_size_once_weights_are_stationary_and_keeps_i
     options = {"pilot_steps": 100, "pilot_chains": 2, "tracked": 32, "step_sizes": ladder}
     callback = bif(tmp_path, at_fit_start=True, at_steps=[60, 100, 110], calibrate=options,
                    config=FAST.replace(step_size=0.1, batch_size=None), horizon=None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer, model = fit(tmp_path, [callback], max_steps=100)
-    (warning,) = [str(w.message) for w in caught if "calibration" in str(w.message)]
+    trainer, model, (warning,) = fit_warned(tmp_path, callback, "calibration", max_steps=100)
     assert "step 0" in warning and "step_size=0.1" in warning and "not a stationary point" in warning
     with open_log(tmp_path / "bif.h5") as log:
         at_start, chosen, later = log.calibration

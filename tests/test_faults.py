@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import h5py
@@ -26,6 +25,7 @@ import torch
 from helpers import (
     classification_data,
     cross_entropy,
+    every_warning,
     make_identity,
     make_result,
     mlp,
@@ -238,8 +238,7 @@ def test_training_goes_on_through_write_errors_and_the_end_says_how_many_were_lo
         return original_append(writer, rec)
 
     monkeypatch.setattr(LogWriter, "append", append_with_fault)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with every_warning() as caught:
         trainer.fit(ToyClassifier(), loader(DATA))
     assert trainer.global_step == 10
     messages = [str(w.message) for w in caught if "could not be written" in str(w.message)]
@@ -520,8 +519,7 @@ def test_a_constant_probe_is_explained_not_blamed_on_noise(tmp_path):
     pl_seed(0)
     callback = BIFCallback(TRAIN, PROBES, probe_fn=constant, at_fit_start=True, config=FAST,
                            log_path=tmp_path / "bif.h5")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with every_warning() as caught:
         toy_trainer(tmp_path, callback, max_steps=1).fit(ToyClassifier(), loader(DATA))
     (message,) = [str(w.message) for w in caught if "BIFCallback" in str(w.message)]
     assert "4 of 4 probe(s) took the same value in every SGLD draw" in message and "disagree" not in message
