@@ -26,7 +26,7 @@ class Model(pl.LightningModule):
         x = batch["x"] if isinstance(batch, dict) else batch[0]
         return self.layer(x).square().mean()
 
-    def validation_step(self, batch, batch_idx) -> None:  # never run (limit_val_batches=0); the DataModule has val
+    def validation_step(self, batch, batch_idx) -> None:  # never run (limit_val_batches=0)
         pass
 
     def configure_optimizers(self):
@@ -34,6 +34,9 @@ class Model(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(Subset(DATA, range(4, 20)), batch_size=4, collate_fn=stacked_rows)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(Subset(DATA, range(4)))
 
 
 class Data(pl.LightningDataModule):

@@ -244,26 +244,26 @@ def test_reader_in_another_process_sees_rows_appended_while_it_is_open_even_afte
     path = tmp_path / "bif.h5"
     writer = LogWriter(path, make_identity())
     writer.append(record(10))
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert reader.stdout.readline().strip() == "1"
-        for step in (20, 30):
-            if step == 30:  # a resumed run appends to the file the reader holds open
-                writer.close()
-                writer = LogWriter(path, make_identity(), if_exists="resume")
-            writer.append(record(step, "diverged"))
-            reader.stdin.write("refresh\n")
-            reader.stdin.flush()
-            count, status, total = reader.stdout.readline().split()
-            assert (int(count), status) == (step // 10, "diverged")
-            assert float(total) == pytest.approx(float(make_result(step).influence.sum()), rel=1e-5)
-        reader.stdin.close()
-        assert reader.wait(timeout=60) == 0, reader.stderr.read()
-    finally:
-        if reader.poll() is None:
-            reader.kill()
-        writer.close()
+    with subprocess.Popen([sys.executable, "-c", _READER, str(path)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as reader:
+        try:
+            assert reader.stdout.readline().strip() == "1"
+            for step in (20, 30):
+                if step == 30:  # a resumed run appends to the file the reader holds open
+                    writer.close()
+                    writer = LogWriter(path, make_identity(), if_exists="resume")
+                writer.append(record(step, "diverged"))
+                reader.stdin.write("refresh\n")
+                reader.stdin.flush()
+                count, status, total = reader.stdout.readline().split()
+                assert (int(count), status) == (step // 10, "diverged")
+                assert float(total) == pytest.approx(float(make_result(step).influence.sum()), rel=1e-5)
+            reader.stdin.close()
+            assert reader.wait(timeout=60) == 0, reader.stderr.read()
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+            writer.close()
 
 
 _WRITER = textwrap.dedent("""
@@ -303,18 +303,18 @@ def test_killed_writer_leaves_every_completed_snapshot_readable_and_resumable(tm
     path = tmp_path / "bif.h5"
     completed: list[int] = []
     for mode in ("kill-at-commit", "loop"):
-        writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), mode], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            for _ in range(2 if mode == "kill-at-commit" else 3):
-                line = writer.stdout.readline()
-                assert line, writer.stderr.read()
-                completed.append(int(line))
-            if mode == "loop":
-                time.sleep(0.002)  # the kill lands between appends or in the middle of one
-                os.kill(writer.pid, signal.SIGKILL)
-        finally:
-            assert writer.wait(timeout=60) == -signal.SIGKILL
+        with subprocess.Popen([sys.executable, "-c", _WRITER, str(path), mode], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) as writer:
+            try:
+                for _ in range(2 if mode == "kill-at-commit" else 3):
+                    line = writer.stdout.readline()
+                    assert line, writer.stderr.read()
+                    completed.append(int(line))
+                if mode == "loop":
+                    time.sleep(0.002)  # the kill lands between appends or in the middle of one
+                    os.kill(writer.pid, signal.SIGKILL)
+            finally:
+                assert writer.wait(timeout=60) == -signal.SIGKILL
         with open_log(path) as log:
             steps = log.steps.tolist()
             # Every reported snapshot is there (the writer may have finished more before the kill landed).
