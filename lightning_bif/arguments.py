@@ -77,6 +77,8 @@ def group_labels(groups: Groups | None, size: int, name: str, what: str) -> np.n
     """One label per example as int64 or str, ``[size]``; ``None`` stays ``None``."""
     if groups is None:
         return None
+    if isinstance(groups, (list, tuple)) and len({isinstance(v, (str, np.str_)) for v in groups}) > 1:
+        raise ValueError(f"BIFCallback({name}=...) needs labels that are all integers or all strings.")
     array = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
     if array.ndim != 1 or array.shape[0] != size:
         raise ValueError(

@@ -53,6 +53,8 @@ def test_group_labels_are_one_int64_or_str_label_per_example() -> None:
     assert group_labels(["a", "b"], 2, "probe_groups", "probes").tolist() == ["a", "b"]
     with pytest.raises(ValueError, match=r"probe_groups=...\) needs one label per example of probes \(3\)"):
         group_labels([0, 1], 3, "probe_groups", "probes")
+    with pytest.raises(ValueError, match=r"train_groups=...\) needs labels that are all integers or all strings"):
+        group_labels([0, "a"], 2, "train_groups", "train")  # not silently the strings "0" and "a"
     with pytest.raises(ValueError, match="got shape"):
         group_labels(np.zeros((3, 1)), 3, "train_groups", "train")
 

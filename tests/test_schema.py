@@ -37,6 +37,8 @@ def test_ids_and_groups_become_int64_or_str_arrays_and_sizes_follow_them() -> No
     ({"config": {"f": object()}}, TypeError, "JSON-serializable"),
     ({"train_ids": [[0, 1]]}, ValueError, "one-dimensional"),
     ({"train_ids": np.array([0, "a"], dtype=object)}, TypeError, "all integers or all strings"),
+    ({"train_ids": [0, "a"]}, TypeError, "all integers or all strings"),
+    ({"train_groups": (1, "b")}, TypeError, "all integers or all strings"),
     ({"train_ids": [0.5, 1.5]}, TypeError, "integers or strings"),
     ({"train_ids": ["x" * 300, "y"]}, ValueError, "limited to 256 UTF-8 bytes"),
     ({"train_groups": [0]}, ValueError, "1 labels for 2 examples"),

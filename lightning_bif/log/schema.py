@@ -120,6 +120,8 @@ class RunIdentity:
 
 def _labels(values: Any, name: str) -> np.ndarray:
     """Ids or group labels as a 1-D int64 or str array; other kinds are an error."""
+    if isinstance(values, (list, tuple)) and len({isinstance(v, (str, np.str_)) for v in values}) > 1:
+        raise TypeError(f"{name} must be all integers or all strings.")  # NumPy would turn the integers into text
     array = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}.")
