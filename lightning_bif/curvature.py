@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 from torch.func import grad, jvp, vmap
@@ -21,6 +22,13 @@ from .functional import FunctionalModel, LossFn
 
 # Hessian-vector products run this many at a time under vmap (bounds activation memory).
 _HVP_CHUNK = 16
+# Relative disagreement with forward-over-reverse (else a central difference with _CHECK_STEP) above which
+# reverse-over-reverse products are not trusted (checked once per model and loss function).
+_REVERSE_TOLERANCE = 1e-3
+_DIFFERENCE_TOLERANCE = 0.1
+_CHECK_STEP = 1e-3
+# Which Hessian-vector products were verified per functional model and loss function: "reverse" or "forward".
+_VERIFIED: WeakKeyDictionary[FunctionalModel, dict[LossFn, str]] = WeakKeyDictionary()
 
 
 @dataclass
@@ -55,7 +63,102 @@ def _hessian_vector_products(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*."""
+    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*.
+
+    Reverse-over-reverse first: the gradient's graph at w* is built once and every product is a
+    backward pass through it (``torch.autograd.grad`` of ``∇·v``), which skips the forward and the
+    first backward that forward-over-reverse (``torch.func.jvp`` over ``torch.func.grad``) repeats
+    for every call. Where double backward fails (e.g. a ``once_differentiable`` op), forward-over-reverse
+    takes over for this and later calls; where both fail the error says so.
+    """
+    reverse = _reverse_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    forward = _forward_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    verified = _VERIFIED.setdefault(fmodel, {})
+    failures: list[str] = []  # why reverse-over-reverse is not used, once known
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        if not failures and verified.get(loss_fn) != "forward":
+            try:
+                result = reverse(vectors)
+                if loss_fn not in verified:
+                    _check_reverse(result[:, 0], vectors[:, 0], forward, fmodel, batch, size, loss_fn, buffers,
+                                   weight_decay)
+                    verified[loss_fn] = "reverse"
+                return result
+            except RuntimeError as error:  # an op without double backward, or one whose backward is not differentiable
+                failures.append(f"reverse-over-reverse: {error}")
+                verified[loss_fn] = "forward"
+        try:
+            return forward(vectors)
+        except RuntimeError as error:
+            why = failures[0] if failures else "reverse-over-reverse: failed at an earlier call"
+            raise RuntimeError(
+                "preconditioner='lowrank' needs Hessian-vector products of loss_fn (double backward with "
+                f"torch.autograd.grad, else torch.func.jvp over torch.func.grad), and both failed: {why}; "
+                f"forward-over-reverse: {error}. Use SGLDConfig(preconditioner='none')."
+            ) from error
+
+    return products
+
+
+def _check_reverse(
+    product: torch.Tensor, vector: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> None:
+    """Raise when a reverse-over-reverse product disagrees with forward-over-reverse (else a finite difference).
+
+    A custom op whose backward is not itself differentiable (``once_differentiable``, detached saved
+    values) drops its Hessian terms from double backward silently; forward-over-reverse raises instead.
+    """
+    try:
+        reference, tolerance, what = forward(vector[:, None])[:, 0], _REVERSE_TOLERANCE, "forward-over-reverse"
+    except RuntimeError:
+        gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
+        h = _CHECK_STEP / max(float(vector.norm()), 1e-30)
+        reference = (gradient(fmodel.center + h * vector) - gradient(fmodel.center - h * vector)) / (2 * h)
+        tolerance, what = _DIFFERENCE_TOLERANCE, "a central difference of gradients"
+    error = float((product - reference).norm()) / max(float(reference.norm()), 1e-30)
+    if not error <= tolerance:
+        raise RuntimeError(f"its product differs from {what} by {error:.2g} (relative): an op's backward is not "
+                           "differentiable")
+
+
+def _reverse_over_reverse(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Products by double backward through the gradient's graph at w*, built on the first call and kept."""
+    graph: list[torch.Tensor] = []  # [leaf, gradient] once built
+    vectorized = [True]  # until batched double backward fails once
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if not graph:
+                leaf = fmodel.center.detach().requires_grad_(True)
+                loss = fmodel.losses(leaf, batch, size, loss_fn, buffers, "loss_fn").mean()
+                objective = loss + weight_decay / 2 * leaf.square().sum()
+                graph.extend([leaf, torch.autograd.grad(objective, leaf, create_graph=True)[0]])
+            leaf, gradient = graph
+            columns = vectors.T.contiguous()
+            if columns.shape[0] > 1 and vectorized[0]:
+                try:
+                    return torch.cat([torch.autograd.grad(gradient, leaf, chunk, retain_graph=True,
+                                                          is_grads_batched=True)[0]
+                                      for chunk in columns.split(_HVP_CHUNK)]).T
+                except RuntimeError:  # an op without a batching rule
+                    vectorized[0] = False
+            return torch.stack([torch.autograd.grad(gradient, leaf, column, retain_graph=True)[0]
+                                for column in columns]).T
+
+    return products
+
+
+def _forward_over_reverse(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Products by ``torch.func.jvp`` over ``torch.func.grad`` (vmapped in chunks while vmap works)."""
     gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
     center = fmodel.center
 
@@ -71,13 +174,7 @@ def _hessian_vector_products(
                 return torch.cat([vmap(one)(chunk) for chunk in columns.split(_HVP_CHUNK)]).T
             except RuntimeError:  # an op without a batching rule
                 vectorized[0] = False
-        try:
-            return torch.stack([one(column) for column in columns]).T
-        except RuntimeError as error:
-            raise RuntimeError(
-                "preconditioner='lowrank' needs Hessian-vector products of loss_fn (torch.func.jvp over "
-                f"torch.func.grad), and they failed: {error}. Use SGLDConfig(preconditioner='none')."
-            ) from error
+        return torch.stack([one(column) for column in columns]).T
 
     return products
 

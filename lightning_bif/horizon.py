@@ -176,7 +176,7 @@ def curvature_products(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors``, by forward-over-reverse AD, or central differences where it fails."""
+    """``vectors [D, b] -> (H + λ) vectors``, by automatic differentiation, or central differences where it fails."""
     exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     fallback = _finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     use_exact = [True]
