@@ -9,7 +9,7 @@ from helpers import classification_data, cross_entropy, mlp
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from lightning_bif.curvature import _hessian_vector_products
+from lightning_bif.curvature import KRYLOV_EXTRA, _hessian_vector_products, top_curvature
 from lightning_bif.functional import FunctionalModel
 from lightning_bif.horizon import extreme_curvature
 from lightning_bif.lanczos import lanczos
@@ -136,3 +136,36 @@ def test_extreme_curvature_matches_the_explicit_hessian() -> None:
     found = extreme_curvature(fmodel, batch, 40, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY, seed=0,
                               steps=fmodel.dim)
     assert found == pytest.approx((float(exact[0]), float(exact[-1])), rel=1e-6)
+
+
+def randomized_subspace_iteration(products, dim: int, rank: int, oversample: int = 20) -> torch.Tensor:
+    """Top ``rank + 1`` eigenvalues by Halko–Martinsson–Tropp algorithm 4.4, one power iteration: 3·(K + p)."""
+    probes = torch.randn(dim, rank + oversample, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    block = products(torch.linalg.qr(products(probes)).Q)
+    basis = torch.linalg.qr(block).Q
+    projected = basis.T @ products(basis)
+    return torch.linalg.eigvalsh((projected + projected.T) / 2).flip(0)[:rank + 1]
+
+
+@pytest.mark.parametrize("rank", [10, 50])
+def test_block_krylov_needs_fewer_products_than_randomized_subspace_iteration_for_the_same_accuracy(rank) -> None:
+    x, y = classification_data(300, inputs=8, seed=4, label_noise=2.0)
+    model, batch = mlp(inputs=8, hidden=40).double(), [x.double(), y]
+    hessian = explicit_hessian(model, batch)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)[:rank + 1]
+    fmodel = FunctionalModel(model, None, torch.device("cpu"))
+    counted = [0]
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        counted[0] += vectors.shape[1]
+        return hessian @ vectors
+
+    randomized = randomized_subspace_iteration(products, fmodel.dim, rank)
+    randomized_products, counted[0] = counted[0], 0
+    curvature = top_curvature(fmodel, batch, len(x), cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY, rank,
+                              seed=0)
+    krylov_error = float(((curvature.values - exact).abs() / exact[0]).max())
+    randomized_error = float(((randomized - exact).abs() / exact[0]).max())
+    assert rank + KRYLOV_EXTRA < randomized_products == 3 * (rank + 20)
+    assert krylov_error <= randomized_error
+    assert curvature.mean == pytest.approx(float(torch.linalg.eigvalsh(hessian).mean()), rel=0.3)  # 20 probes
