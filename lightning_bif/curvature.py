@@ -20,10 +20,12 @@ from torch.func import grad, jvp, vmap
 from .data import Batch
 from .functional import FunctionalModel, LossFn
 
-# Block Krylov eigen-decomposition: width of a block (and Hutchinson probes of the mean eigenvalue), and the
-# dimensions of the Krylov space beyond K (K + 70 products; the accuracy of 3·(K + 20) randomized ones).
+# Block Krylov eigen-decomposition: width of a block, and the dimensions of the Krylov space beyond K (K + 70
+# products; the accuracy of 3·(K + 20) randomized ones). The mean eigenvalue takes Hutchinson's estimate from
+# the first block and HUTCHINSON_PROBES - KRYLOV_BLOCK more probes in the same call.
 KRYLOV_BLOCK = 20
 KRYLOV_EXTRA = 70
+HUTCHINSON_PROBES = 30
 # Hessian-vector products run this many at a time under vmap (bounds activation memory).
 _HVP_CHUNK = 16
 # Relative disagreement with a central difference (step _CHECK_STEP), and then with forward-over-reverse, above
@@ -192,15 +194,17 @@ def _forward_over_reverse(
 def top_curvature(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float, rank: int, seed: int, block: int = KRYLOV_BLOCK, extra: int = KRYLOV_EXTRA,
+    probes: int = HUTCHINSON_PROBES,
 ) -> Curvature:
     """Top ``rank`` eigenpairs of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by block Krylov (block Lanczos).
 
     The Krylov space of a Gaussian block Ω, span(Ω, AΩ, A²Ω, ...), is grown one block at a time
     (fully reorthogonalized) to ``rank + extra`` dimensions (at most D), and the eigenpairs come from
-    Rayleigh–Ritz on it: ``rank + extra`` Hessian-vector products on ``batch``, where randomized subspace
-    iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4) needs (2 + q)·(rank + oversample) for the
-    same accuracy. The mean eigenvalue is Hutchinson's estimate from Ω's ``block`` probes. The
-    sampler's own seed drives Ω, so the global RNG is untouched and a snapshot is reproducible.
+    Rayleigh–Ritz on it: ``rank + extra`` Hessian-vector products on ``batch`` (plus ``probes - block``
+    for the mean), where randomized subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4)
+    needs (2 + q)·(rank + oversample) for about the same accuracy. The mean eigenvalue is Hutchinson's
+    estimate from ``probes`` Gaussian probes: Ω and ``probes - block`` more in the same call. The
+    sampler's own seed drives them, so the global RNG is untouched and a snapshot is reproducible.
 
     Args:
         fmodel: The functional model; its ``center`` is w*.
@@ -211,8 +215,9 @@ def top_curvature(
         weight_decay: λ of the L2 prior.
         rank: K, the number of eigenpairs; fewer than the number of sampled parameters.
         seed: Seed of the random start.
-        block: Width of each Krylov block (and the Hutchinson probes).
+        block: Width of each Krylov block.
         extra: Dimensions of the Krylov space beyond K (accuracy of the K-th pair).
+        probes: Hutchinson probes of the mean eigenvalue (the first ``block`` of them start the Krylov space).
 
     Returns:
         :class:`Curvature`.
@@ -225,12 +230,12 @@ def top_curvature(
     products = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     total = min(rank + extra, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
-    probes = torch.randn(dim, min(block, total), generator=generator, device=fmodel.device,
-                         dtype=fmodel.center.dtype)
-    images = products(probes)
-    mean = float((probes * images).sum(0).mean()) / dim  # E[zᵀAz] = tr(A) for z ~ N(0, I)
-    q, r = torch.linalg.qr(probes)
-    basis, image = [q], [torch.linalg.solve_triangular(r, images, upper=True, left=False)]  # A·Q = AΩ·R⁻¹
+    first = min(block, total)
+    start = torch.randn(dim, max(first, probes), generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
+    images = products(start)
+    mean = float((start * images).sum(0).mean()) / dim  # E[zᵀAz] = tr(A) for z ~ N(0, I)
+    q, r = torch.linalg.qr(start[:, :first])
+    basis, image = [q], [torch.linalg.solve_triangular(r, images[:, :first], upper=True, left=False)]  # A·Q = AΩ·R⁻¹
     width = q.shape[1]
     while width < total:
         spanned = torch.cat(basis, dim=1)
