@@ -336,8 +336,8 @@ class BIFEstimator:
             return None
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        products = self._products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
-                                                        cfg.weight_decay)
+        # Local: the products keep the gradient's graph on the curvature sample, freed when tuning ends.
+        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)
