@@ -6,7 +6,7 @@ docs/self-tuning.md derives each rule; in short:
   the posterior then takes a step a quarter of the SGLD stability bound (the horizon's rule, which
   now also serves snapshots without a horizon). With the low-rank preconditioner G, times
   min(1, λ_max(A)/λ_max(G·A)) on the drift's minibatches, so that G makes no step stiffer.
-* ``preconditioner``: ``"lowrank"`` when its working memory (three ``[D, K + 20]`` blocks of the
+* ``preconditioner``: ``"lowrank"`` when its working memory (two ``[D, K + 70]`` blocks of the
   parameters' dtype) fits ``LOWRANK_MEMORY_BUDGET`` and K < D, else ``"none"``; also ``"none"``, with
   the error as the reason, when Hessian-vector products of ``loss_fn`` fail.
 * ``control_variates``: on whenever the top eigenpairs are measured anyway (the low-rank
@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SGLDConfig
+from .curvature import KRYLOV_EXTRA
 
-# Working memory the low-rank preconditioner may take for its eigen-decomposition (three [D, K + 20] blocks).
+# Working memory the low-rank preconditioner may take for its eigen-decomposition (two [D, K + 70] blocks).
 LOWRANK_MEMORY_BUDGET = 512 * 2**20
-# Oversampling of the randomized eigen-decomposition (curvature.top_curvature's default).
-_OVERSAMPLE = 20
 # SGLD steps each chain takes after burn-in when draws and thin are chosen automatically (the old 50 × 4).
 STEPS_AFTER_BURN_IN = 200
 _MAX_THIN = 8
@@ -109,7 +108,7 @@ def resolve_budget(config: SGLDConfig, tracked: int, minibatch: int, tuning: Tun
 
 def lowrank_fits(config: SGLDConfig, dim: int, itemsize: int, tuning: Tuning) -> tuple[bool, str]:
     """Whether ``preconditioner="lowrank"`` fits its memory budget (and K < D), with the reason."""
-    need = 3 * dim * (config.preconditioner_rank + _OVERSAMPLE) * itemsize
+    need = 2 * dim * (config.preconditioner_rank + KRYLOV_EXTRA) * itemsize
     tuning.lowrank_memory_mib = need / 2**20
     if config.preconditioner_rank >= dim:
         return False, f"rank K = {config.preconditioner_rank} is not below the {dim} sampled parameters"
@@ -117,5 +116,5 @@ def lowrank_fits(config: SGLDConfig, dim: int, itemsize: int, tuning: Tuning) ->
         return False, (f"its eigen-decomposition needs {need / 2**20:.0f} MiB, over the budget of "
                        f"{LOWRANK_MEMORY_BUDGET / 2**20:.0f} MiB (lower preconditioner_rank or sample fewer "
                        "parameters)")
-    return True, (f"{dim} parameters × (K + {_OVERSAMPLE}) = {config.preconditioner_rank + _OVERSAMPLE} columns: "
+    return True, (f"{dim} parameters × (K + {KRYLOV_EXTRA}) = {config.preconditioner_rank + KRYLOV_EXTRA} columns: "
                   f"{need / 2**20:.1f} MiB, within {LOWRANK_MEMORY_BUDGET / 2**20:.0f} MiB")

@@ -67,7 +67,7 @@ class SGLDConfig:
             keeps the step size, the flat ones move up to (λ_1 + δ)/(λ_{K+1} + δ) times faster;
             choose ε for the stiffest direction.
         preconditioner_rank: K for ``"lowrank"``: how many stiff directions keep their own step.
-            It costs 3·(K + 20) Hessian-vector
+            It costs K + 80 Hessian-vector
             products per estimate, each about 1.5 gradients, on the full batch (full-batch SGLD) or on
             four minibatches' worth of SGLD examples.
         preconditioner_damping: δ for ``"lowrank"``, added to every eigenvalue before taking ratios;

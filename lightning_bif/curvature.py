@@ -3,8 +3,8 @@
 SGLD's step size is capped by the stiffest direction of the posterior (ε·nβ·λ_max must stay below
 about 4), so a short chain from w* barely moves along the flat directions, which are the ones
 an influence function weighs most. ``preconditioner="lowrank"`` finds the top-K eigenpairs of the
-Hessian of the training objective at w* from Hessian-vector products (a randomized range finder:
-no Hessian is ever formed) and gives the flat complement a larger step. A constant
+Hessian of the training objective at w* from Hessian-vector products (block Krylov: no Hessian is
+ever formed) and gives the flat complement a larger step. A constant
 preconditioner keeps the stationary distribution, so the BIF is the same quantity, reached faster.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 from torch.func import grad, jvp, vmap
@@ -19,8 +20,21 @@ from torch.func import grad, jvp, vmap
 from .data import Batch
 from .functional import FunctionalModel, LossFn
 
+# Block Krylov eigen-decomposition: width of a block, and the dimensions of the Krylov space beyond K (K + 70
+# products; the accuracy of 3·(K + 20) randomized ones). The mean eigenvalue takes Hutchinson's estimate from
+# the first block and HUTCHINSON_PROBES - KRYLOV_BLOCK more probes in the same call.
+KRYLOV_BLOCK = 20
+KRYLOV_EXTRA = 70
+HUTCHINSON_PROBES = 30
 # Hessian-vector products run this many at a time under vmap (bounds activation memory).
 _HVP_CHUNK = 16
+# Relative disagreement with a central difference (step _CHECK_STEP), and then with forward-over-reverse, above
+# which reverse-over-reverse products are not trusted (checked once per model and loss function).
+_REVERSE_TOLERANCE = 1e-3
+_DIFFERENCE_TOLERANCE = 0.1
+_CHECK_STEP = 1e-3
+# Which Hessian-vector products were verified per functional model and loss function: "reverse" or "forward".
+_VERIFIED: WeakKeyDictionary[FunctionalModel, dict[LossFn, str]] = WeakKeyDictionary()
 
 
 @dataclass
@@ -55,7 +69,108 @@ def _hessian_vector_products(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*."""
+    """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*.
+
+    Reverse-over-reverse first: the gradient's graph at w* is built once and every product is a
+    backward pass through it (``torch.autograd.grad`` of ``∇·v``), which skips the forward and the
+    first backward that forward-over-reverse (``torch.func.jvp`` over ``torch.func.grad``) repeats
+    for every call. Where double backward fails (e.g. a ``once_differentiable`` op), forward-over-reverse
+    takes over for this and later calls; where both fail the error says so.
+    """
+    reverse = _reverse_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    forward = _forward_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    verified = _VERIFIED.setdefault(fmodel, {})
+    failures: list[str] = []  # why reverse-over-reverse is not used, once known
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        if not failures and verified.get(loss_fn) != "forward":
+            try:
+                result = reverse(vectors)
+                if loss_fn not in verified:
+                    _check_reverse(result[:, 0], vectors[:, 0], forward, fmodel, batch, size, loss_fn, buffers,
+                                   weight_decay)
+                    verified[loss_fn] = "reverse"
+                return result
+            except RuntimeError as error:  # an op without double backward, or one whose backward is not differentiable
+                failures.append(f"reverse-over-reverse: {error}")
+                verified[loss_fn] = "forward"
+        try:
+            return forward(vectors)
+        except RuntimeError as error:
+            why = failures[0] if failures else "reverse-over-reverse: failed at an earlier call"
+            raise RuntimeError(
+                "preconditioner='lowrank' needs Hessian-vector products of loss_fn (double backward with "
+                f"torch.autograd.grad, else torch.func.jvp over torch.func.grad), and both failed: {why}; "
+                f"forward-over-reverse: {error}. Use SGLDConfig(preconditioner='none')."
+            ) from error
+
+    return products
+
+
+def _check_reverse(
+    product: torch.Tensor, vector: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> None:
+    """Raise when a reverse-over-reverse product is wrong: checked against a central difference of gradients,
+    and where that disagrees (it is only approximate, e.g. across ReLU kinks), against forward-over-reverse.
+
+    A custom op whose backward is not itself differentiable (``once_differentiable``, detached saved
+    values) drops its Hessian terms from double backward silently. Forward-over-reverse is consulted
+    only when needed: its first use in a process loads forward-mode decompositions (tenths of a second).
+    """
+    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    h = _CHECK_STEP / max(float(vector.norm()), 1e-30)
+    reference = (gradient(fmodel.center + h * vector) - gradient(fmodel.center - h * vector)) / (2 * h)
+    error = float((product - reference).norm()) / max(float(reference.norm()), 1e-30)
+    if error <= _DIFFERENCE_TOLERANCE:
+        return
+    try:
+        exact = forward(vector[:, None])[:, 0]
+    except RuntimeError:
+        raise RuntimeError(f"its product differs from a central difference of gradients by {error:.2g} (relative): "
+                           "an op's backward is not differentiable") from None
+    error = float((product - exact).norm()) / max(float(exact.norm()), 1e-30)
+    if not error <= _REVERSE_TOLERANCE:
+        raise RuntimeError(f"its product differs from forward-over-reverse by {error:.2g} (relative): an op's "
+                           "backward is not differentiable")
+
+
+def _reverse_over_reverse(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Products by double backward through the gradient's graph at w*, built on the first call and kept."""
+    graph: list[torch.Tensor] = []  # [leaf, gradient] once built
+    vectorized = [True]  # until batched double backward fails once
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            if not graph:
+                leaf = fmodel.center.detach().requires_grad_(True)
+                loss = fmodel.losses(leaf, batch, size, loss_fn, buffers, "loss_fn").mean()
+                objective = loss + weight_decay / 2 * leaf.square().sum()
+                graph.extend([leaf, torch.autograd.grad(objective, leaf, create_graph=True)[0]])
+            leaf, gradient = graph
+            columns = vectors.T.contiguous()
+            if columns.shape[0] > 1 and vectorized[0]:
+                try:
+                    return torch.cat([torch.autograd.grad(gradient, leaf, chunk, retain_graph=True,
+                                                          is_grads_batched=True)[0]
+                                      for chunk in columns.split(_HVP_CHUNK)]).T
+                except RuntimeError:  # an op without a batching rule
+                    vectorized[0] = False
+            return torch.stack([torch.autograd.grad(gradient, leaf, column, retain_graph=True)[0]
+                                for column in columns]).T
+
+    return products
+
+
+def _forward_over_reverse(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Products by ``torch.func.jvp`` over ``torch.func.grad`` (vmapped in chunks while vmap works)."""
     gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
     center = fmodel.center
 
@@ -71,26 +186,25 @@ def _hessian_vector_products(
                 return torch.cat([vmap(one)(chunk) for chunk in columns.split(_HVP_CHUNK)]).T
             except RuntimeError:  # an op without a batching rule
                 vectorized[0] = False
-        try:
-            return torch.stack([one(column) for column in columns]).T
-        except RuntimeError as error:
-            raise RuntimeError(
-                "preconditioner='lowrank' needs Hessian-vector products of loss_fn (torch.func.jvp over "
-                f"torch.func.grad), and they failed: {error}. Use SGLDConfig(preconditioner='none')."
-            ) from error
+        return torch.stack([one(column) for column in columns]).T
 
     return products
 
 
 def top_curvature(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float, rank: int, seed: int, oversample: int = 20, power_iterations: int = 1,
+    weight_decay: float, rank: int, seed: int, block: int = KRYLOV_BLOCK, extra: int = KRYLOV_EXTRA,
+    probes: int = HUTCHINSON_PROBES,
 ) -> Curvature:
-    """Top ``rank`` eigenpairs of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by randomized subspace iteration.
+    """Top ``rank`` eigenpairs of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by block Krylov (block Lanczos).
 
-    Costs ``(2 + power_iterations)·(rank + oversample)`` Hessian-vector products on ``batch``
-    (Halko, Martinsson & Tropp 2011, algorithm 4.4). The sampler's own seed drives the random
-    start, so the global RNG is untouched and a snapshot is reproducible.
+    The Krylov space of a Gaussian block Ω, span(Ω, AΩ, A²Ω, ...), is grown one block at a time
+    (fully reorthogonalized) to ``rank + extra`` dimensions (at most D), and the eigenpairs come from
+    Rayleigh–Ritz on it: ``rank + extra`` Hessian-vector products on ``batch`` (plus ``probes - block``
+    for the mean), where randomized subspace iteration (Halko, Martinsson & Tropp 2011, algorithm 4.4)
+    needs (2 + q)·(rank + oversample) for about the same accuracy. The mean eigenvalue is Hutchinson's
+    estimate from ``probes`` Gaussian probes: Ω and ``probes - block`` more in the same call. The
+    sampler's own seed drives them, so the global RNG is untouched and a snapshot is reproducible.
 
     Args:
         fmodel: The functional model; its ``center`` is w*.
@@ -101,8 +215,9 @@ def top_curvature(
         weight_decay: λ of the L2 prior.
         rank: K, the number of eigenpairs; fewer than the number of sampled parameters.
         seed: Seed of the random start.
-        oversample: Extra columns of the random block (accuracy of the K-th pair).
-        power_iterations: Rounds of subspace iteration (sharper for slowly decaying spectra).
+        block: Width of each Krylov block.
+        extra: Dimensions of the Krylov space beyond K (accuracy of the K-th pair).
+        probes: Hutchinson probes of the mean eigenvalue (the first ``block`` of them start the Krylov space).
 
     Returns:
         :class:`Curvature`.
@@ -113,18 +228,29 @@ def top_curvature(
             f"SGLDConfig.preconditioner_rank={rank} must be below the number of sampled parameters ({dim})."
         )
     products = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    width = min(rank + oversample, dim)
+    total = min(rank + extra, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
-    probes = torch.randn(dim, width, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
-    block = products(probes)
-    mean = float((probes * block).sum(0).mean()) / dim  # E[zᵀAz] = tr(A) for z ~ N(0, I)
-    for _ in range(power_iterations):
-        block = products(torch.linalg.qr(block).Q)
-    basis = torch.linalg.qr(block).Q
-    projected = basis.T @ products(basis)
+    first = min(block, total)
+    start = torch.randn(dim, max(first, probes), generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
+    images = products(start)
+    mean = float((start * images).sum(0).mean()) / dim  # E[zᵀAz] = tr(A) for z ~ N(0, I)
+    q, r = torch.linalg.qr(start[:, :first])
+    basis, image = [q], [torch.linalg.solve_triangular(r, images[:, :first], upper=True, left=False)]  # A·Q = AΩ·R⁻¹
+    width = q.shape[1]
+    while width < total:
+        spanned = torch.cat(basis, dim=1)
+        nxt = image[-1][:, :min(block, total - width)]
+        for _ in range(2):  # orthogonal to the space so far, twice (also the directions QR adds at a breakdown)
+            nxt = nxt - spanned @ (spanned.T @ nxt)
+            nxt = torch.linalg.qr(nxt).Q
+        basis.append(nxt)
+        image.append(products(nxt))
+        width += nxt.shape[1]
+    spanned = torch.cat(basis, dim=1)
+    projected = spanned.T @ torch.cat(image, dim=1)
     values, rotation = torch.linalg.eigh((projected + projected.T) / 2)
     values, rotation = values.flip(0), rotation.flip(1)
-    return Curvature(values=values[:rank + 1], vectors=basis @ rotation[:, :rank], mean=mean)
+    return Curvature(values=values[:rank + 1], vectors=spanned @ rotation[:, :rank], mean=mean)
 
 
 class LowRankPreconditioner:

@@ -9,7 +9,7 @@ A Rayleigh quotient is what the cached value would have to be for that vector at
 none moved by more than ``tolerance`` × the largest eigenvalue, the cache is fresh and reused (the
 extreme eigenvalues then take the new quotients, which are inside the spectrum as Lanczos
 estimates are). Otherwise everything is measured again. A reuse costs ``2 + min(K, 4)`` products,
-a measurement ``LANCZOS_STEPS + 3·(K + 20)``.
+a measurement ``LANCZOS_STEPS + K + 80`` (and the stiffness, reused with the curvature).
 
 Only entries measured with the same settings are reused: the sampled parameters (their count),
 the L2 prior, K, the seed and the curvature sample's size.

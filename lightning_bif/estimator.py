@@ -23,6 +23,7 @@ from .functional import FunctionalModel, LossFn
 from .health import divergence, loss_rise_bound
 from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
 from .sampler import ProgressFn, SGLDSampler, chain_seed
+from .stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
 CPU_VMAP_MAX_STEP_S = 0.005
@@ -301,31 +302,25 @@ class BIFEstimator:
         which G amplifies up to (λ_1 + δ)/(λ_{K+1} + δ) times. So both λ_max are measured (Lanczos) on
         minibatches drawn as the chains draw theirs (the full data with full-batch SGLD), the largest
         of each kept, and ε = ε_plain · min(1, λ_max(A_B) / λ_max(G·A_B)): the margin the plain rule
-        leaves on the drift's minibatches is kept, whatever G does to them.
+        leaves on the drift's minibatches is kept, whatever G does to them (:mod:`lightning_bif.stiffness`).
+        While the curvature is reused from the cache, the stiffness measured with it is reused too.
         """
-        nbeta, gamma = self.nbeta, cfg.localization
-        cached = self._measured.preconditioned.get((gamma, lowrank.damping))
+        gamma, stored = cfg.localization, self._measured.preconditioned
+        cached = stored.get((gamma, lowrank.damping))
         if cached is not None:  # same curvature, same γ and δ: the same operators
             return self._preconditioned_choice(cfg, *cached, "cached")
-        plain = preconditioned = -math.inf
+        if self.tuning.curvature_reused and stored:  # the curvature is still fresh: so is its stiffness ratio
+            (old_gamma, old_damping), pair = next(reversed(stored.items()))
+            return self._preconditioned_choice(cfg, *pair, f"reused with the curvature, measured at γ = {old_gamma:.4g}"
+                                                           f", δ = {old_damping:.4g}")
         samples = self.sampler.drift_samples()
-        for size, batch in samples:
-            products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
-
-            def curved(vectors: torch.Tensor, products=products) -> torch.Tensor:
-                return nbeta * products(vectors) + gamma * vectors
-
-            def conjugated(vectors: torch.Tensor, curved=curved) -> torch.Tensor:
-                root = lowrank.apply_sqrt(vectors.T.clone())
-                return lowrank.apply_sqrt(curved(root.T.contiguous()).T).T
-
-            seed = chain_seed(cfg.seed, -3)
-            plain = max(plain, lanczos_extremes(curved, self.fmodel, seed=seed)[0][1])
-            preconditioned = max(preconditioned, lanczos_extremes(conjugated, self.fmodel, seed=seed)[0][1])
-        self._measured.preconditioned[(gamma, lowrank.damping)] = (plain, preconditioned)
-        source = (f"24 Lanczos steps each on {len(samples)} SGLD minibatches" if len(samples) > 1 else
-                  "24 Lanczos steps each on the full-batch drift")
-        return self._preconditioned_choice(cfg, plain, preconditioned, source)
+        found = drift_stiffness(self.fmodel, samples, self.loss_fn, self._buffers, cfg.weight_decay, self.nbeta,
+                                gamma, lowrank, seed=chain_seed(cfg.seed, -3))
+        stored[(gamma, lowrank.damping)] = (found.plain, found.preconditioned)
+        where = f"{len(samples)} SGLD minibatches" if len(samples) > 1 else "the full-batch drift"
+        source = (f"Lanczos in lockstep on {where}, {found.steps} steps "
+                  f"(stopped at {STIFFNESS_TOLERANCE:.0%} change or {STIFFNESS_STEPS})")
+        return self._preconditioned_choice(cfg, found.plain, found.preconditioned, source)
 
     def _preconditioned_choice(self, cfg: SGLDConfig, plain: float, preconditioned: float, source: str) -> SGLDConfig:
         step_size = cfg.step_size * min(1.0, plain / preconditioned)
@@ -341,8 +336,8 @@ class BIFEstimator:
             return None
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        products = self._products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
-                                                        cfg.weight_decay)
+        # Local: the products keep the gradient's graph on the curvature sample, freed when tuning ends.
+        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)

@@ -24,6 +24,7 @@ from .config import SGLDConfig
 from .curvature import _hessian_vector_products, objective_gradient
 from .data import Batch
 from .functional import FunctionalModel, LossFn
+from .lanczos import lanczos
 
 # Lanczos iterations of the saddle check: the extreme eigenvalues of the Hessian converge first.
 LANCZOS_STEPS = 24
@@ -163,9 +164,9 @@ def extreme_curvature(
 ) -> tuple[float, float]:
     """(λ_min, λ_max) of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by Lanczos from Hessian-vector products.
 
-    Full reorthogonalization; ``steps`` products. The estimates lie inside the true spectrum and
-    approach its ends from there (the ends converge first). Where forward-mode AD through ``loss_fn``
-    fails, the products are central differences of gradients instead.
+    Full reorthogonalization (:func:`lightning_bif.lanczos.lanczos`); ``steps`` products. The estimates lie
+    inside the true spectrum and approach its ends from there (the ends converge first). Where automatic
+    differentiation of the gradient of ``loss_fn`` fails, the products are central differences of gradients.
     """
     values, _ = lanczos_extremes(curvature_products(fmodel, batch, size, loss_fn, buffers, weight_decay),
                                  fmodel, seed, steps)
@@ -176,7 +177,7 @@ def curvature_products(
     fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
     weight_decay: float,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors``, by forward-over-reverse AD, or central differences where it fails."""
+    """``vectors [D, b] -> (H + λ) vectors``, by automatic differentiation, or central differences where it fails."""
     exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     fallback = _finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     use_exact = [True]
@@ -196,33 +197,10 @@ def lanczos_extremes(
     products: Callable[[torch.Tensor], torch.Tensor], fmodel: FunctionalModel, seed: int, steps: int = LANCZOS_STEPS,
 ) -> tuple[tuple[float, float], torch.Tensor]:
     """Lanczos estimates (λ_min, λ_max) of the operator ``products`` and their unit Ritz vectors ``[D, 2]``."""
-    dim = fmodel.dim
-    steps = min(steps, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
-    q = torch.randn(dim, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
-    basis = [q / q.norm()]
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    for k in range(steps):
-        w = products(basis[k][:, None])[:, 0]
-        alphas.append(basis[k] @ w)
-        stacked = torch.stack(basis, dim=1)
-        w = w - stacked @ (stacked.T @ w)
-        w = w - stacked @ (stacked.T @ w)  # twice is enough (Kahan–Parlett)
-        beta = w.norm()
-        if k == steps - 1 or float(beta) <= 1e-10 * max(float(alphas[0].abs()), 1e-30):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    n = len(alphas)
-    tridiagonal = torch.diag(torch.stack(alphas).double())
-    if n > 1:
-        off = torch.stack(betas[:n - 1]).double()
-        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    values, rotation = torch.linalg.eigh(tridiagonal.cpu())
-    ends = rotation[:, [0, -1]].to(device=fmodel.device, dtype=fmodel.center.dtype)
-    vectors = torch.stack(basis[:n], dim=1) @ ends
-    return (float(values[0]), float(values[-1])), vectors / vectors.norm(dim=0, keepdim=True)
+    start = torch.randn(fmodel.dim, 1, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
+    found = lanczos(products, start, steps)
+    return (float(found.lowest[0]), float(found.highest[0])), found.vectors[:, 0]
 
 
 def _finite_difference_products(

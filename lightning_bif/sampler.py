@@ -168,7 +168,7 @@ class SGLDSampler:
 
         Its Hessian is that of the SGLD data's mean loss (all of it with full-batch SGLD, else a fixed
         sample of four minibatches' worth of examples drawn with the sampler's seed) plus the L2 prior.
-        Its 3·(K + 20) Hessian-vector products cost about 1.5 gradients each on that sample.
+        Its K + 80 Hessian-vector products run on that sample.
         """
         if self._lowrank is None:
             cfg = self.config

@@ -19,6 +19,7 @@ from helpers import (
     train_briefly,
     with_bias,
 )
+from torch.autograd.function import once_differentiable
 
 import lightning_bif.estimator as estimator_module
 from lightning_bif import SGLDConfig, autotune, estimate_bif
@@ -105,7 +106,7 @@ def test_lowrank_falls_back_to_plain_sgld_over_the_memory_budget(monkeypatch) ->
 
 
 class _NoForwardMode(torch.autograd.Function):
-    """tanh with a backward but no forward-mode rule: Hessian-vector products by forward-over-reverse fail."""
+    """tanh with a once-differentiable backward and no forward-mode rule: Hessian-vector products fail both ways."""
 
     @staticmethod
     def forward(x):
@@ -116,6 +117,7 @@ class _NoForwardMode(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return grad * (1 - y * y)

@@ -21,6 +21,7 @@ from helpers import exact_influence, gaussian_posterior, half_squared_error, lin
 from helpers import with_bias as design
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
 from lightning_bif.functional import FunctionalModel
@@ -280,7 +281,7 @@ def test_a_version_1_log_without_horizon_columns_still_opens(tmp_path: Path) -> 
 
 
 class _TanhWithoutForwardAD(torch.autograd.Function):
-    """tanh with a backward but no forward-mode derivative, like fused attention kernels on a CPU."""
+    """tanh with a once-differentiable backward and no forward-mode derivative, like fused kernels on a CPU."""
 
     @staticmethod
     def forward(x):
@@ -291,6 +292,7 @@ class _TanhWithoutForwardAD(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
         return grad_output * (1 - y.square())
