@@ -48,14 +48,14 @@ class LocalizationChoice:
     reason: str
 
 
-def localization_floor(nbeta: float, mean_eigenvalue: float, lambda_min: float,
-                       factor: float = LOCALIZATION_FACTOR) -> float:
-    """γ_floor = nβ·(factor·max(λ̄, 0) + max(0, -λ_min))."""
+def localization_floor(nbeta: float, mean_eigenvalue: float, lambda_min: float, factor: float | None = None) -> float:
+    """γ_floor = nβ·(c·max(λ̄, 0) + max(0, -λ_min)), c = ``factor`` or ``LOCALIZATION_FACTOR``."""
+    factor = LOCALIZATION_FACTOR if factor is None else factor
     return nbeta * (factor * max(mean_eigenvalue, 0.0) + max(0.0, -lambda_min))
 
 
 def choose_localization(nbeta: float, mean_eigenvalue: float, lambda_min: float, horizon_localization: float | None,
-                        factor: float = LOCALIZATION_FACTOR) -> LocalizationChoice:
+                        factor: float | None = None) -> LocalizationChoice:
     """γ = max(the horizon's γ, or ``NO_HORIZON_LOCALIZATION`` without one; the floor).
 
     Args:
@@ -63,11 +63,12 @@ def choose_localization(nbeta: float, mean_eigenvalue: float, lambda_min: float,
         mean_eigenvalue: λ̄ = tr(H + λ)/D at w*.
         lambda_min: The least eigenvalue of H + λ at w* (negative at a saddle).
         horizon_localization: The horizon's γ (:func:`lightning_bif.horizon.horizon_config`), or ``None``.
-        factor: c.
+        factor: c; ``None``: ``LOCALIZATION_FACTOR`` (read at call time, so a sweep can set the module's).
 
     Returns:
         :class:`LocalizationChoice`.
     """
+    factor = LOCALIZATION_FACTOR if factor is None else factor
     floor = localization_floor(nbeta, mean_eigenvalue, lambda_min, factor)
     base, source = ((horizon_localization, "the horizon's γ") if horizon_localization is not None
                     else (NO_HORIZON_LOCALIZATION, "the no-horizon default"))

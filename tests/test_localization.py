@@ -55,7 +55,7 @@ def _problem(n: int):
 
 
 def test_estimate_without_a_horizon_raises_gamma_to_the_floor_and_records_why() -> None:
-    problem, x, eigenvalues = _problem(n=80)
+    problem, _, eigenvalues = _problem(n=80)
     config = SGLDConfig(chains=2, draws=4, thin=1, burn_in=0, batch_size=None, preconditioner="none")
     result = estimate_bif(problem.model, half_squared_error, (problem.x, problem.y), (problem.xp, problem.yp),
                           config=config)
