@@ -11,6 +11,8 @@ docs/self-tuning.md derives each rule; in short:
   the error as the reason, when Hessian-vector products of ``loss_fn`` fail.
 * ``control_variates``: on whenever the top eigenpairs are measured anyway (the low-rank
   preconditioner) and the estimate is not per-token.
+* ``localization``: the horizon's γ, or 100 without a horizon, raised to the floor
+  nβ·(3·λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.localization`).
 * ``thin`` and ``draws``: a draw evaluates the N + P tracked losses (forward only), a step the
   gradient of m minibatch losses (forward and backward, about 3 forwards): ``thin`` =
   round((N + P)/(3·m)) in [1, 8] balances evaluation and sampling cost, and ``draws`` =
@@ -44,7 +46,10 @@ class Tuning:
         reasons: Field name → why that value (a sentence).
         lambda_min: Lanczos estimate of the least Hessian eigenvalue at w* (``None`` when not measured).
         lambda_max: Lanczos estimate of the largest.
-        mean_eigenvalue: Hutchinson estimate of tr(H + λ)/D (with the eigenpairs; else ``None``).
+        mean_eigenvalue: Hutchinson estimate of tr(H + λ)/D (with the eigenpairs or an automatic
+            ``localization``; else ``None``).
+        localization_floor: The least γ the localization rule allowed, nβ·(c·λ̄ + max(0, -λ_min))
+            (:mod:`lightning_bif.localization`; ``None`` when the user set ``localization``).
         top_eigenvalues: The K + 1 largest eigenvalues (with the eigenpairs; else ``None``).
         preconditioned_stiffness: λ_max(G·A) of the drift's curvature with the low-rank preconditioner, the
             largest over the SGLD minibatches measured, when the step size is automatic (``None`` otherwise).
@@ -63,6 +68,7 @@ class Tuning:
     lambda_min: float | None = None
     lambda_max: float | None = None
     mean_eigenvalue: float | None = None
+    localization_floor: float | None = None
     top_eigenvalues: list[float] | None = None
     lowrank_memory_mib: float | None = None
     preconditioned_stiffness: float | None = None
@@ -82,7 +88,7 @@ class Tuning:
         return {key: value for key, value in self.__dict__.items()}
 
 
-AUTOMATIC = ("draws", "thin", "step_size", "preconditioner", "control_variates")
+AUTOMATIC = ("draws", "thin", "step_size", "preconditioner", "control_variates", "localization")
 
 
 def budget_minibatch(config: SGLDConfig, tracked_train: int) -> int:

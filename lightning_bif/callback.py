@@ -31,7 +31,7 @@ from .log import LogWriteError, LogWriter, RunIdentity
 from .log_path import default_log_path
 from .record import SnapshotRecord
 from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
-from .snapshot import SnapshotSink, Snapshotter, shown_step_size, training_config, with_horizon
+from .snapshot import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from .tensorboard import TensorBoardSink
 from .threads import oversubscription, snapshot_threads
 
@@ -618,7 +618,7 @@ class BIFCallback(Callback):
         if evidence["ok"]:
             self._calibrated_step_size = float(evidence["step_size"])
             rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
-                           f"(configured {shown_step_size(self._config.step_size)}); used from this snapshot on.")
+                           f"(configured {shown_setting(self._config.step_size)}); used from this snapshot on.")
         elif "calibration" not in self._warned:
             self._warned.add("calibration")
             reasons = evidence.get("error") or "; ".join(
@@ -627,7 +627,7 @@ class BIFCallback(Callback):
             rank_zero_warn(
                 f"BIFCallback: step-size calibration at step {step} accepted no step size ({reasons}). This is "
                 "typical early in training, where the weights are not yet a stationary point of the sampled "
-                f"posterior. Keeping the configured step_size={shown_step_size(self._config.step_size)} and "
+                f"posterior. Keeping the configured step_size={shown_setting(self._config.step_size)} and "
                 "calibrating again at the next snapshot until one is accepted; every attempt is in the log's "
                 "calibration column. (Shown once.)"
             )

@@ -99,7 +99,8 @@ def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
         shown = f"{value:.3g}" if isinstance(value, float) else value
         print(f"  {name} = {shown}  ({tuning.get('reasons', {}).get(name, '')})", file=out)
     evidence = {"λ_min": tuning.get("lambda_min"), "λ_max": tuning.get("lambda_max"),
-                "mean eigenvalue": tuning.get("mean_eigenvalue"), "tuning s": tuning.get("seconds")}
+                "mean eigenvalue": tuning.get("mean_eigenvalue"), "γ floor": tuning.get("localization_floor"),
+                "tuning s": tuning.get("seconds")}
     print("  evidence: " + ", ".join(f"{k} {v:.3g}" for k, v in evidence.items() if v is not None)
           + f"; curvature {tuning.get('curvature_reason') or 'measured'}; reused in {reused} of {len(rows)} "
           "snapshots", file=out)

@@ -55,7 +55,10 @@ class SGLDConfig:
             stability bound 4; :mod:`lightning_bif.autotune`). A number is used as given.
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
-        localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature.
+        localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature. ``None``
+            (default): chosen per estimate (:mod:`lightning_bif.localization`): the horizon's γ, or 100 without a
+            horizon, raised where needed to the floor nβ·(3·λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue
+            at w*. A number is used as given, without the floor (with a horizon, the horizon's γ is then used as it is).
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
         preconditioner: ``None`` (default) for ``"lowrank"`` when its eigen-decomposition fits
@@ -100,9 +103,10 @@ class SGLDConfig:
         horizon_steps: H, the horizon of the question a snapshot answers: the influence of up-weighting
             z_i from now on over the next H optimizer steps of training run with ``learning_rate`` η
             and ``momentum`` μ. Sets γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)) (``localization`` is
-            then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos)
-            and, unless ``step_size`` is set, ε = 1/(nβ·λ_max + γ) (see :mod:`lightning_bif.horizon`).
-            ``None`` (with the other two): ``localization`` is used as given.
+            then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos), raised
+            to the localization floor when ``localization`` is ``None``, and, unless ``step_size`` is set,
+            ε = 1/(nβ·λ_max + γ) (see :mod:`lightning_bif.horizon`). ``None`` (with the other two): ``localization``
+            is used as given (or chosen when ``None``).
         learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
             :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
         momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.
@@ -123,7 +127,7 @@ class SGLDConfig:
     thin: int | None = None
     step_size: float | None = None
     nbeta: float | None = None
-    localization: float = 100.0
+    localization: float | None = None
     weight_decay: float = 0.0
     preconditioner: Preconditioner | None = None
     preconditioner_rank: int = 50
@@ -170,6 +174,8 @@ class SGLDConfig:
         if self.nbeta is not None and (not _is_finite(self.nbeta) or not self.nbeta > 0):
             raise ValueError(f"SGLDConfig.nbeta must be a finite number > 0 or None, got {self.nbeta!r}.")
         for name, value in {"localization": self.localization, "weight_decay": self.weight_decay}.items():
+            if value is None and name == "localization":
+                continue
             if not _is_finite(value) or value < 0:
                 raise ValueError(f"SGLDConfig.{name} must be a finite number >= 0, got {value!r}.")
         if self.preconditioner not in (None, "none", "rmsprop", "lowrank"):

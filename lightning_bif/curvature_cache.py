@@ -39,6 +39,8 @@ class CachedCurvature:
         curvature: The top eigenpairs, or ``None`` when they were not needed.
         preconditioned: (λ_max(A), λ_max(G·A)) of the drift's curvature without and with the low-rank
             preconditioner, per (γ, δ) it was measured for.
+        mean_eigenvalue: Hutchinson's tr(H + λ)/D for the localization floor when ``curvature`` is ``None``
+            (measured on first use).
     """
 
     key: tuple
@@ -46,6 +48,7 @@ class CachedCurvature:
     ritz: torch.Tensor
     curvature: Curvature | None = None
     preconditioned: dict[tuple[float, float], tuple[float, float]] = field(default_factory=dict)
+    mean_eigenvalue: float | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn
 from .health import divergence, loss_rise_bound
 from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
+from .localization import choose_localization, hutchinson_mean_eigenvalue
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 from .stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
 
@@ -252,7 +253,7 @@ class BIFEstimator:
             preconditioner = "lowrank" if fits else "none"
             tuning.choose("preconditioner", preconditioner, why)
         need_eigenpairs = preconditioner == "lowrank" or bool(cfg.control_variates)
-        need_extremes = cfg.step_size is None or cfg.horizon_steps is not None
+        need_extremes = cfg.step_size is None or cfg.horizon_steps is not None or cfg.localization is None
         try:
             measured = self._measure(need_extremes, need_eigenpairs)
         except RuntimeError as error:
@@ -275,8 +276,11 @@ class BIFEstimator:
                 tuning.mean_eigenvalue = measured.curvature.mean
                 tuning.top_eigenvalues = measured.curvature.values.tolist()
                 self.sampler.cached_curvature = measured.curvature
+        floor = 0.0
+        if cfg.localization is None:
+            cfg, floor = self._choose_localization(cfg, measured)
         if cfg.horizon_steps is not None:
-            cfg, self.horizon = horizon_config(cfg, self.nbeta, *measured.extremes)
+            cfg, self.horizon = horizon_config(cfg, self.nbeta, *measured.extremes, floor=floor)
             if self.config.step_size is None:
                 tuning.choose("step_size", cfg.step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ) with the horizon's γ")
         elif cfg.step_size is None:
@@ -291,6 +295,22 @@ class BIFEstimator:
         self.config = self.sampler.config = cfg
         if cfg.control_variates:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
+
+    def _choose_localization(self, cfg: SGLDConfig, measured: CachedCurvature) -> tuple[SGLDConfig, float]:
+        """γ by :mod:`lightning_bif.localization` (the horizon's γ itself is set later by ``horizon_config``).
+
+        Returns the config with γ set (without a horizon) and the floor on γ.
+        """
+        mean = measured.curvature.mean if measured.curvature is not None else measured.mean_eigenvalue
+        lambda_min = measured.extremes[0]
+        horizon = None
+        if cfg.horizon_steps is not None:
+            horizon = horizon_config(cfg, self.nbeta, *measured.extremes)[1].localization
+        choice = choose_localization(self.nbeta, mean, lambda_min, horizon)
+        self.tuning.mean_eigenvalue = mean
+        self.tuning.localization_floor = choice.floor
+        self.tuning.choose("localization", choice.localization, choice.reason)
+        return (cfg if horizon is not None else cfg.replace(localization=choice.localization)), choice.floor
 
     def _preconditioned_step(self, cfg: SGLDConfig, lowrank: LowRankPreconditioner) -> SGLDConfig:
         """ε so that the preconditioned drift is no stiffer than the plain drift at the plain rule's ε.
@@ -331,13 +351,28 @@ class BIFEstimator:
         return cfg.replace(step_size=step_size)
 
     def _measure(self, need_extremes: bool, need_eigenpairs: bool) -> CachedCurvature | None:
-        """The Hessian's extreme eigenvalues (and top eigenpairs when needed) at w*: from the cache if fresh."""
+        """The Hessian's extreme eigenvalues (and top eigenpairs when needed) at w*: from the cache if fresh.
+
+        With an automatic ``localization`` and no eigenpairs, also the mean eigenvalue (Hutchinson).
+        """
         if not (need_extremes or need_eigenpairs):
             return None
+        try:
+            entry = self._measure_curvature(need_eigenpairs)
+            if self.config.localization is None and entry.curvature is None and entry.mean_eigenvalue is None:
+                entry.mean_eigenvalue = hutchinson_mean_eigenvalue(
+                    self._tuning_products, self.fmodel.dim, self.fmodel.device, self.fmodel.center.dtype,
+                    seed=chain_seed(self.config.seed, -4))
+        finally:
+            self._tuning_products = None  # frees the gradient graph on the curvature sample
+        return entry
+
+    def _measure_curvature(self, need_eigenpairs: bool) -> CachedCurvature:
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        # Local: the products keep the gradient's graph on the curvature sample, freed when tuning ends.
-        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
+        # The products keep the gradient's graph on the curvature sample: dropped by _measure when done.
+        products = self._tuning_products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
+                                                              cfg.weight_decay)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)

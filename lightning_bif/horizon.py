@@ -139,7 +139,7 @@ class HorizonCheck:
         lambda_min: Lanczos estimate of the least eigenvalue of the training objective's Hessian
             (H + λ) at w*; negative at a saddle.
         lambda_max: Lanczos estimate of its largest eigenvalue.
-        localization: The γ used: nβ·(damping + max(0, -lambda_min)).
+        localization: The γ used: nβ·(damping + max(0, -lambda_min)), or the localization floor when higher.
         step_size: The ε used: ``STIFFNESS_STEP / (nβ·max(lambda_max, 0) + γ)`` unless the config set one.
     """
 
@@ -222,7 +222,7 @@ def _finite_difference_products(
 
 
 def horizon_config(
-    config: SGLDConfig, nbeta: float, lambda_min: float, lambda_max: float
+    config: SGLDConfig, nbeta: float, lambda_min: float, lambda_max: float, floor: float = 0.0
 ) -> tuple[SGLDConfig, HorizonCheck]:
     """The config with γ and ε set from ``config``'s horizon and the curvature, and the record of how.
 
@@ -231,12 +231,13 @@ def horizon_config(
     negative eigenvalues gives it, and the posterior stays proper. ε = ``STIFFNESS_STEP / (nβ·λ_max + γ)``
     unless ``config.step_size`` is set: the largest posterior curvature is known here, so the chains take
     the largest step that keeps it well inside the stability bound, whatever the horizon (a short one
-    makes γ large, a long one leaves the flat directions to explore).
+    makes γ large, a long one leaves the flat directions to explore). ``floor`` is the least γ
+    (:func:`lightning_bif.localization.localization_floor`; 0 when the user set ``localization``).
     """
     if config.horizon_steps is None or config.learning_rate is None or config.momentum is None:
         raise ValueError("horizon_config needs SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...).")
     damping = horizon_damping(config.horizon_steps, config.learning_rate, config.momentum)
-    localization = nbeta * (damping + max(0.0, -lambda_min))
+    localization = max(nbeta * (damping + max(0.0, -lambda_min)), floor)
     stiffest = nbeta * max(lambda_max, 0.0) + localization
     step_size = STIFFNESS_STEP / stiffest if config.step_size is None else float(config.step_size)
     if not (math.isfinite(localization) and math.isfinite(step_size) and step_size > 0):

@@ -236,8 +236,17 @@ class SGLDSampler:
 
         Chain c's trajectory depends only on (seed, c): the same chain gives the same draws
         whether it runs alone, in a vectorized batch, or on another DDP rank.
+
+        Raises:
+            ValueError: When ``step_size`` or ``localization`` is still ``None`` (:class:`BIFEstimator` resolves
+                them from the curvature at w*; a sampler used on its own needs them set).
         """
         cfg = self.config
+        unset = [name for name in ("step_size", "localization") if getattr(cfg, name) is None]
+        if unset:
+            raise ValueError(f"SGLDSampler.run needs SGLDConfig.{' and '.join(unset)} set: None means 'chosen at w*', "
+                             "which BIFEstimator (and estimate_bif) do before sampling. Set a number, or sample "
+                             "through BIFEstimator.")
         fmodel = self.fmodel
         size = len(chains)
         center = fmodel.center

@@ -353,15 +353,15 @@ def with_horizon(
                else "the number of steps to come is unknown")
         return ConfigFromTraining(config, warnings=(
             f"the snapshot at step {step} has no horizon ({why}); it uses SGLDConfig.localization="
-            f"{config.localization:g} and step_size={shown_step_size(config.step_size)}. Set "
+            f"{shown_setting(config.localization)} and step_size={shown_setting(config.step_size)}. Set "
             "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.",))
     return ConfigFromTraining(config.replace(horizon_steps=horizon_steps, learning_rate=found.learning_rate,
                                              momentum=found.momentum))
 
 
-def shown_step_size(step_size: float | None) -> str:
-    """A configured step size for a message: ``None`` is chosen per snapshot ("auto")."""
-    return "auto" if step_size is None else f"{step_size:.3g}"
+def shown_setting(value: float | None) -> str:
+    """A configured step size or localization for a message: ``None`` is chosen per snapshot ("auto")."""
+    return "auto" if value is None else f"{value:.3g}"
 
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:

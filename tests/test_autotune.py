@@ -79,19 +79,25 @@ def test_unset_settings_are_chosen_and_recorded_and_set_ones_win() -> None:
     model, train, probes = _trained_mlp()
     auto = estimate_bif(model, cross_entropy, train, probes, config=SGLDConfig(chains=2, burn_in=2, draws=4))
     tuning = auto.diagnostics.tuning
-    assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates"}
+    assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates", "localization"}
     assert tuning.given == ["draws"] and auto.config.draws == 4
+    # γ = max(100, nβ·(3·λ̄ + max(0, -λ_min))) without a horizon.
+    floor = 96 * (3 * tuning.mean_eigenvalue + max(0.0, -tuning.lambda_min))
+    assert tuning.localization_floor == pytest.approx(floor)
+    assert auto.config.localization == pytest.approx(max(100.0, floor))
     # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/(nβ·λ_max + γ), times λ_max(A)/λ_max(G·A) on the
     # drift's minibatches where the preconditioner makes them stiffer.
     assert auto.config.thin == 1
     assert auto.config.step_size == pytest.approx(
-        min(1.0, tuning.drift_stiffness / tuning.preconditioned_stiffness) / (96 * tuning.lambda_max + 100.0))
+        min(1.0, tuning.drift_stiffness / tuning.preconditioned_stiffness)
+        / (96 * tuning.lambda_max + auto.config.localization))
     assert tuning.lambda_min <= tuning.lambda_max and tuning.mean_eigenvalue > 0
     assert "MiB" in tuning.reasons["preconditioner"] and tuning.lowrank_memory_mib > 0
     given = estimate_bif(model, cross_entropy, train, probes,
                          config=SGLDConfig(chains=2, burn_in=2, draws=4, thin=2, step_size=1e-4,
-                                           preconditioner="none", control_variates=False))
+                                           preconditioner="none", control_variates=False, localization=7.0))
     assert given.config.step_size == 1e-4 and given.config.thin == 2 and given.config.preconditioner == "none"
+    assert given.config.localization == 7.0 and given.diagnostics.tuning.localization_floor is None
     assert given.diagnostics.tuning.chosen == {}
     assert set(given.diagnostics.tuning.given) == set(autotune.AUTOMATIC)
 

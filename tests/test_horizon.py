@@ -113,7 +113,8 @@ def test_sampler_with_a_horizon_matches_the_closed_form() -> None:
     problem = linear_problem(n=40, d=3, probes=8, seed=0, smallest_scale=0.8)
     x = design(problem.x)
     n = len(x)
-    config = SGLDConfig(chains=16, draws=250, thin=4, burn_in=100, batch_size=None, seed=0,
+    # A set localization keeps the horizon's γ as it is (no floor): the closed form below is the horizon's.
+    config = SGLDConfig(chains=16, draws=250, thin=4, burn_in=100, batch_size=None, seed=0, localization=0.0,
                         horizon_steps=H, learning_rate=LR, momentum=MOMENTUM)
     result = estimate_bif(problem.model, half_squared_error, (problem.x, problem.y), (problem.xp, problem.yp),
                           config=config)

@@ -101,3 +101,19 @@ def test_tiny_suite_end_to_end(tmp_path) -> None:
             assert rows[lds_suite.BEST_IF]["lds"] > 0.3, setup
         assert set(report["targets"][setup]) >= {"beats_gradient_dot", "split_half_min", "ratio_to_best_if_min"}
     assert report["setups"]["markov"][20][lds_suite.DEFAULT]["details"]["horizon_steps"] == 10
+
+
+def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path, monkeypatch) -> None:
+    from lightning_bif import localization
+
+    sweep = load_benchmark("localization_sweep")
+    monkeypatch.setattr(sys.modules["lds_midtrain"], "CACHE", tmp_path)
+    before = localization.LOCALIZATION_FACTOR
+    report = sweep.main(["--setup", "midtrain", "--tiny", "--factors", "0,30", "--seeds", "1",
+                         "--out", str(tmp_path / "sweep.json")])
+    assert localization.LOCALIZATION_FACTOR == before
+    assert set(report["rows"]) == {"0", "30"}
+    gammas = {c: [r["localization"] for r in row["checkpoints"].values()] for c, row in report["rows"].items()}
+    assert all(high > low for low, high in zip(gammas["0"], gammas["30"], strict=True))  # c = 30 raises every γ
+    assert all(math.isfinite(r["lds"]) for row in report["rows"].values() for r in row["checkpoints"].values())
+    assert json.loads((tmp_path / "sweep.json").read_text())["setup"] == "midtrain"

@@ -39,12 +39,16 @@ def test_sampling_a_subset_keeps_the_chain_state_at_the_subsets_size_and_leaves_
     assert {n.removeprefix("model.") for n in frozen} == {"0.weight", "0.bias"}
     assert frozen["model.0.weight"].data_ptr() == model[0].weight.data_ptr()
 
-    config = SGLDConfig(chains=2, draws=4, burn_in=2, thin=4, step_size=1e-3, sample_params=("2.*",))
+    config = SGLDConfig(chains=2, draws=4, burn_in=2, thin=4, step_size=1e-3, localization=100.0,
+                        sample_params=("2.*",))
     sampler = SGLDSampler(fmodel, ExampleSet(train, "data"), cross_entropy, config, nbeta=48.0)
     draws = list(sampler.run([0, 1], vectorized=True))
     assert len(draws) == 4
     assert all(d.params.shape == (2, subset) for d in draws)
     assert not torch.equal(draws[-1].params[0], fmodel.center)  # the subset does move
+    unset = SGLDSampler(fmodel, ExampleSet(train, "data"), cross_entropy, config.replace(localization=None), 48.0)
+    with pytest.raises(ValueError, match="localization set"):  # None is resolved by BIFEstimator, not the sampler
+        next(unset.run([0], vectorized=False))
 
     result = estimate_bif(model, cross_entropy, train, probes, config=config)
     assert result.influence.shape == (6, 48) and result.ok

@@ -8,11 +8,11 @@ the snapshot in flight.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -82,13 +82,32 @@ def check_writable(path: PathLike) -> None:
                                  "Choose a log_path whose parent directories are directories (or can be created).")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".bif-write-test-"):
-            pass
     except OSError as error:
         raise OSError(f"Cannot write the influence log at {path}: {error.strerror or error}. "
                       "Choose a log_path in a writable directory.") from error
+    error = _unwritable(path.parent)
+    if error is not None:
+        raise OSError(f"Cannot write the influence log at {path}: {error}. "
+                      "Choose a log_path in a writable directory.")
     if path.exists() and not os.access(path, os.W_OK):
         raise PermissionError(f"The influence log {path} exists but is not writable; choose another log_path.")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot take a new file, or ``None``: without leaving a file behind, even when killed.
+
+    An unnamed ``O_TMPFILE`` (Linux) is created and closed; where the file system has none, ``os.access``.
+    A named probe file would stay behind if the process were killed while it exists.
+    """
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is not None:
+        try:
+            os.close(os.open(directory, flag | os.O_WRONLY, 0o600))
+            return None
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                return error.strerror or str(error)
+    return None if os.access(directory, os.W_OK | os.X_OK) else f"{directory} is not writable"
 
 
 class LogWriter:
