@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from lightning_bif import BIFResult, Diagnostics, SGLDConfig
@@ -251,3 +252,36 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def sgld_gaussian_influence(problem, x: torch.Tensor, gamma: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior mean and the exact BIF of full-batch SGLD's stationary law on ``linear_problem`` (nβ = n).
+
+    Full-batch SGLD on a Gaussian is a linear recursion: per eigenvalue a of the precision XᵀX + γ its
+    stationary variance is 1/(a·(1 - ε·a/4)) and its mean is the posterior mean.
+    """
+    mean, _ = gaussian_posterior(x, problem.y, problem.w_star, nbeta=len(x), localization=gamma)
+    values, vectors = torch.linalg.eigh(x.T @ x + gamma * torch.eye(x.shape[1], dtype=torch.float64))
+    cov = vectors @ torch.diag(1 / (values * (1 - eps * values / 4))) @ vectors.T
+    return mean, exact_influence(x, problem.y, with_bias(problem.xp), problem.yp, mean, cov)
+
+
+class TanhOnceDifferentiable(torch.autograd.Function):
+    """tanh with a once-differentiable backward and no forward-mode rule, like fused kernels on a CPU.
+
+    Double backward through it silently drops its second derivative and ``torch.func.jvp`` fails on it.
+    """
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        return grad_output * (1 - y.square())

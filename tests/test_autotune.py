@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    TanhOnceDifferentiable,
     classification_data,
     cross_entropy,
     exact_influence,
@@ -19,7 +20,6 @@ from helpers import (
     train_briefly,
     with_bias,
 )
-from torch.autograd.function import once_differentiable
 
 import lightning_bif.estimator as estimator_module
 from lightning_bif import SGLDConfig, autotune, estimate_bif
@@ -111,30 +111,14 @@ def test_lowrank_falls_back_to_plain_sgld_over_the_memory_budget(monkeypatch) ->
     assert "over the budget of 0 MiB" in tuning.reasons["preconditioner"]
 
 
-class _NoForwardMode(torch.autograd.Function):
-    """tanh with a once-differentiable backward and no forward-mode rule: Hessian-vector products fail both ways."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return grad * (1 - y * y)
-
 
 def test_lowrank_falls_back_to_plain_sgld_when_hessian_vector_products_fail() -> None:
     x, y = classification_data(n=64, seed=1)
     model = torch.nn.Linear(4, 3)
 
     def loss(m, batch):
-        return torch.nn.functional.cross_entropy(_NoForwardMode.apply(m(batch[0])) * 3, batch[1], reduction="none")
+        logits = TanhOnceDifferentiable.apply(m(batch[0])) * 3
+        return torch.nn.functional.cross_entropy(logits, batch[1], reduction="none")
 
     result = estimate_bif(model, loss, (x, y), (x[:4], y[:4]),
                           config=SGLDConfig(chains=2, burn_in=2, draws=4, vectorize=False, preconditioner_rank=4))

@@ -17,11 +17,19 @@ import h5py
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import exact_influence, gaussian_posterior, half_squared_error, linear_problem, pearson, relative_error
+from helpers import (
+    TanhOnceDifferentiable,
+    exact_influence,
+    gaussian_posterior,
+    half_squared_error,
+    linear_problem,
+    pearson,
+    relative_error,
+    sgld_gaussian_influence,
+)
 from helpers import with_bias as design
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
 from lightning_bif.functional import FunctionalModel
@@ -126,12 +134,8 @@ def test_sampler_with_a_horizon_matches_the_closed_form() -> None:
     gamma = result.config.localization
     eps = result.config.step_size
     assert eps == pytest.approx(1 / (n * float(eigenvalues[-1]) + gamma))  # ε·(largest posterior curvature) = 1
-    # Full-batch SGLD on a Gaussian is a linear recursion: per eigenvalue a of the precision its stationary
-    # variance is 1/(a·(1 - ε·a/4)) (up to 33 % above 1/a here), and its mean is the posterior mean.
-    mean, _ = gaussian_posterior(x, problem.y, problem.w_star, nbeta=n, localization=gamma)
-    values, vectors = torch.linalg.eigh(x.T @ x + gamma * torch.eye(4, dtype=torch.float64))
-    cov = vectors @ torch.diag(1 / (values * (1 - eps * values / 4))) @ vectors.T
-    exact = exact_influence(x, problem.y, design(problem.xp), problem.yp, mean, cov)
+    # Full-batch SGLD's stationary variance is 1/(a·(1 - ε·a/4)) per precision eigenvalue a (up to 33 % above 1/a).
+    mean, exact = sgld_gaussian_influence(problem, x, gamma, eps)
     assert result.ok
     assert pearson(result.influence, exact) >= 0.98 and relative_error(result.influence, exact) <= 0.15
     # The check can tell: the continuous-time covariance 1/a misses the step's inflation of the stiff directions.
@@ -281,23 +285,6 @@ def test_a_version_1_log_without_horizon_columns_still_opens(tmp_path: Path) -> 
         assert snapshot.localization is None and snapshot.influence.shape == (4, 12)
 
 
-class _TanhWithoutForwardAD(torch.autograd.Function):
-    """tanh with a once-differentiable backward and no forward-mode derivative, like fused kernels on a CPU."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors
-        return grad_output * (1 - y.square())
-
 
 def test_curvature_falls_back_to_finite_differences_where_forward_mode_ad_fails() -> None:
     torch.manual_seed(0)
@@ -310,9 +297,9 @@ def test_curvature_falls_back_to_finite_differences_where_forward_mode_ad_fails(
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
     buffers = fmodel.fresh_buffers()
     exact = extreme_curvature(fmodel, [x, y], 30, loss, buffers, 1e-3, seed=0)
-    fallback = extreme_curvature(fmodel, [x, y], 30, lambda m, b: loss(m, b, _TanhWithoutForwardAD.apply),
+    fallback = extreme_curvature(fmodel, [x, y], 30, lambda m, b: loss(m, b, TanhOnceDifferentiable.apply),
                                  buffers, 1e-3, seed=0)
     with pytest.raises(RuntimeError):  # the op really has no forward-mode derivative
-        torch.func.jvp(_TanhWithoutForwardAD.apply, (x,), (x,))
+        torch.func.jvp(TanhOnceDifferentiable.apply, (x,), (x,))
     assert exact[0] < 0 < exact[1]  # an indefinite Hessian: a saddle-like point of a small network
     assert fallback == pytest.approx(exact, rel=1e-4)

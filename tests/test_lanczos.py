@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import classification_data, cross_entropy, mlp
-from torch.autograd.function import once_differentiable
+from helpers import TanhOnceDifferentiable, classification_data, cross_entropy, mlp
 from torch.func import functional_call
 
 import lightning_bif.curvature as curvature_module
@@ -93,29 +92,12 @@ def test_hessian_vector_products_match_the_explicit_hessian(width: int) -> None:
     assert torch.allclose(products(vectors), hessian @ vectors, rtol=1e-8, atol=1e-10)  # the kept graph again
 
 
-class _TanhOnceDifferentiable(torch.autograd.Function):
-    """tanh whose backward is not differentiable and which has no forward-mode rule."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        (y,) = ctx.saved_tensors
-        return grad_output * (1 - y.square())
-
 
 def test_products_that_double_backward_gets_wrong_raise_instead_of_returning_them() -> None:
     model, batch = small_problem()
 
     def loss(m, b):
-        return torch.nn.functional.cross_entropy(m[2](_TanhOnceDifferentiable.apply(m[0](b[0]))), b[1],
+        return torch.nn.functional.cross_entropy(m[2](TanhOnceDifferentiable.apply(m[0](b[0]))), b[1],
                                                  reduction="none")
 
     fmodel = FunctionalModel(model, None, torch.device("cpu"))

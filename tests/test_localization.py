@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import exact_influence, gaussian_posterior, half_squared_error, linear_problem, pearson, relative_error
+from helpers import (
+    exact_influence,
+    gaussian_posterior,
+    half_squared_error,
+    linear_problem,
+    pearson,
+    relative_error,
+    sgld_gaussian_influence,
+)
 from helpers import with_bias as design
 
 from lightning_bif import SGLDConfig, estimate_bif
@@ -91,10 +99,7 @@ def test_a_long_horizon_is_raised_to_the_floor_and_the_sampler_matches_the_exact
     assert gamma == pytest.approx(n * LOCALIZATION_FACTOR * float(eigenvalues.mean()), rel=0.25)
     eps = result.config.step_size
     assert eps == pytest.approx(1 / (n * float(eigenvalues[-1]) + gamma))
-    mean, _ = gaussian_posterior(x, problem.y, problem.w_star, nbeta=n, localization=gamma)
-    values, vectors = torch.linalg.eigh(x.T @ x + gamma * torch.eye(4, dtype=torch.float64))
-    cov = vectors @ torch.diag(1 / (values * (1 - eps * values / 4))) @ vectors.T
-    exact = exact_influence(x, problem.y, design(problem.xp), problem.yp, mean, cov)
+    mean, exact = sgld_gaussian_influence(problem, x, gamma, eps)
     assert result.ok
     assert pearson(result.influence, exact) >= 0.98 and relative_error(result.influence, exact) <= 0.15
     # The check can tell: the horizon's own (unfloored) γ gives a different posterior.

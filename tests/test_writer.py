@@ -339,7 +339,7 @@ def test_check_writable_and_bad_files(tmp_path: Path) -> None:
     assert (tmp_path / "new" / "dir").is_dir() and not (tmp_path / "new" / "dir" / "bif.h5").exists()
     assert list((tmp_path / "new" / "dir").iterdir()) == []  # no probe file left behind (a kill could strand one)
     if Path("/proc/1").is_dir():  # a directory that takes no new file, even for root
-        with pytest.raises(OSError, match="Cannot write the influence log at /proc/1/bif.h5"):
+        with pytest.raises(OSError, match=r"Cannot write the influence log at /proc/1/bif\.h5"):
             check_writable("/proc/1/bif.h5")
     with pytest.raises(IsADirectoryError, match="is a directory"):
         check_writable(tmp_path / "new")
