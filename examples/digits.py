@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             probe_group_names={c: f"digit_{c}" for c in range(10)},
             log_spaced=LogSpaced(args.snapshots, first=4),
             at_fit_start=True,
-            config=SGLDConfig(chains=4, draws=100, burn_in=50, thin=1, localization=1000.0, batch_size=64,
+            config=SGLDConfig(chains=8, draws=100, burn_in=50, thin=1, localization=1000.0, batch_size=64,
                               preconditioner=None if args.preconditioner == "auto" else args.preconditioner),
             horizon=None if args.horizon == "none" else args.horizon,
         ))
