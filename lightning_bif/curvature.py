@@ -28,11 +28,13 @@ KRYLOV_EXTRA = 70
 HUTCHINSON_PROBES = 30
 # Hessian-vector products run this many at a time under vmap (bounds activation memory).
 _HVP_CHUNK = 16
-# Relative disagreement with a central difference (step _CHECK_STEP), and then with forward-over-reverse, above
-# which reverse-over-reverse products are not trusted (checked once per model and loss function).
+# Length of the parameter step of a finite-difference Hessian-vector product (when automatic differentiation
+# fails, and to check reverse-over-reverse products).
+FINITE_DIFFERENCE_STEP = 1e-3
+# Relative disagreement with a central difference, and then with forward-over-reverse, above which
+# reverse-over-reverse products are not trusted (checked once per model and loss function).
 _REVERSE_TOLERANCE = 1e-3
 _DIFFERENCE_TOLERANCE = 0.1
-_CHECK_STEP = 1e-3
 # Which Hessian-vector products were verified per functional model and loss function: "reverse" or "forward".
 _VERIFIED: WeakKeyDictionary[FunctionalModel, dict[LossFn, str]] = WeakKeyDictionary()
 
@@ -119,9 +121,7 @@ def _check_reverse(
     values) drops its Hessian terms from double backward silently. Forward-over-reverse is consulted
     only when needed: its first use in a process loads forward-mode decompositions (tenths of a second).
     """
-    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    h = _CHECK_STEP / max(float(vector.norm()), 1e-30)
-    reference = (gradient(fmodel.center + h * vector) - gradient(fmodel.center - h * vector)) / (2 * h)
+    reference = finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)(vector[:, None])[:, 0]
     error = float((product - reference).norm()) / max(float(reference.norm()), 1e-30)
     if error <= _DIFFERENCE_TOLERANCE:
         return
@@ -134,6 +134,24 @@ def _check_reverse(
     if not error <= _REVERSE_TOLERANCE:
         raise RuntimeError(f"its product differs from forward-over-reverse by {error:.2g} (relative): an op's "
                            "backward is not differentiable")
+
+
+def finite_difference_products(
+    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
+    weight_decay: float,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``vectors [D, b] -> (H + λ) vectors``: (∇(w* + h·v) - ∇(w* - h·v))/(2h) per column, 2 gradients each."""
+    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    center = fmodel.center
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        columns = []
+        for vector in vectors.T:
+            h = FINITE_DIFFERENCE_STEP / max(float(vector.norm()), 1e-30)
+            columns.append((gradient(center + h * vector) - gradient(center - h * vector)) / (2 * h))
+        return torch.stack(columns, dim=1)
+
+    return products
 
 
 def _reverse_over_reverse(

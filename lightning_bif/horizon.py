@@ -21,15 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import SGLDConfig
-from .curvature import _hessian_vector_products, objective_gradient
+from .curvature import _hessian_vector_products, finite_difference_products
 from .data import Batch
 from .functional import FunctionalModel, LossFn
 from .lanczos import lanczos
 
 # Lanczos iterations of the saddle check: the extreme eigenvalues of the Hessian converge first.
 LANCZOS_STEPS = 24
-# Length of the parameter step of a finite-difference Hessian-vector product (when forward-mode AD fails).
-FINITE_DIFFERENCE_STEP = 1e-3
 # ε·(nβ·λ_max + γ) of a horizon snapshot: a quarter of the SGLD stability bound 4 (the stiffest direction's
 # variance is inflated by 1/(1 - 1/4)). Chosen against 2 and a fixed ε on the development set-up
 # (docs/horizon.md, "Which step-size rule, and why").
@@ -179,7 +177,7 @@ def curvature_products(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``vectors [D, b] -> (H + λ) vectors``, by automatic differentiation, or central differences where it fails."""
     exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    fallback = _finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    fallback = finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
     use_exact = [True]
 
     def products(vectors: torch.Tensor) -> torch.Tensor:
@@ -201,24 +199,6 @@ def lanczos_extremes(
     start = torch.randn(fmodel.dim, 1, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
     found = lanczos(products, start, steps)
     return (float(found.lowest[0]), float(found.highest[0])), found.vectors[:, 0]
-
-
-def _finite_difference_products(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors``: (∇(w* + h·v) - ∇(w* - h·v))/(2h) per column, 2 gradients each."""
-    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    center = fmodel.center
-
-    def products(vectors: torch.Tensor) -> torch.Tensor:
-        columns = []
-        for vector in vectors.T:
-            h = FINITE_DIFFERENCE_STEP / max(float(vector.norm()), 1e-30)
-            columns.append((gradient(center + h * vector) - gradient(center - h * vector)) / (2 * h))
-        return torch.stack(columns, dim=1)
-
-    return products
 
 
 def horizon_config(
