@@ -21,7 +21,14 @@ from .curvature_cache import CachedCurvature, CurvatureCache
 from .data import Batch, ExampleSet, ExampleSource
 from .functional import FunctionalModel, LossFn
 from .health import divergence, loss_rise_bound
-from .horizon import STIFFNESS_STEP, HorizonCheck, curvature_products, horizon_config, lanczos_extremes
+from .horizon import (
+    STIFFNESS_STEP,
+    HorizonCheck,
+    curvature_products,
+    horizon_config,
+    horizon_localization,
+    lanczos_extremes,
+)
 from .localization import choose_localization, hutchinson_mean_eigenvalue
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 from .stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
@@ -303,9 +310,7 @@ class BIFEstimator:
         """
         mean = measured.curvature.mean if measured.curvature is not None else measured.mean_eigenvalue
         lambda_min = measured.extremes[0]
-        horizon = None
-        if cfg.horizon_steps is not None:
-            horizon = horizon_config(cfg, self.nbeta, *measured.extremes)[1].localization
+        horizon = horizon_localization(cfg, self.nbeta, lambda_min) if cfg.horizon_steps is not None else None
         choice = choose_localization(self.nbeta, mean, lambda_min, horizon)
         self.tuning.mean_eigenvalue = mean
         self.tuning.localization_floor = choice.floor
@@ -357,22 +362,21 @@ class BIFEstimator:
         """
         if not (need_extremes or need_eigenpairs):
             return None
-        try:
-            entry = self._measure_curvature(need_eigenpairs)
-            if self.config.localization is None and entry.curvature is None and entry.mean_eigenvalue is None:
-                entry.mean_eigenvalue = hutchinson_mean_eigenvalue(
-                    self._tuning_products, self.fmodel.dim, self.fmodel.device, self.fmodel.center.dtype,
-                    seed=chain_seed(self.config.seed, -4))
-        finally:
-            self._tuning_products = None  # frees the gradient graph on the curvature sample
+        # Local: the products keep the gradient's graph on the curvature sample, freed when this returns.
+        entry, products = self._measure_curvature(need_eigenpairs)
+        if self.config.localization is None and entry.curvature is None and entry.mean_eigenvalue is None:
+            entry.mean_eigenvalue = hutchinson_mean_eigenvalue(
+                products, self.fmodel.dim, self.fmodel.device, self.fmodel.center.dtype,
+                seed=chain_seed(self.config.seed, -4))
         return entry
 
-    def _measure_curvature(self, need_eigenpairs: bool) -> CachedCurvature:
+    def _measure_curvature(
+        self, need_eigenpairs: bool
+    ) -> tuple[CachedCurvature, Callable[[torch.Tensor], torch.Tensor]]:
+        """The cached or newly measured curvature, and the curvature sample's Hessian-vector products."""
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        # The products keep the gradient's graph on the curvature sample: dropped by _measure when done.
-        products = self._tuning_products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers,
-                                                              cfg.weight_decay)
+        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)
@@ -380,7 +384,7 @@ class BIFEstimator:
             self.tuning.curvature_drift = freshness.drift
             self.tuning.curvature_reason = freshness.reason
             if entry is not None:
-                return entry
+                return entry, products
         extremes, ritz = lanczos_extremes(products, self.fmodel, seed=chain_seed(cfg.seed, -2))
         curvature = None
         if need_eigenpairs:
@@ -389,7 +393,7 @@ class BIFEstimator:
         entry = CachedCurvature(key, extremes, ritz, curvature)
         if self.cache is not None:
             self.cache.store(entry)
-        return entry
+        return entry, products
 
     def _subspace(self, basis: torch.Tensor) -> Subspace:
         """The control variates' eigenbasis with the tracked losses' gradients projected on it."""

@@ -201,6 +201,12 @@ def lanczos_extremes(
     return (float(found.lowest[0]), float(found.highest[0])), found.vectors[:, 0]
 
 
+def horizon_localization(config: SGLDConfig, nbeta: float, lambda_min: float) -> float:
+    """The horizon's own γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)), before any floor (``config`` has the horizon)."""
+    damping = horizon_damping(config.horizon_steps, config.learning_rate, config.momentum)
+    return nbeta * (damping + max(0.0, -lambda_min))
+
+
 def horizon_config(
     config: SGLDConfig, nbeta: float, lambda_min: float, lambda_max: float, floor: float = 0.0
 ) -> tuple[SGLDConfig, HorizonCheck]:
@@ -217,7 +223,7 @@ def horizon_config(
     if config.horizon_steps is None or config.learning_rate is None or config.momentum is None:
         raise ValueError("horizon_config needs SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...).")
     damping = horizon_damping(config.horizon_steps, config.learning_rate, config.momentum)
-    localization = max(nbeta * (damping + max(0.0, -lambda_min)), floor)
+    localization = max(horizon_localization(config, nbeta, lambda_min), floor)
     stiffest = nbeta * max(lambda_max, 0.0) + localization
     step_size = STIFFNESS_STEP / stiffest if config.step_size is None else float(config.step_size)
     if not (math.isfinite(localization) and math.isfinite(step_size) and step_size > 0):
