@@ -4,7 +4,7 @@ Steps count optimizer steps (Lightning's ``trainer.global_step``): a snapshot "a
 the weights after s optimizer steps, and step 0 is the untrained model. Under manual optimization
 every ``optimizer.step()`` of every optimizer counts (as for ``max_steps``), so a batch that steps
 two optimizers advances the step by 2; the callback then takes a step named inside a batch at the
-end of that batch, and sizes ``log_spaced`` in the same unit (:func:`manual_optimization_steps`).
+end of that batch, and sizes ``log_spaced`` in the same unit (``lightning_bif.lightning.training_length``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    import lightning.pytorch as pl
+from typing import Literal
 
 Event = Literal["fit_start", "step", "epoch_end", "fit_end"]
 
@@ -218,25 +215,3 @@ class SnapshotSchedule:
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             return True
         return step in self.at_steps or step in (self._log_steps or ())
-
-
-def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> int | float:
-    """The training length in ``global_step`` units of a manually optimized fit.
-
-    Lightning's ``estimated_stepping_batches`` counts batches there, while ``global_step`` counts
-    every ``optimizer.step()``: the batches of the fit times the optimizer steps per batch seen so
-    far, capped by ``max_steps`` (which counts ``global_step`` too).
-
-    Args:
-        trainer: The trainer, during training.
-        steps_per_batch: Optimizer steps per training batch, measured at the first batch that stepped.
-
-    Returns:
-        The estimated number of optimizer steps of the whole fit (``inf`` when unbounded).
-    """
-    batches = trainer.num_training_batches
-    total = math.inf if trainer.max_epochs == -1 or not math.isfinite(batches) else batches * max(trainer.max_epochs, 1)
-    total = total * steps_per_batch
-    if trainer.max_steps != -1:
-        total = min(total, trainer.max_steps)
-    return total if math.isinf(total) else math.ceil(total)

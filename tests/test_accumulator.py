@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_bif.accumulator import CovarianceAccumulator, effective_sample_size
+from lightning_bif.estimation.accumulator import CovarianceAccumulator, effective_sample_size
 
 
 def _draws(chains: int, draws: int, n: int, p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

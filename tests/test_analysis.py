@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lightning_bif import open_log
-from lightning_bif.analysis import SignChange, extremes, flatten_config, group_labels, group_means, sign_changes
-from lightning_bif.cli import main as cli_main
-from lightning_bif.estimator import BIFResult
+from lightning_bif.estimation.result import BIFResult
 from lightning_bif.log import LogWriter
+from lightning_bif.log.summaries import SignChange, extremes, flatten_config, group_labels, group_means, sign_changes
+from lightning_bif.viewers.cli import main as cli_main
 
 STEPS = np.array([0, 10, 20, 30, 40])
 

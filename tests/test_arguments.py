@@ -1,4 +1,4 @@
-"""BIFCallback's argument checks (lightning_bif/arguments.py): what passes, and errors that name the argument."""
+"""BIFCallback's argument checks (lightning/argument_checks.py): what passes, and errors that name the argument."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_bif.arguments import (
+from lightning_bif.lightning.argument_checks import (
     CALIBRATION_OPTIONS,
     calibration_options,
     check_options,

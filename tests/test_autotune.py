@@ -1,4 +1,4 @@
-"""Self-tuning (``None`` settings, lightning_bif/autotune.py), the curvature cache, and what they record."""
+"""Self-tuning (``None`` settings, lightning_bif/tuning/autotune.py), the curvature cache, and what they record."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from helpers import (
     with_bias,
 )
 
-import lightning_bif.estimator as estimator_module
-from lightning_bif import SGLDConfig, autotune, estimate_bif
-from lightning_bif.calibration import calibrate
-from lightning_bif.cli import main
-from lightning_bif.curvature_cache import CurvatureCache
-from lightning_bif.estimator import BIFEstimator
+import lightning_bif.estimation.estimator as estimator_module
+from lightning_bif import SGLDConfig, estimate_bif
+from lightning_bif.curvature.cache import CurvatureCache
+from lightning_bif.estimation.calibration import calibrate
+from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord, open_log
+from lightning_bif.tuning import autotune
+from lightning_bif.viewers.cli import main
 
 LOCALIZATION = 20.0
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lightning_bif import SGLDConfig
-from lightning_bif.calibration import calibrate
+from lightning_bif.estimation.calibration import calibrate
 
 N, NBETA, GAMMA = 200, 200.0, 1.0
 

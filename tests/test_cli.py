@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import make_identity, record
 
-from lightning_bif.cli import main
 from lightning_bif.log import LogWriter
+from lightning_bif.viewers.cli import main
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The collectives a snapshot uses (lightning_bif/collectives.py): one process alone, and a Lightning strategy."""
+"""The collectives a snapshot uses (snapshot/collectives.py): one process alone, and a Lightning strategy."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from helpers import cross_entropy, mlp
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_bif import SGLDConfig
-from lightning_bif.collectives import SingleProcess, StrategyCollectives
-from lightning_bif.snapshot import Snapshotter
+from lightning_bif.snapshot.collectives import SingleProcess, StrategyCollectives
+from lightning_bif.snapshot.snapshotter import Snapshotter
 
 
 def test_collectives_of_one_process_and_of_a_lightning_strategy() -> None:

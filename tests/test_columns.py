@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from lightning_bif import SGLDConfig, open_log
-from lightning_bif.autotune import Tuning
-from lightning_bif.estimator import BIFEstimator, BIFResult, Diagnostics
-from lightning_bif.horizon import HorizonCheck
+from lightning_bif.estimation.estimator import BIFEstimator
+from lightning_bif.estimation.result import BIFResult, Diagnostics
 from lightning_bif.log import LogWriter, RunIdentity, Snapshot
 from lightning_bif.log import SnapshotRecord as LogSnapshotRecord
 from lightning_bif.log.columns import (
@@ -34,8 +33,10 @@ from lightning_bif.log.columns import (
 )
 from lightning_bif.log.schema import SnapshotRecord as SchemaSnapshotRecord
 from lightning_bif.log.schema import file_layout
-from lightning_bif.record import SnapshotRecord
-from lightning_bif.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS
+from lightning_bif.snapshot.record import SnapshotRecord
+from lightning_bif.tuning.autotune import Tuning
+from lightning_bif.tuning.horizon import HorizonCheck
+from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 P, N, T, C, D = 2, 5, 3, 2, 4
@@ -196,7 +197,7 @@ def test_a_bad_declaration_is_refused_with_the_fix() -> None:
 
 def test_snapshot_record_lives_outside_the_log_and_is_still_importable_there() -> None:
     assert LogSnapshotRecord is SnapshotRecord and SchemaSnapshotRecord is SnapshotRecord
-    assert SnapshotRecord.__module__ == "lightning_bif.record"
+    assert SnapshotRecord.__module__ == "lightning_bif.snapshot.record"
 
 
 def test_a_version_1_log_reads_every_column_it_has_and_none_for_later_ones() -> None:

@@ -447,7 +447,7 @@ def test_snapshots_run_with_num_threads_and_training_keeps_its_own(tmp_path):
 
 
 def test_more_threads_than_cores_is_warned_about(tmp_path):
-    from lightning_bif.threads import available_cores, oversubscription
+    from lightning_bif.snapshot.threads import available_cores, oversubscription
 
     before = torch.get_num_threads()
     torch.set_num_threads(available_cores() + 1)

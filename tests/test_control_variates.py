@@ -1,4 +1,4 @@
-"""Subspace control variates (lightning_bif/control_variates.py): projected gradients and the covariance correction."""
+"""Subspace control variates (estimation/control_variates.py): projected gradients and the covariance correction."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from helpers import cross_entropy, mlp
 from torch import nn
 
-from lightning_bif.control_variates import Subspace, projected_gradients
+from lightning_bif.estimation.control_variates import Subspace, projected_gradients
 from lightning_bif.functional import FunctionalModel
 
 CPU = torch.device("cpu")

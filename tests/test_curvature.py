@@ -1,4 +1,4 @@
-"""The objective's curvature (lightning_bif/curvature.py) against the eigenvalues of its explicit Hessian."""
+"""The objective's curvature (lightning_bif/curvature/hessian.py) against the eigenvalues of its explicit Hessian."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from helpers import classification_data, cross_entropy, mlp
 from torch.func import functional_call
 
-from lightning_bif.curvature import Curvature, LowRankPreconditioner, top_curvature
+from lightning_bif.curvature.hessian import Curvature, LowRankPreconditioner, top_curvature
+from lightning_bif.curvature.objective import Objective
 from lightning_bif.functional import FunctionalModel
 
 WEIGHT_DECAY = 0.05
@@ -38,8 +39,8 @@ def test_the_top_eigenvalues_and_vectors_and_the_mean_are_the_hessians() -> None
     exact_values, exact_vectors = exact_values.flip(0), exact_vectors.flip(1)
     fmodel = FunctionalModel(model, None, CPU)
     rank = 3
-    curvature = top_curvature(fmodel, batch, len(batch[1]), cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY,
-                              rank=rank, seed=0)
+    objective = Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    curvature = top_curvature(objective, batch, len(batch[1]), rank=rank, seed=0)
     assert curvature.values.shape == (rank + 1,) and curvature.vectors.shape == (fmodel.dim, rank)
     torch.testing.assert_close(curvature.values, exact_values[:rank + 1], rtol=1e-3, atol=1e-8)
     overlap = (curvature.vectors.T @ exact_vectors[:, :rank]).abs().diagonal()
@@ -52,7 +53,7 @@ def test_the_top_eigenvalues_and_vectors_and_the_mean_are_the_hessians() -> None
 def test_the_same_seed_gives_the_same_curvature_and_the_rank_must_be_below_the_dimension() -> None:
     model, batch, _ = problem()
     fmodel = FunctionalModel(model, None, CPU)
-    args = (fmodel, batch, len(batch[1]), cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    args = (Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY), batch, len(batch[1]))
     first, again = top_curvature(*args, rank=2, seed=4), top_curvature(*args, rank=2, seed=4)
     assert torch.equal(first.values, again.values) and torch.equal(first.vectors, again.vectors)
     with pytest.raises(ValueError, match="preconditioner_rank=35 must be below the number of sampled parameters"):

@@ -1,4 +1,4 @@
-"""The curvature cache (lightning_bif/curvature_cache.py): reused while the Hessian's directions hold, else stale."""
+"""The curvature cache (lightning_bif/curvature/cache.py): reused while the Hessian's directions hold, else stale."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_bif.curvature import Curvature
-from lightning_bif.curvature_cache import CachedCurvature, CurvatureCache
+from lightning_bif.curvature.cache import CachedCurvature, CurvatureCache
+from lightning_bif.curvature.hessian import Curvature
 
 KEY = ("settings", 6)
 

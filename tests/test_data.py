@@ -1,4 +1,4 @@
-"""ExampleSet (lightning_bif/data.py): every kind of source gives the batches a DataLoader would, or a clear error."""
+"""ExampleSet (example_sets.py): every kind of source gives the batches a DataLoader would, or a clear error."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from lightning_bif.data import ExampleSet, move_to
+from lightning_bif.example_sets import ExampleSet, move_to
 
 CPU = torch.device("cpu")
 X = torch.arange(20.0).reshape(10, 2)

@@ -1,4 +1,4 @@
-"""DataModuleExamples (lightning_bif/datamodule_source.py): examples named by dataloader, resolved at a fit's setup."""
+"""DataModuleExamples (lightning/datamodule_examples.py): examples named by dataloader, resolved at a fit's setup."""
 
 from __future__ import annotations
 

@@ -37,9 +37,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 
 from lightning_bif import BIFCallback, DamagedLogError, SGLDConfig, estimate_bif, open_log
-from lightning_bif.cli import main as cli
-from lightning_bif.health import divergence
 from lightning_bif.log import LogWriteError, LogWriter, salvage
+from lightning_bif.viewers.cli import main as cli
 
 SCRIPTS = Path(__file__).parent / "scripts"
 DATA = toy_dataset()
@@ -507,9 +506,9 @@ def test_healthy_chains_and_a_legitimate_loss_rise_stay_ok():
     # A horizon-style localization far from a minimum: a rise of five times the loss at w* is legitimate.
     loss = float(result.train_loss.mean())
     d.draw_loss = torch.full_like(d.draw_loss, 6 * loss)
-    assert divergence(result) is None
+    assert result.divergence is None
     d.draw_loss[1] = 1e16
-    assert divergence(result).startswith("1 of 2 chains")
+    assert result.divergence.startswith("1 of 2 chains")
 
 
 def test_a_constant_probe_is_explained_not_blamed_on_noise(tmp_path):

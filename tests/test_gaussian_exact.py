@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.accumulator import CovarianceAccumulator
+from lightning_bif.estimation.accumulator import CovarianceAccumulator
 
 LOCALIZATION = 20.0
 

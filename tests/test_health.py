@@ -1,4 +1,4 @@
-"""Divergence of a snapshot's chains (lightning_bif/health.py): the loss-rise bound and the reason given."""
+"""Divergence of a snapshot's chains (estimation/divergence.py): the loss-rise bound and the reason given."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import make_result
 
-from lightning_bif.health import LOSS_RISE_MARGIN, divergence, loss_rise_bound
+from lightning_bif.estimation.divergence import LOSS_RISE_MARGIN, loss_rise_bound
 
 
 def test_the_bound_is_the_margin_times_the_equipartition_rise_or_the_loss() -> None:
@@ -28,19 +28,19 @@ def result_with(draw_loss: list[list[float]], bound: float = 10.0, diverged: lis
 
 
 def test_chains_within_the_bound_are_healthy() -> None:
-    assert divergence(result_with([[1.0, 2.0], [3.0, 9.0]])) is None  # mean rises 0.5 and 5 < 10
+    assert result_with([[1.0, 2.0], [3.0, 9.0]]).divergence is None  # mean rises 0.5 and 5 < 10
 
 
 def test_a_chain_beyond_the_bound_or_non_finite_is_named_with_how_far_it_went() -> None:
-    reason = divergence(result_with([[1.0, 2.0], [30.0, 40.0], [1.0, math.inf]]))
+    reason = result_with([[1.0, 2.0], [30.0, 40.0], [1.0, math.inf]]).divergence
     assert reason.startswith("2 of 3 chains left the neighbourhood of w*: 1 produced non-finite losses and 1 climbed")
     assert "up to 34 above w*, beyond the bound 10" in reason
-    flagged = divergence(result_with([[1.0, 1.0], [1.0, 1.0]], diverged=[True, False]))
+    flagged = result_with([[1.0, 1.0], [1.0, 1.0]], diverged=[True, False]).divergence
     assert flagged.startswith("1 of 2 chains") and "non-finite" in flagged
-    assert divergence(result_with([[1.0, 1e9]], bound=math.inf)) is None  # no bound: only non-finite chains count
+    assert result_with([[1.0, 1e9]], bound=math.inf).divergence is None  # no bound: only non-finite chains count
 
 
 def test_a_non_finite_influence_from_finite_chains_is_reported() -> None:
     result = result_with([[1.0, 2.0]])
     result.influence[0, 0] = math.nan
-    assert "the influence is not finite although all 1 chains stayed finite" in divergence(result)
+    assert "the influence is not finite although all 1 chains stayed finite" in result.divergence

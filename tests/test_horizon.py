@@ -32,8 +32,10 @@ from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
+from lightning_bif.curvature.extremes import extreme_curvature
+from lightning_bif.curvature.objective import Objective
 from lightning_bif.functional import FunctionalModel
-from lightning_bif.horizon import extreme_curvature, horizon_config, horizon_damping, optimizer_step
+from lightning_bif.tuning.horizon import horizon_config, horizon_damping, optimizer_step
 
 H, LR, MOMENTUM = 20, 0.05, 0.5  # δ = (1 - μ)/(η·H) = 0.5: the Hessian's eigenvalues (0.3 .. 1.3) straddle it
 
@@ -296,9 +298,9 @@ def test_curvature_falls_back_to_finite_differences_where_forward_mode_ad_fails(
 
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
     buffers = fmodel.fresh_buffers()
-    exact = extreme_curvature(fmodel, [x, y], 30, loss, buffers, 1e-3, seed=0)
-    fallback = extreme_curvature(fmodel, [x, y], 30, lambda m, b: loss(m, b, TanhOnceDifferentiable.apply),
-                                 buffers, 1e-3, seed=0)
+    exact = extreme_curvature(Objective(fmodel, loss, buffers, 1e-3), [x, y], 30, seed=0)
+    once = Objective(fmodel, lambda m, b: loss(m, b, TanhOnceDifferentiable.apply), buffers, 1e-3)
+    fallback = extreme_curvature(once, [x, y], 30, seed=0)
     with pytest.raises(RuntimeError):  # the op really has no forward-mode derivative
         torch.func.jvp(TanhOnceDifferentiable.apply, (x,), (x,))
     assert exact[0] < 0 < exact[1]  # an indefinite Hessian: a saddle-like point of a small network

@@ -1,4 +1,4 @@
-"""The one Lanczos implementation (lightning_bif/lanczos.py) and the Hessian-vector products it runs on,
+"""The one Lanczos implementation (lightning_bif/curvature/lanczos.py) and the Hessian-vector products it runs on,
 checked against explicit matrices and Hessians (torch.autograd.functional.hessian)."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import torch
 from helpers import TanhOnceDifferentiable, classification_data, cross_entropy, mlp
 from torch.func import functional_call
 
-import lightning_bif.curvature as curvature_module
-from lightning_bif.curvature import _hessian_vector_products, top_curvature
+import lightning_bif.curvature.hessian as curvature_module
+from lightning_bif.curvature.extremes import extreme_curvature
+from lightning_bif.curvature.hessian import hessian_vector_products, top_curvature
+from lightning_bif.curvature.lanczos import lanczos
+from lightning_bif.curvature.objective import Objective
 from lightning_bif.functional import FunctionalModel
-from lightning_bif.horizon import extreme_curvature
-from lightning_bif.lanczos import lanczos
 
 WEIGHT_DECAY = 1e-2
 
@@ -86,7 +87,8 @@ def test_hessian_vector_products_match_the_explicit_hessian(width: int) -> None:
     model, batch = small_problem()
     hessian = explicit_hessian(model, batch)
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
-    products = _hessian_vector_products(fmodel, batch, 40, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    objective = Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    products = hessian_vector_products(objective, batch, 40)
     vectors = torch.randn(fmodel.dim, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.allclose(products(vectors), hessian @ vectors, rtol=1e-8, atol=1e-10)
     assert torch.allclose(products(vectors), hessian @ vectors, rtol=1e-8, atol=1e-10)  # the kept graph again
@@ -106,7 +108,7 @@ def test_products_that_double_backward_gets_wrong_raise_instead_of_returning_the
     gradient = torch.autograd.grad(fmodel.losses(leaf, batch, 40, loss, buffers, "loss_fn").mean(), leaf,
                                    create_graph=True)[0]
     assert gradient.grad_fn is not None  # double backward runs, silently without the tanh terms
-    products = _hessian_vector_products(fmodel, batch, 40, loss, buffers, WEIGHT_DECAY)
+    products = hessian_vector_products(Objective(fmodel, loss, buffers, WEIGHT_DECAY), batch, 40)
     with pytest.raises(RuntimeError, match="both failed: reverse-over-reverse: its product differs from a central "
                                            "difference of gradients"):
         products(torch.ones(fmodel.dim, 2, dtype=torch.float64))
@@ -116,8 +118,8 @@ def test_extreme_curvature_matches_the_explicit_hessian() -> None:
     model, batch = small_problem()
     exact = torch.linalg.eigvalsh(explicit_hessian(model, batch))
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
-    found = extreme_curvature(fmodel, batch, 40, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY, seed=0,
-                              steps=fmodel.dim)
+    objective = Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    found = extreme_curvature(objective, batch, 40, seed=0, steps=fmodel.dim)
     assert found == pytest.approx((float(exact[0]), float(exact[-1])), rel=1e-6)
 
 
@@ -149,10 +151,10 @@ def test_block_krylov_needs_fewer_products_than_randomized_subspace_iteration_fo
 
     randomized = randomized_subspace_iteration(count(lambda v: hessian @ v), fmodel.dim, rank)
     randomized_products, counted[0] = counted[0], 0
-    original = curvature_module._hessian_vector_products
-    monkeypatch.setattr(curvature_module, "_hessian_vector_products", lambda *a: count(original(*a)))
-    curvature = top_curvature(fmodel, batch, len(x), cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY, rank,
-                              seed=0)
+    original = curvature_module.hessian_vector_products
+    monkeypatch.setattr(curvature_module, "hessian_vector_products", lambda *a: count(original(*a)))
+    objective = Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    curvature = top_curvature(objective, batch, len(x), rank, seed=0)
     krylov_error = float(((curvature.values - exact).abs() / exact[0]).max())
     randomized_error = float(((randomized - exact).abs() / exact[0]).max())
     assert counted[0] == rank + 80 < randomized_products == 3 * (rank + 20)

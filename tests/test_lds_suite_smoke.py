@@ -104,7 +104,7 @@ def test_tiny_suite_end_to_end(tmp_path) -> None:
 
 
 def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path, monkeypatch) -> None:
-    from lightning_bif import localization
+    from lightning_bif.tuning import localization
 
     sweep = load_benchmark("localization_sweep")
     monkeypatch.setattr(sys.modules["lds_midtrain"], "CACHE", tmp_path)

@@ -16,7 +16,7 @@ from helpers import (
 from helpers import with_bias as design
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.localization import (
+from lightning_bif.tuning.localization import (
     LOCALIZATION_FACTOR,
     NO_HORIZON_LOCALIZATION,
     choose_localization,

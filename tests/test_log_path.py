@@ -1,4 +1,4 @@
-"""The default log path (lightning_bif/log_path.py): a logger's versioned directory, else the next free version."""
+"""The default log path (lightning/log_path.py): a logger's versioned directory, else the next free version."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_bif.log_path import LOG_NAME, VERSIONED_ROOT, default_log_path, next_version
+from lightning_bif.lightning.log_path import LOG_NAME, VERSIONED_ROOT, default_log_path, next_version
 
 
 def test_next_version_is_one_past_the_largest_version_directory(tmp_path: Path) -> None:

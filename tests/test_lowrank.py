@@ -20,8 +20,9 @@ from helpers import (
 from torch.func import functional_call
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.curvature import Curvature, LowRankPreconditioner, top_curvature
-from lightning_bif.estimator import BIFEstimator
+from lightning_bif.curvature.hessian import Curvature, LowRankPreconditioner, top_curvature
+from lightning_bif.curvature.objective import Objective
+from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.functional import FunctionalModel
 
 WEIGHT_DECAY = 1e-2
@@ -54,8 +55,8 @@ def test_randomized_eigenpairs_match_the_exact_hessian() -> None:
     exact_values, exact_vectors = torch.linalg.eigh(hessian)
     exact_values, exact_vectors = exact_values.flip(0), exact_vectors.flip(1)
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
-    curvature = top_curvature(fmodel, [x, y], len(x), cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY,
-                              rank=5, seed=0)
+    objective = Objective(fmodel, cross_entropy, fmodel.fresh_buffers(), WEIGHT_DECAY)
+    curvature = top_curvature(objective, [x, y], len(x), rank=5, seed=0)
 
     assert curvature.values.shape == (6,) and curvature.vectors.shape == (fmodel.dim, 5)
     torch.testing.assert_close(curvature.values, exact_values[:6], rtol=1e-3, atol=1e-8)

@@ -20,9 +20,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
-from lightning_bif.cli import main as cli_main
-from lightning_bif.estimator import BIFEstimator
+from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord
+from lightning_bif.viewers.cli import main as cli_main
 
 VOCAB, T = 5, 8
 # Control variates are off with per_token (no per-token projections), so they are off here for both.

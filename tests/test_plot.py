@@ -10,10 +10,10 @@ import torch
 from helpers import make_identity, make_result, record
 
 from lightning_bif import open_log
-from lightning_bif.analysis import group_means
-from lightning_bif.cli import main as cli_main
 from lightning_bif.log import LogWriter
-from lightning_bif.plot import (
+from lightning_bif.log.summaries import group_means
+from lightning_bif.viewers.cli import main as cli_main
+from lightning_bif.viewers.plot import (
     FIGURES,
     log_spaced,
     plot_groups,

@@ -15,8 +15,8 @@ import torch
 from helpers import C, D, N, P, make_identity, make_result, record
 
 from lightning_bif import open_log
-from lightning_bif.cli import main
 from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, UnknownIdError, repair
+from lightning_bif.viewers.cli import main
 
 DATA = Path(__file__).parent / "data"
 TRAIN_IDS = [f"doc{i}" for i in range(N)]  # string ids: a position can never be mistaken for one
@@ -303,7 +303,7 @@ def test_cli_sign_changes_print_ids_and_names(tmp_path: Path, capsys) -> None:
 def test_help_imports_no_torch_lightning_or_matplotlib() -> None:
     code = (
         "import sys\n"
-        "from lightning_bif.cli import main\n"
+        "from lightning_bif.viewers.cli import main\n"
         "for argv in (['--help'], ['export', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"

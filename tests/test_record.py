@@ -1,4 +1,4 @@
-"""SnapshotRecord (lightning_bif/record.py): the step size a snapshot used."""
+"""SnapshotRecord (lightning_bif/snapshot/record.py): the step size a snapshot used."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 from helpers import make_result, record
 
-from lightning_bif.record import SnapshotRecord
+from lightning_bif.snapshot.record import SnapshotRecord
 
 
 def test_the_used_step_size_is_the_records_own_else_the_results_else_nan() -> None:

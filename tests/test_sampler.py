@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_bif.curvature import Curvature, LowRankPreconditioner
-from lightning_bif.sampler import _DiagonalPreconditioner, sgld_drift, sgld_step
+from lightning_bif.curvature.hessian import Curvature, LowRankPreconditioner
+from lightning_bif.estimation.sampler import _DiagonalPreconditioner, sgld_drift, sgld_step
 
 NBETA, GAMMA, DECAY, STEP = 300.0, 40.0, 0.01, 1e-3
 

@@ -8,10 +8,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.data import ExampleSet
-from lightning_bif.estimator import BIFEstimator, _joint_batch
+from lightning_bif.estimation.estimator import BIFEstimator, _joint_batch
+from lightning_bif.estimation.sampler import SGLDSampler
+from lightning_bif.example_sets import ExampleSet
 from lightning_bif.functional import FunctionalModel
-from lightning_bif.sampler import SGLDSampler
 
 
 def cross_entropy(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:

@@ -11,9 +11,10 @@ from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch import nn
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
-from lightning_bif.curvature_cache import CurvatureCache
-from lightning_bif.log import LogWriter
-from lightning_bif.snapshot import Snapshotter, float32_model, training_config, with_horizon
+from lightning_bif.curvature.cache import CurvatureCache
+from lightning_bif.functional import float32_model
+from lightning_bif.log import LogWriter, RunIdentity
+from lightning_bif.snapshot.snapshotter import Snapshotter, training_config, with_horizon
 
 DATA = toy_dataset()
 TRAIN, PROBES = tracked_sets(DATA)
@@ -57,7 +58,8 @@ def test_a_record_from_the_unit_goes_to_the_log_like_the_callbacks(tmp_path) -> 
     snapshotter = Snapshotter(ToyClassifier.per_example_loss, TRAIN, PROBES, data=DATA)
     config = CONFIG.replace(draws=None)  # the identity sizes the diagnostics with the resolved draws
     taken = snapshotter.take(model, config)
-    with LogWriter(tmp_path / "bif.h5", snapshotter.identity(config, train_groups=[0, 1] * 6)) as writer:
+    identity = RunIdentity.for_snapshots(snapshotter, config, train_groups=[0, 1] * 6)
+    with LogWriter(tmp_path / "bif.h5", identity) as writer:
         writer.write(taken.record(step=7, epoch=1))
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [7] and log.epochs.tolist() == [1] and log.status.tolist() == ["ok"]

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_bif import SGLDConfig
-from lightning_bif.estimator import BIFEstimator
+from lightning_bif.estimation.estimator import BIFEstimator
 
 # aten ops whose result (or whose output shape) depends on tensor values the host must read.
 HOST_READS = {

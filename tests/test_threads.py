@@ -1,4 +1,4 @@
-"""Snapshot thread counts (lightning_bif/threads.py): set around a block, restored, and the oversubscription check."""
+"""Snapshot thread counts (snapshot/threads.py): set around a block, restored, and the oversubscription check."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from lightning_bif.threads import available_cores, oversubscription, snapshot_threads
+from lightning_bif.snapshot.threads import available_cores, oversubscription, snapshot_threads
 
 
 @pytest.fixture

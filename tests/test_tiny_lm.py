@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_bif import open_log
-from lightning_bif.cli import main as cli_main
+from lightning_bif.viewers.cli import main as cli_main
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny_lm.py"
 CONTEXT, PER_MODULE, MODULES = 32, 2, 8

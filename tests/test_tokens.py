@@ -17,10 +17,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, BIFResult, Diagnostics, SGLDConfig, open_log
-from lightning_bif import tokens as token_module
-from lightning_bif.cli import main as cli_main
 from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, SnapshotRecord
-from lightning_bif.tokens import format_view, render_html, token_view
+from lightning_bif.viewers import tokens as token_module
+from lightning_bif.viewers.cli import main as cli_main
+from lightning_bif.viewers.tokens import format_view, render_html, token_view
 
 P, T, N, C, D = 2, 5, 4, 2, 3
 TOKENS = [["Th", "e", " h", "eap", "."], ["α", "<b>", "</script>", " ", "\n"]]

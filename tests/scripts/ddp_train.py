@@ -19,7 +19,7 @@ from toy import FAST, ToyClassifier, class_losses, loader, toy_dataset, tracked_
 
 from lightning_bif import BIFCallback
 from lightning_bif.log import LogWriter
-from lightning_bif.tensorboard import TensorBoardSink
+from lightning_bif.viewers.tensorboard import TensorBoardSink
 
 CONFIG = FAST.replace(chains=4)
 

@@ -4,7 +4,7 @@ The drift of a step on minibatch B has curvature A_B = nβ·H_B + γ, and G^{1/2
 spectrum as G·A_B) with the preconditioner G. The step-size rule keeps the margin the plain rule
 leaves on the drift's minibatches, so it needs the largest λ_max of each over a few minibatches
 drawn as the chains draw theirs. Both operators of every minibatch run as one Lanczos in lockstep
-(:func:`lightning_bif.lanczos.lanczos`): one call of Hessian-vector products per minibatch and
+(:func:`lightning_bif.curvature.lanczos.lanczos`): one call of Hessian-vector products per minibatch and
 step advances both, and the iteration stops once no largest Ritz value changes by more than
 ``STIFFNESS_TOLERANCE`` (relative) in a step, or after ``STIFFNESS_STEPS``.
 """
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .curvature import LowRankPreconditioner
-from .data import Batch
-from .functional import FunctionalModel, LossFn
-from .horizon import curvature_products
+from ..example_sets import Batch
+from .hessian import LowRankPreconditioner, curvature_products
 from .lanczos import lanczos
+from .objective import Objective
 
 # Relative change of every largest Ritz value in one step below which the Lanczos iteration stops.
 STIFFNESS_TOLERANCE = 0.02
@@ -45,29 +44,26 @@ class Stiffness:
 
 
 def drift_stiffness(
-    fmodel: FunctionalModel, samples: list[tuple[int, Batch]], loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float, nbeta: float, localization: float, lowrank: LowRankPreconditioner, seed: int,
-    steps: int = STIFFNESS_STEPS, tolerance: float | None = STIFFNESS_TOLERANCE,
+    objective: Objective, samples: list[tuple[int, Batch]], nbeta: float, localization: float,
+    lowrank: LowRankPreconditioner, seed: int, steps: int = STIFFNESS_STEPS,
+    tolerance: float | None = STIFFNESS_TOLERANCE,
 ) -> Stiffness:
     """λ_max(A_B) and λ_max(G·A_B), each the largest over ``samples``, by one early-stopped Lanczos in lockstep.
 
     Args:
-        fmodel: The functional model; its ``center`` is w*.
+        objective: The objective (model, loss, buffers, λ); its model's ``center`` is w*.
         samples: The drift's minibatches ``[(size, batch), ...]``.
-        loss_fn: ``(model, batch) -> Tensor[B]``.
-        buffers: The model's buffers.
-        weight_decay: λ of the L2 prior (part of H_B).
         nbeta: nβ.
         localization: γ.
         lowrank: The preconditioner G.
         seed: Seed of the start vector (the same for every operator).
         steps: Most Lanczos steps.
-        tolerance: Early stop (see :func:`lightning_bif.lanczos.lanczos`); ``None`` runs all ``steps``.
+        tolerance: Early stop (see :func:`lightning_bif.curvature.lanczos.lanczos`); ``None`` runs all ``steps``.
 
     Returns:
         :class:`Stiffness`.
     """
-    products = [curvature_products(fmodel, batch, size, loss_fn, buffers, weight_decay) for size, batch in samples]
+    products = [curvature_products(objective, batch, size) for size, batch in samples]
 
     def operators(block: torch.Tensor) -> torch.Tensor:
         """Columns 2s, 2s + 1: A_s and G^{1/2}·A_s·G^{1/2} of minibatch s, one product call per minibatch."""
@@ -80,6 +76,7 @@ def drift_stiffness(
             out[:, 2 * s + 1] = lowrank.apply_sqrt(curved[:, 1][None])[0]
         return out
 
+    fmodel = objective.fmodel
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
     start = torch.randn(fmodel.dim, 1, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
     found = lanczos(operators, start.expand(-1, 2 * len(samples)).contiguous(), steps, tolerance)

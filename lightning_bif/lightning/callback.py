@@ -20,20 +20,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from .arguments import Groups, calibration_options, check_options, display_texts, group_labels
-from .collectives import StrategyCollectives
-from .config import SGLDConfig
-from .curvature_cache import CurvatureCache
-from .data import Batch, ExampleSet, ExampleSource
-from .datamodule_source import DataModuleExamples
-from .functional import LossFn
-from .log import LogWriteError, LogWriter, RunIdentity
+from ..config import SGLDConfig
+from ..curvature.cache import CurvatureCache
+from ..example_sets import Batch, ExampleSet, ExampleSource
+from ..functional import LossFn
+from ..log import LogWriteError, LogWriter, RunIdentity
+from ..schedule import Event, LogSpaced, SnapshotSchedule
+from ..snapshot.collectives import StrategyCollectives
+from ..snapshot.record import SnapshotRecord
+from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
+from ..snapshot.threads import oversubscription, snapshot_threads
+from ..viewers.tensorboard import TensorBoardSink
+from .argument_checks import Groups, calibration_options, check_options, display_texts, group_labels
+from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
-from .record import SnapshotRecord
-from .schedule import Event, LogSpaced, SnapshotSchedule, manual_optimization_steps
-from .snapshot import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
-from .tensorboard import TensorBoardSink
-from .threads import oversubscription, snapshot_threads
+from .training_length import manual_optimization_steps
 
 #: Name of the LightningModule method used when no ``loss_fn`` is given.
 LOSS_HOOK = "per_example_loss"
@@ -50,7 +51,7 @@ def module_per_example_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 class BIFCallback(Callback):
     """Take Bayesian-influence-function snapshots of the model while it trains.
 
-    On a schedule the callback runs a snapshot (:class:`~lightning_bif.snapshot.Snapshotter`: localized
+    On a schedule the callback runs a snapshot (:class:`~lightning_bif.snapshot.snapshotter.Snapshotter`: localized
     SGLD chains from the current weights, as :func:`~lightning_bif.estimate_bif`) and hands the record,
     ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors and diagnostics, to
     the HDF5 log (global rank 0) and the trainer's ``TensorBoardLogger``. Training is left bitwise as it
@@ -85,8 +86,8 @@ class BIFCallback(Callback):
         if_exists: ``"error"``, ``"overwrite"`` or ``"resume"`` (same run) when ``log_path`` exists at fit start.
         tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md).
         progress: Show progress during a snapshot.
-        calibrate: ``True`` or a dict of :func:`~lightning_bif.calibration.calibrate`'s settings: choose the step
-            size from pilot chains before snapshots until one is accepted.
+        calibrate: ``True`` or a dict of :func:`~lightning_bif.estimation.calibration.calibrate`'s settings: choose
+            the step size from pilot chains before snapshots until one is accepted.
         horizon: H of the snapshots' question (docs/horizon.md): ``"interval"`` (to the next snapshot), ``"rest"``
             (to the end), a number of steps, or ``None`` (the config's γ and ε).
         min_split_half: Warn once per fit below this split-half reliability; ``None``: never.
@@ -468,9 +469,9 @@ class BIFCallback(Callback):
             "data": "trainer training data" if self.data is None else "data argument",
             "horizon": self.horizon,
         }
-        return self._snapshotter.identity(
-            self._config, tokens=self._tokens, settings={"callback": callback}, train_groups=self.train_groups,
-            probe_groups=self.probe_groups, train_group_names=self.train_group_names,
+        return RunIdentity.for_snapshots(
+            self._snapshotter, self._config, tokens=self._tokens, settings={"callback": callback},
+            train_groups=self.train_groups, probe_groups=self.probe_groups, train_group_names=self.train_group_names,
             probe_group_names=self.probe_group_names, probe_tokens=self.probe_tokens, train_text=self.train_text)
 
     def _open_log(self, trainer: pl.Trainer) -> None:

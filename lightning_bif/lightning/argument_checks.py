@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .calibration import calibrate as calibrate_step_size
-from .tensorboard import check_charts
+from ..estimation.calibration import calibrate as calibrate_step_size
+from ..viewers.tensorboard import check_charts
 
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 

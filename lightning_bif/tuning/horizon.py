@@ -15,19 +15,13 @@ Optimizers are mapped to their heavy-ball equivalent (η, μ) by :func:`optimize
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .config import SGLDConfig
-from .curvature import _hessian_vector_products, finite_difference_products
-from .data import Batch
-from .functional import FunctionalModel, LossFn
-from .lanczos import lanczos
+from ..config import SGLDConfig
 
-# Lanczos iterations of the saddle check: the extreme eigenvalues of the Hessian converge first.
-LANCZOS_STEPS = 24
 # ε·(nβ·λ_max + γ) of a horizon snapshot: a quarter of the SGLD stability bound 4 (the stiffest direction's
 # variance is inflated by 1/(1 - 1/4)). Chosen against 2 and a fixed ε on the development set-up
 # (docs/horizon.md, "Which step-size rule, and why").
@@ -156,51 +150,6 @@ class HorizonCheck:
         return self.lambda_min < 0
 
 
-def extreme_curvature(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float, seed: int, steps: int = LANCZOS_STEPS,
-) -> tuple[float, float]:
-    """(λ_min, λ_max) of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by Lanczos from Hessian-vector products.
-
-    Full reorthogonalization (:func:`lightning_bif.lanczos.lanczos`); ``steps`` products. The estimates lie
-    inside the true spectrum and approach its ends from there (the ends converge first). Where automatic
-    differentiation of the gradient of ``loss_fn`` fails, the products are central differences of gradients.
-    """
-    values, _ = lanczos_extremes(curvature_products(fmodel, batch, size, loss_fn, buffers, weight_decay),
-                                 fmodel, seed, steps)
-    return values
-
-
-def curvature_products(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``vectors [D, b] -> (H + λ) vectors``, by automatic differentiation, or central differences where it fails."""
-    exact = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    fallback = finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    use_exact = [True]
-
-    def products(vectors: torch.Tensor) -> torch.Tensor:
-        if use_exact[0]:
-            try:
-                return exact(vectors)
-            except RuntimeError:  # an op without forward-mode AD (e.g. fused attention kernels on a CPU)
-                use_exact[0] = False
-        return fallback(vectors)
-
-    return products
-
-
-def lanczos_extremes(
-    products: Callable[[torch.Tensor], torch.Tensor], fmodel: FunctionalModel, seed: int, steps: int = LANCZOS_STEPS,
-) -> tuple[tuple[float, float], torch.Tensor]:
-    """Lanczos estimates (λ_min, λ_max) of the operator ``products`` and their unit Ritz vectors ``[D, 2]``."""
-    generator = torch.Generator(device=fmodel.device).manual_seed(seed)
-    start = torch.randn(fmodel.dim, 1, generator=generator, device=fmodel.device, dtype=fmodel.center.dtype)
-    found = lanczos(products, start, steps)
-    return (float(found.lowest[0]), float(found.highest[0])), found.vectors[:, 0]
-
-
 def horizon_localization(config: SGLDConfig, nbeta: float, lambda_min: float) -> float:
     """The horizon's own γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)), before any floor (``config`` has the horizon)."""
     damping = horizon_damping(config.horizon_steps, config.learning_rate, config.momentum)
@@ -218,7 +167,7 @@ def horizon_config(
     unless ``config.step_size`` is set: the largest posterior curvature is known here, so the chains take
     the largest step that keeps it well inside the stability bound, whatever the horizon (a short one
     makes γ large, a long one leaves the flat directions to explore). ``floor`` is the least γ
-    (:func:`lightning_bif.localization.localization_floor`; 0 when the user set ``localization``).
+    (:func:`lightning_bif.tuning.localization.localization_floor`; 0 when the user set ``localization``).
     """
     if config.horizon_steps is None or config.learning_rate is None or config.momentum is None:
         raise ValueError("horizon_config needs SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...).")

@@ -1,37 +1,37 @@
 """One BIF snapshot of a model at its current weights, without Lightning: what ``estimate_bif`` and ``BIFCallback`` run.
 
 :class:`Snapshotter` takes a snapshot: a float32 view of the model, its state preserved (the model and
-the global RNG are left exactly as they were), :class:`~lightning_bif.estimator.BIFEstimator`'s prepare,
-this rank's share of the chains, the merge across ranks through :mod:`lightning_bif.collectives`, the
+the global RNG are left exactly as they were), :class:`~lightning_bif.estimation.estimator.BIFEstimator`'s prepare,
+this rank's share of the chains, the merge across ranks through :mod:`lightning_bif.snapshot.collectives`, the
 summary, and the status (``"ok"``, ``"diverged"``, ``"failed"``: a failure is recorded, not raised).
 It also calibrates the step size (rank 0, broadcast). :func:`training_config` and :func:`with_horizon`
 derive the config a snapshot runs with from the training run's optimizer; the result goes to the sinks
-(:class:`SnapshotSink`: the HDF5 log, TensorBoard) as a :class:`~lightning_bif.record.SnapshotRecord`.
+(:class:`SnapshotSink`: the HDF5 log, TensorBoard) as a :class:`~lightning_bif.snapshot.record.SnapshotRecord`.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from .autotune import Tuning, budget_minibatch, resolve_budget
-from .calibration import calibrate as calibrate_step_size
+from ..config import SGLDConfig
+from ..curvature.cache import CurvatureCache
+from ..estimation.calibration import calibrate as calibrate_step_size
+from ..estimation.estimator import BIFEstimator
+from ..estimation.result import BIFResult
+from ..estimation.sampler import ProgressFn
+from ..example_sets import ExampleSet, ExampleSource
+from ..functional import LossFn, float32_model, preserved_state
+from ..tuning.autotune import Tuning, budget_minibatch, resolve_budget
+from ..tuning.horizon import optimizer_step
 from .collectives import Collectives, SingleProcess
-from .config import SGLDConfig
-from .curvature_cache import CurvatureCache
-from .data import ExampleSet, ExampleSource
-from .estimator import BIFEstimator, BIFResult
-from .functional import LossFn, preserved_state
-from .horizon import optimizer_step
-from .log import RunIdentity
 from .record import SnapshotRecord
-from .sampler import ProgressFn
 
 _MAX_ERROR_CHARS = 500
 
@@ -44,17 +44,6 @@ class SnapshotSink(Protocol):
 
     def close(self) -> None:
         """Flush and release what the sink holds."""
-
-
-def float32_model(module: nn.Module) -> nn.Module:
-    """The module itself, or a float32 copy when its parameters are half precision (bf16-true, 16-true).
-
-    SGLD steps of size ε·∇ vanish in bf16/fp16 rounding, so the estimate runs on float32 weights.
-    Mixed-precision trainers keep float32 parameters and need no copy.
-    """
-    if all(p.dtype not in (torch.float16, torch.bfloat16) for p in module.parameters()):
-        return module
-    return copy.deepcopy(module).float()
 
 
 @dataclass
@@ -99,13 +88,13 @@ class Snapshotter:
         probe_fn: The probe observable φ_j; default ``loss_fn``.
         data: Where SGLD minibatches come from; default ``train``.
         collectives: The ranks sharing the chains (chain c runs on rank c mod world size); default one process.
-        cache: Curvature shared by the snapshots (:mod:`lightning_bif.curvature_cache`); ``None`` measures anew.
+        cache: Curvature shared by the snapshots (:mod:`lightning_bif.curvature.cache`); ``None`` measures anew.
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_bif import SGLDConfig
-        >>> from lightning_bif.snapshot import Snapshotter
+        >>> from lightning_bif.snapshot.snapshotter import Snapshotter
         >>> x, y = torch.randn(64, 3), torch.randn(64)
         >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).square()
         >>> snapshotter = Snapshotter(mse, (x, y), (x[:4], y[:4]))
@@ -130,23 +119,15 @@ class Snapshotter:
         return BIFEstimator(model, self.loss_fn, self.train, self.probes, probe_fn=self.probe_fn, data=self.data,
                             config=config, device=device, vectorized=vectorized, cache=self.cache)
 
-    def identity(
-        self, config: SGLDConfig, *, tokens: int | None = None, settings: dict[str, Any] | None = None,
-        **labels: Any,
-    ) -> RunIdentity:
-        """The identity of a log of snapshots taken with ``config`` (for :class:`~lightning_bif.log.LogWriter`).
+    def planned_draws(self, config: SGLDConfig) -> int:
+        """Draws per chain that snapshots with ``config`` keep (with ``draws=None``, from the budget rule)."""
+        train = ExampleSet(self.train, "train")
+        size = len(train) + len(ExampleSet(self.probes, "probes"))
+        return resolve_budget(config, size, budget_minibatch(config, len(train)), Tuning()).draws
 
-        Args:
-            config: The snapshots' settings (stored as ``config["sgld"]``; C and D size the diagnostics).
-            tokens: Tokens per probe of a per-token config (:meth:`check_losses` returns it).
-            settings: More JSON-compatible settings stored next to ``"sgld"`` (e.g. the callback's).
-            **labels: :class:`~lightning_bif.log.RunIdentity`'s optional labels: ``train_groups``,
-                ``probe_groups``, ``train_group_names``, ``probe_group_names``, ``probe_tokens``, ``train_text``.
-        """
-        train, probes = ExampleSet(self.train, "train"), ExampleSet(self.probes, "probes")
-        draws = resolve_budget(config, len(train) + len(probes), budget_minibatch(config, len(train)), Tuning()).draws
-        return RunIdentity(config={"sgld": config.to_dict(), **(settings or {})}, train_ids=train.ids().numpy(),
-                           probe_ids=probes.ids().numpy(), chains=config.chains, draws=draws, tokens=tokens, **labels)
+    def example_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dataset indices (or keys) of the tracked training examples ``[N]`` and of the probes ``[P]``."""
+        return ExampleSet(self.train, "train").ids().numpy(), ExampleSet(self.probes, "probes").ids().numpy()
 
     def check_losses(
         self, model: nn.Module, config: SGLDConfig, device: torch.device | str | None = None
@@ -185,7 +166,8 @@ class Snapshotter:
     def calibrate(
         self, model: nn.Module, config: SGLDConfig, device: torch.device | str | None = None, **options: Any
     ) -> dict[str, Any]:
-        """Calibrate the step size (:func:`~lightning_bif.calibration.calibrate`) on rank 0; broadcast the evidence.
+        """Calibrate the step size (:func:`~lightning_bif.estimation.calibration.calibrate`) on rank 0; broadcast
+        the evidence.
 
         Rank 0 alone runs the pilots, so every rank gets the same answer even where GPU kernels are
         not bitwise reproducible across devices. A calibration that raises keeps ``config.step_size``.

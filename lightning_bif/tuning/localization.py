@@ -62,7 +62,7 @@ def choose_localization(nbeta: float, mean_eigenvalue: float, lambda_min: float,
         nbeta: nβ.
         mean_eigenvalue: λ̄ = tr(H + λ)/D at w*.
         lambda_min: The least eigenvalue of H + λ at w* (negative at a saddle).
-        horizon_localization: The horizon's γ (:func:`lightning_bif.horizon.horizon_config`), or ``None``.
+        horizon_localization: The horizon's γ (:func:`lightning_bif.tuning.horizon.horizon_config`), or ``None``.
         factor: c; ``None``: ``LOCALIZATION_FACTOR`` (read at call time, so a sweep can set the module's).
 
     Returns:

@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .config import SGLDConfig
-from .curvature_cache import CurvatureCache
-from .data import ExampleSet, ExampleSource
-from .estimator import BIFEstimator, estimate_bif
-from .functional import LossFn, preserved_state
+from ..config import SGLDConfig
+from ..curvature.cache import CurvatureCache
+from ..example_sets import ExampleSet, ExampleSource
+from ..functional import LossFn, float32_model, preserved_state
+from .estimator import BIFEstimator
 
 _MIN_PILOT_STEPS = 20
 
@@ -125,8 +125,13 @@ def _pilot(model: nn.Module, loss_fn: LossFn, tracked: ExampleSource, data: Exam
     # Only the training losses matter here: one probe, and no token axis, keeps the evaluation cheap.
     pilot_config = config.replace(step_size=step_size, chains=chains, draws=half, burn_in=half, thin=1,
                                   per_token=False, control_variates=False)
-    result = estimate_bif(model, loss_fn, tracked, _leading(tracked, 1), data=data, config=pilot_config,
-                          device=device, cache=cache)
+    estimator = BIFEstimator(model, loss_fn, tracked, _leading(tracked, 1), data=data, config=pilot_config,
+                             device=device, cache=cache)
+    with preserved_state(model, [estimator.device]), torch.inference_mode(False):
+        estimator.prepare()
+        start = time.perf_counter()
+        accumulator = estimator.sample_checked(range(pilot_config.chains))
+        result = estimator.summarize(accumulator, time.perf_counter() - start)
     diag = result.diagnostics
     traces = diag.draw_loss[~diag.diverged] if not diag.diverged.all() else diag.draw_loss
     mid = traces.shape[1] // 2
@@ -174,7 +179,7 @@ def calibrate(
         data: The examples SGLD minibatches come from (the estimate's ``data``, or its ``train``).
         config: The sampler settings to calibrate; defaults to ``SGLDConfig()``.
         step_sizes: Candidate step sizes; default: ``config.step_size`` times 16, 8, ..., 1/16 (the automatic
-            step size of :mod:`lightning_bif.autotune` when ``config.step_size`` is ``None``).
+            step size of :mod:`lightning_bif.tuning.autotune` when ``config.step_size`` is ``None``).
         pilot_steps: SGLD steps of a candidate's pilot chains (half burn-in); its half-step
             reference runs twice as many, so both cover the same simulated time. Instabilities
             that build up slowly (a chain that wanders into a stiffer region) only show in pilots
@@ -186,7 +191,7 @@ def calibrate(
             kept draws, relative to the loss rise.
         safety: The chosen step size is the largest accepted candidate divided by this (>= 1).
         device: Where to compute; defaults to the device of the model's parameters.
-        cache: Curvature shared with the estimates (:mod:`lightning_bif.curvature_cache`): the pilots
+        cache: Curvature shared with the estimates (:mod:`lightning_bif.curvature.cache`): the pilots
             measure it once, not once each.
 
     Returns:
@@ -196,7 +201,7 @@ def calibrate(
         >>> import torch
         >>> from torch import nn
         >>> from lightning_bif import SGLDConfig
-        >>> from lightning_bif.calibration import calibrate
+        >>> from lightning_bif.estimation.calibration import calibrate
         >>> x = torch.randn(128, 3)
         >>> y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(128)
         >>> model = nn.Linear(3, 1)
@@ -207,6 +212,7 @@ def calibrate(
         True
     """
     start = time.perf_counter()
+    model = float32_model(model)  # SGLD steps vanish in half-precision rounding
     config = config or SGLDConfig()
     cache = cache if cache is not None else CurvatureCache()
     examples = ExampleSet(data, "data")

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Subset
 
-from .data import ExampleSet
+from ..example_sets import ExampleSet
 
 Split = Literal["train", "val", "test", "predict"]
 

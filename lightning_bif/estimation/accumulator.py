@@ -51,7 +51,7 @@ class CovarianceAccumulator:
             draw is accumulated as its shift from them, which keeps the float64 sums well conditioned.
         probe_loss: Probe observables at w*, ``[P]``; likewise.
         draws: Draws per chain D, for the per-draw traces.
-        subspace: With subspace control variates (:mod:`lightning_bif.control_variates`), the eigenbasis
+        subspace: With subspace control variates (:mod:`lightning_bif.estimation.control_variates`), the eigenbasis
             and projected gradients: the coordinates of every draw in it are accumulated too, and the
             statistics drop the off-diagonal noise of the linear part.
     """

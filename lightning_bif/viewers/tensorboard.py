@@ -8,7 +8,7 @@ Per snapshot (``step`` is the training step) it writes, by default:
   helps), in units where a damped classical influence function is O(1), so that late-training
   values near 1e-5 do not round to 0 in TensorBoard's tables. Divide by nβ (in the log) for BIF.
 - ``bif/matrix`` (Images): the ``[probe, train]`` matrix of the snapshot as a labelled figure
-  (:func:`lightning_bif.plot.matrix_figure`): sorted by group, group borders, axis labels, a
+  (:func:`lightning_bif.viewers.plot.matrix_figure`): sorted by group, group borders, axis labels, a
   symmetric colour bar, **blue = helps, red = harms**.
 - ``bif_diag/split_half``, ``bif_diag/loss_rise``, ``bif_diag/diverged_chains``; and
   ``bif_diag/status`` (Text) for every snapshot that is not ``ok``.
@@ -16,7 +16,7 @@ Per snapshot (``step`` is the training step) it writes, by default:
 The ``bif_diag/`` scalars are the log columns that declare a chart (:attr:`lightning_bif.log.columns.Column.chart`).
 Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``duration_s``, ``ess``, ``step_size``,
 ``sampling_loss`` (scalars under ``bif_diag/``), ``histogram`` (``bif/influence_hist``) and
-``groups_figure`` (``bif/groups``, Images: :func:`lightning_bif.plot.plot_groups` of the log so far,
+``groups_figure`` (``bif/groups``, Images: :func:`lightning_bif.viewers.plot.plot_groups` of the log so far,
 with a log step axis and a colour per train group; it re-reads the log and draws a figure of
 several panels at every snapshot, so it costs seconds per snapshot).
 """
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .analysis import group_labels, group_means
-from .log import PathLike, RunIdentity, open_log
-from .log.columns import COLUMNS, Column, value
-from .record import SnapshotRecord
+from ..log import PathLike, RunIdentity, open_log
+from ..log.columns import COLUMNS, Column, value
+from ..log.summaries import group_labels, group_means
+from ..snapshot.record import SnapshotRecord
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -8,7 +8,7 @@ The curves share a header: the training loss at w* over the snapshots, the loss 
 draws (their gap is the loss rise) and a strip of split-half reliability; snapshots that are not
 ``ok`` are marked by grey lines and named in the strip.
 
-    >>> from lightning_bif import plot                                          # doctest: +SKIP
+    >>> from lightning_bif.viewers import plot                                          # doctest: +SKIP
     >>> plot.plot_groups("runs/exp/influence.h5").savefig("groups.png")         # doctest: +SKIP
     >>> plot.write_figures("runs/exp/influence.h5", "figures", format="pdf")    # doctest: +SKIP
 """
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .analysis import group_labels, group_means
-from .log import InfluenceLog, PathLike, open_log
+from ..log import InfluenceLog, PathLike, open_log
+from ..log.summaries import group_labels, group_means
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

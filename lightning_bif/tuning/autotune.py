@@ -12,7 +12,7 @@ docs/self-tuning.md derives each rule; in short:
 * ``control_variates``: on whenever the top eigenpairs are measured anyway (the low-rank
   preconditioner) and the estimate is not per-token.
 * ``localization``: the horizon's γ, or 100 without a horizon, raised to the floor
-  nβ·(3·λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.localization`).
+  nβ·(3·λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.tuning.localization`).
 * ``thin`` and ``draws``: a draw evaluates the N + P tracked losses (forward only), a step the
   gradient of m minibatch losses (forward and backward, about 3 forwards): ``thin`` =
   round((N + P)/(3·m)) in [1, 8] balances evaluation and sampling cost, and ``draws`` =
@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SGLDConfig
-from .curvature import KRYLOV_EXTRA
+from ..config import SGLDConfig
+from ..curvature.hessian import KRYLOV_EXTRA
 
 # Working memory the low-rank preconditioner may take for its eigen-decomposition (two [D, K + 70] blocks).
 LOWRANK_MEMORY_BUDGET = 512 * 2**20
@@ -49,14 +49,14 @@ class Tuning:
         mean_eigenvalue: Hutchinson estimate of tr(H + λ)/D (with the eigenpairs or an automatic
             ``localization``; else ``None``).
         localization_floor: The least γ the localization rule allowed, nβ·(c·λ̄ + max(0, -λ_min))
-            (:mod:`lightning_bif.localization`; ``None`` when the user set ``localization``).
+            (:mod:`lightning_bif.tuning.localization`; ``None`` when the user set ``localization``).
         top_eigenvalues: The K + 1 largest eigenvalues (with the eigenpairs; else ``None``).
         preconditioned_stiffness: λ_max(G·A) of the drift's curvature with the low-rank preconditioner, the
             largest over the SGLD minibatches measured, when the step size is automatic (``None`` otherwise).
         drift_stiffness: λ_max(A) of the same minibatches without it: ε is the plain rule's times
             min(1, drift_stiffness/preconditioned_stiffness).
         lowrank_memory_mib: Working memory the low-rank preconditioner needs (or would need).
-        curvature_reused: Whether the curvature came from an earlier estimate (:mod:`lightning_bif.curvature_cache`).
+        curvature_reused: Whether the curvature came from an earlier estimate (:mod:`lightning_bif.curvature.cache`).
         curvature_drift: The staleness check's Rayleigh-quotient drift (NaN when nothing was checked).
         curvature_reason: Why the curvature was measured again, or ``"reused"``.
         seconds: Wall time of the tuning (curvature, projections) within the estimate.

@@ -13,10 +13,11 @@ from typing import Protocol
 import torch
 from torch.utils._pytree import tree_map
 
-from .config import SGLDConfig
-from .curvature import Curvature, LowRankPreconditioner, top_curvature
-from .data import Batch, ExampleSet
-from .functional import FunctionalModel, LossFn
+from ..config import SGLDConfig
+from ..curvature.hessian import Curvature, LowRankPreconditioner, top_curvature
+from ..curvature.objective import Objective
+from ..example_sets import Batch, ExampleSet
+from ..functional import FunctionalModel, LossFn
 
 ProgressFn = Callable[[int, int], None]
 
@@ -185,8 +186,9 @@ class SGLDSampler:
         if self.cached_curvature is None:
             cfg = self.config
             size, batch = self.curvature_sample()
-            self.cached_curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, buffers, cfg.weight_decay,
-                                                  cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+            objective = Objective(self.fmodel, self.loss_fn, buffers, cfg.weight_decay)
+            self.cached_curvature = top_curvature(objective, batch, size, cfg.preconditioner_rank,
+                                                  seed=chain_seed(cfg.seed, -1))
         return self.cached_curvature
 
     def curvature_sample(self) -> tuple[int, Batch]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .log import InfluenceLog
+from ..log import InfluenceLog
 
 # The HTML page embeds the per-token arrays of every probe and usable snapshot up to this many entries
 # (two numbers each), then only the chosen probe, then only the chosen probe at the chosen snapshot.

@@ -23,8 +23,8 @@ from typing import TextIO
 
 import numpy as np
 
-from .analysis import extremes, flatten_config, group_means
-from .log import InfluenceLog, open_log, repair
+from ..log import InfluenceLog, open_log, repair
+from ..log.summaries import extremes, flatten_config, group_means
 
 _IDS_NOTE = "probes and train examples by id: log.trajectory(probe_id=..., train_id=...) in Python"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .curvature import Curvature
+from .hessian import Curvature
 
 # Top cached eigenvectors whose Rayleigh quotients the staleness check recomputes.
 CHECKED_EIGENVECTORS = 4

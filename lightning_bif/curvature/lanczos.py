@@ -1,7 +1,7 @@
 """The Lanczos iteration for the extreme eigenvalues of symmetric operators given by their products.
 
-One implementation serves the saddle check's λ_min and λ_max (:mod:`lightning_bif.horizon`) and
-the drift's stiffness with and without the preconditioner (:mod:`lightning_bif.stiffness`).
+One implementation serves the saddle check's λ_min and λ_max (:mod:`lightning_bif.tuning.horizon`) and
+the drift's stiffness with and without the preconditioner (:mod:`lightning_bif.curvature.stiffness`).
 Several independent operators can run in lockstep: column j of the start block is the start of
 operator j, and ``products`` applies operator j to column j, so one call (e.g. one batched
 Hessian-vector product) advances all of them. Full reorthogonalization (twice, Kahan–Parlett)

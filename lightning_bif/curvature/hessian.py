@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import jvp, vmap
 
-from .data import Batch
-from .functional import FunctionalModel, LossFn
+from ..example_sets import Batch
+from ..functional import FunctionalModel, LossFn
+from .objective import Objective
 
 # Block Krylov eigen-decomposition: width of a block, and the dimensions of the Krylov space beyond K (K + 70
 # products; the accuracy of 3·(K + 20) randomized ones). The mean eigenvalue takes Hutchinson's estimate from
@@ -54,23 +55,7 @@ class Curvature:
     mean: float
 
 
-def objective_gradient(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``flat [D] -> ∇(mean loss of batch + λ/2·||w||²)`` at ``flat``: the gradient whose Jacobian is H + λ."""
-
-    def objective(flat: torch.Tensor) -> torch.Tensor:
-        loss = fmodel.losses(flat, batch, size, loss_fn, buffers, "loss_fn").mean()
-        return loss + weight_decay / 2 * flat.square().sum()
-
-    return grad(objective)
-
-
-def _hessian_vector_products(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def hessian_vector_products(objective: Objective, batch: Batch, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``vectors [D, b] -> (H + λ) vectors [D, b]`` for the mean loss of ``batch`` at w*.
 
     Reverse-over-reverse first: the gradient's graph at w* is built once and every product is a
@@ -79,9 +64,10 @@ def _hessian_vector_products(
     for every call. Where double backward fails (e.g. a ``once_differentiable`` op), forward-over-reverse
     takes over for this and later calls; where both fail the error says so.
     """
-    reverse = _reverse_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    forward = _forward_over_reverse(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    verified = _VERIFIED.setdefault(fmodel, {})
+    reverse = _reverse_over_reverse(objective, batch, size)
+    forward = _forward_over_reverse(objective, batch, size)
+    loss_fn = objective.loss_fn
+    verified = _VERIFIED.setdefault(objective.fmodel, {})
     failures: list[str] = []  # why reverse-over-reverse is not used, once known
 
     def products(vectors: torch.Tensor) -> torch.Tensor:
@@ -89,8 +75,7 @@ def _hessian_vector_products(
             try:
                 result = reverse(vectors)
                 if loss_fn not in verified:
-                    _check_reverse(result[:, 0], vectors[:, 0], forward, fmodel, batch, size, loss_fn, buffers,
-                                   weight_decay)
+                    _check_reverse(result[:, 0], vectors[:, 0], forward, objective, batch, size)
                     verified[loss_fn] = "reverse"
                 return result
             except RuntimeError as error:  # an op without double backward, or one whose backward is not differentiable
@@ -111,8 +96,7 @@ def _hessian_vector_products(
 
 def _check_reverse(
     product: torch.Tensor, vector: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
+    objective: Objective, batch: Batch, size: int,
 ) -> None:
     """Raise when a reverse-over-reverse product is wrong: checked against a central difference of gradients,
     and where that disagrees (it is only approximate, e.g. across ReLU kinks), against forward-over-reverse.
@@ -121,7 +105,7 @@ def _check_reverse(
     values) drops its Hessian terms from double backward silently. Forward-over-reverse is consulted
     only when needed: its first use in a process loads forward-mode decompositions (tenths of a second).
     """
-    reference = finite_difference_products(fmodel, batch, size, loss_fn, buffers, weight_decay)(vector[:, None])[:, 0]
+    reference = finite_difference_products(objective, batch, size)(vector[:, None])[:, 0]
     error = float((product - reference).norm()) / max(float(reference.norm()), 1e-30)
     if error <= _DIFFERENCE_TOLERANCE:
         return
@@ -136,13 +120,10 @@ def _check_reverse(
                            "backward is not differentiable")
 
 
-def finite_difference_products(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def finite_difference_products(objective: Objective, batch: Batch, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``vectors [D, b] -> (H + λ) vectors``: (∇(w* + h·v) - ∇(w* - h·v))/(2h) per column, 2 gradients each."""
-    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    center = fmodel.center
+    gradient = objective.gradient(batch, size)
+    center = objective.fmodel.center
 
     def products(vectors: torch.Tensor) -> torch.Tensor:
         columns = []
@@ -154,10 +135,7 @@ def finite_difference_products(
     return products
 
 
-def _reverse_over_reverse(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def _reverse_over_reverse(objective: Objective, batch: Batch, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Products by double backward through the gradient's graph at w*, built on the first call and kept."""
     graph: list[torch.Tensor] = []  # [leaf, gradient] once built
     vectorized = [True]  # until batched double backward fails once
@@ -165,10 +143,9 @@ def _reverse_over_reverse(
     def products(vectors: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             if not graph:
-                leaf = fmodel.center.detach().requires_grad_(True)
-                loss = fmodel.losses(leaf, batch, size, loss_fn, buffers, "loss_fn").mean()
-                objective = loss + weight_decay / 2 * leaf.square().sum()
-                graph.extend([leaf, torch.autograd.grad(objective, leaf, create_graph=True)[0]])
+                leaf = objective.fmodel.center.detach().requires_grad_(True)
+                value = objective.value(leaf, batch, size)
+                graph.extend([leaf, torch.autograd.grad(value, leaf, create_graph=True)[0]])
             leaf, gradient = graph
             columns = vectors.T.contiguous()
             if columns.shape[0] > 1 and vectorized[0]:
@@ -184,13 +161,10 @@ def _reverse_over_reverse(
     return products
 
 
-def _forward_over_reverse(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def _forward_over_reverse(objective: Objective, batch: Batch, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Products by ``torch.func.jvp`` over ``torch.func.grad`` (vmapped in chunks while vmap works)."""
-    gradient = objective_gradient(fmodel, batch, size, loss_fn, buffers, weight_decay)
-    center = fmodel.center
+    gradient = objective.gradient(batch, size)
+    center = objective.fmodel.center
 
     def one(vector: torch.Tensor) -> torch.Tensor:
         return jvp(gradient, (center,), (vector,))[1]
@@ -209,10 +183,26 @@ def _forward_over_reverse(
     return products
 
 
+def curvature_products(objective: Objective, batch: Batch, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``vectors [D, b] -> (H + λ) vectors``, by automatic differentiation, or central differences where it fails."""
+    exact = hessian_vector_products(objective, batch, size)
+    fallback = finite_difference_products(objective, batch, size)
+    use_exact = [True]
+
+    def products(vectors: torch.Tensor) -> torch.Tensor:
+        if use_exact[0]:
+            try:
+                return exact(vectors)
+            except RuntimeError:  # an op without forward-mode AD (e.g. fused attention kernels on a CPU)
+                use_exact[0] = False
+        return fallback(vectors)
+
+    return products
+
+
 def top_curvature(
-    fmodel: FunctionalModel, batch: Batch, size: int, loss_fn: LossFn, buffers: dict[str, torch.Tensor],
-    weight_decay: float, rank: int, seed: int, block: int = KRYLOV_BLOCK, extra: int = KRYLOV_EXTRA,
-    probes: int = HUTCHINSON_PROBES,
+    objective: Objective, batch: Batch, size: int, rank: int, seed: int, block: int = KRYLOV_BLOCK,
+    extra: int = KRYLOV_EXTRA, probes: int = HUTCHINSON_PROBES,
 ) -> Curvature:
     """Top ``rank`` eigenpairs of the Hessian of ``mean loss + λ/2·‖w‖²`` at w*, by block Krylov (block Lanczos).
 
@@ -225,12 +215,9 @@ def top_curvature(
     sampler's own seed drives them, so the global RNG is untouched and a snapshot is reproducible.
 
     Args:
-        fmodel: The functional model; its ``center`` is w*.
+        objective: The objective (model, loss, buffers, λ); its model's ``center`` is w*.
         batch: The examples whose mean loss defines the Hessian.
         size: Number of examples in ``batch``.
-        loss_fn: ``(model, batch) -> Tensor[B]``.
-        buffers: The model's buffers.
-        weight_decay: λ of the L2 prior.
         rank: K, the number of eigenpairs; fewer than the number of sampled parameters.
         seed: Seed of the random start.
         block: Width of each Krylov block.
@@ -240,12 +227,13 @@ def top_curvature(
     Returns:
         :class:`Curvature`.
     """
+    fmodel = objective.fmodel
     dim = fmodel.dim
     if rank >= dim:
         raise ValueError(
             f"SGLDConfig.preconditioner_rank={rank} must be below the number of sampled parameters ({dim})."
         )
-    products = _hessian_vector_products(fmodel, batch, size, loss_fn, buffers, weight_decay)
+    products = hessian_vector_products(objective, batch, size)
     total = min(rank + extra, dim)
     generator = torch.Generator(device=fmodel.device).manual_seed(seed)
     first = min(block, total)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch.func import jvp, vmap
 
-from .data import Batch
-from .functional import FunctionalModel, LossFn
+from ..example_sets import Batch
+from ..functional import FunctionalModel, LossFn
 
 # Directional derivatives run this many directions at a time under vmap (bounds activation memory).
 _JVP_CHUNK = 16

@@ -19,14 +19,6 @@ equipartition bound or the loss itself allows, or its losses are not finite.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
-import torch
-
-if TYPE_CHECKING:
-    from .estimator import BIFResult
-
 #: How far beyond max(D/(2nβ), mean loss at w*) a chain's mean loss rise may go before it counts as diverged.
 LOSS_RISE_MARGIN = 1000.0
 
@@ -40,30 +32,3 @@ def loss_rise_bound(dimension: int, nbeta: float, loss_at_center: float) -> floa
         loss_at_center: Mean loss of the tracked training examples at w*.
     """
     return LOSS_RISE_MARGIN * max(dimension / (2.0 * nbeta), abs(loss_at_center))
-
-
-def divergence(result: BIFResult) -> str | None:
-    """Why a snapshot's chains are not a sample from near w*, or ``None`` when they are.
-
-    A chain counts as diverged when its draws hold non-finite values or its mean loss rise over
-    the tracked training examples exceeds ``result.diagnostics.loss_rise_bound``.
-    """
-    d = result.diagnostics
-    chains = d.diverged.numel()
-    rise = d.draw_loss.double().mean(dim=1) - result.train_loss.double().mean()
-    non_finite = d.diverged.bool() | ~torch.isfinite(rise)
-    bound = d.loss_rise_bound
-    far = ~non_finite & (rise > bound) if math.isfinite(bound) else torch.zeros_like(non_finite)
-    left = int((non_finite | far).sum())
-    if left:
-        parts = []
-        if int(non_finite.sum()):
-            parts.append(f"{int(non_finite.sum())} produced non-finite losses")
-        if int(far.sum()):
-            parts.append(f"{int(far.sum())} climbed a mean loss rise of up to {float(rise[far].max()):.3g} above "
-                         f"w*, beyond the bound {bound:.3g} (1000 x max(D/(2n*beta), loss at w*))")
-        return f"{left} of {chains} chains left the neighbourhood of w*: " + " and ".join(parts)
-    if not bool(torch.isfinite(result.influence).all()):
-        return (f"the influence is not finite although all {chains} chains stayed finite (each chain needs at "
-                "least two finite draws)")
-    return None

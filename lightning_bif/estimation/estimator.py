@@ -6,123 +6,30 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..config import SGLDConfig
+from ..curvature.cache import CachedCurvature, CurvatureCache
+from ..curvature.extremes import lanczos_extremes
+from ..curvature.hessian import LowRankPreconditioner, curvature_products, top_curvature
+from ..curvature.objective import Objective
+from ..curvature.stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
+from ..example_sets import Batch, ExampleSet, ExampleSource
+from ..functional import FunctionalModel, LossFn
+from ..tuning.autotune import Tuning, budget_minibatch, lowrank_fits, resolve_budget
+from ..tuning.horizon import STIFFNESS_STEP, HorizonCheck, horizon_config, horizon_localization
+from ..tuning.localization import choose_localization, hutchinson_mean_eigenvalue
 from .accumulator import CovarianceAccumulator, effective_sample_size
-from .autotune import Tuning, budget_minibatch, lowrank_fits, resolve_budget
-from .config import SGLDConfig
 from .control_variates import Subspace, projected_gradients
-from .curvature import LowRankPreconditioner, top_curvature
-from .curvature_cache import CachedCurvature, CurvatureCache
-from .data import Batch, ExampleSet, ExampleSource
-from .functional import FunctionalModel, LossFn
-from .health import divergence, loss_rise_bound
-from .horizon import (
-    STIFFNESS_STEP,
-    HorizonCheck,
-    curvature_products,
-    horizon_config,
-    horizon_localization,
-    lanczos_extremes,
-)
-from .localization import choose_localization, hutchinson_mean_eigenvalue
+from .divergence import loss_rise_bound
+from .result import BIFResult, Diagnostics
 from .sampler import ProgressFn, SGLDSampler, chain_seed
-from .stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
 
 # On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
 CPU_VMAP_MAX_STEP_S = 0.005
-
-
-@dataclass
-class Diagnostics:
-    """How the sampling went.
-
-    Attributes:
-        sampling_loss: Mean SGLD minibatch loss per chain and draw, ``[C, D]``.
-        draw_loss: Mean loss of the tracked training examples per chain and draw, ``[C, D]``.
-        diverged: Chains that produced non-finite values and were left out, ``[C]``.
-        loss_rise: Mean over draws and tracked examples of ``ℓ_i(w) - ℓ_i(w*)``: how far the
-            chains climbed above w* (large values mean drift or too large a step size).
-        split_half: Correlation between the BIF of two disjoint halves of the chains (NaN with
-            fewer than two healthy chains); low values mean the estimate is mostly noise.
-        ess: Effective sample size of ``draw_loss`` over all chains.
-        vectorized: Whether chains ran batched with ``vmap``.
-        nbeta: The nβ actually used.
-        duration_s: Wall time of the estimate.
-        horizon: With ``SGLDConfig(horizon_steps=...)``: how γ (and ε) were set from the horizon,
-            with the Hessian's extreme eigenvalues (a negative ``lambda_min`` is a saddle, whose
-            damping was raised by |λ_min|). ``None`` otherwise.
-        tuning: The settings chosen automatically, the measurements they rest on (extreme and top
-            eigenvalues) and whether the curvature was reused (:class:`~lightning_bif.autotune.Tuning`).
-        loss_rise_bound: The largest mean loss rise a chain may show and still count as near w*
-            (:func:`lightning_bif.health.loss_rise_bound`); a chain beyond it makes the result diverged.
-        constant_probes: How many probes took one value in every draw (their BIF is 0 and the
-            split-half reliability cannot use them; NaN when every probe is constant).
-    """
-
-    sampling_loss: torch.Tensor
-    draw_loss: torch.Tensor
-    diverged: torch.Tensor
-    loss_rise: float
-    split_half: float
-    ess: float
-    vectorized: bool
-    nbeta: float
-    duration_s: float
-    horizon: HorizonCheck | None = None
-    tuning: Tuning | None = None
-    loss_rise_bound: float = math.inf
-    constant_probes: int = 0
-
-    @property
-    def any_diverged(self) -> bool:
-        """Whether at least one chain diverged."""
-        return bool(self.diverged.any())
-
-
-@dataclass
-class BIFResult:
-    """A BIF snapshot. Every matrix is ``[probe, train]``.
-
-    Sign convention: ``influence = -Cov(ℓ_train, φ_probe)``; negative means up-weighting the
-    training example lowers the probe's loss (helpful), positive means harmful.
-
-    Attributes:
-        influence: The BIF, ``[P, N]``.
-        correlation: The posterior correlation of the same pair, ``[P, N]``.
-        stderr: Standard error of each ``influence`` entry from per-chain estimates, ``[P, N]``.
-        train_loss: Losses of the tracked training examples at w*, ``[N]``.
-        probe_loss: Probe observables at w*, ``[P]``.
-        diagnostics: Sampler diagnostics.
-        config: The configuration that produced this result.
-        token_influence: With ``config.per_token``, ``-Cov(ℓ_i, φ_{p,t})`` for the loss of probe p at
-            token t, ``[P, T, N]``; its mean over T is ``influence``. ``None`` otherwise.
-        token_stderr: Standard error of each ``token_influence`` entry, ``[P, T, N]``, or ``None``.
-    """
-
-    influence: torch.Tensor
-    correlation: torch.Tensor
-    stderr: torch.Tensor
-    train_loss: torch.Tensor
-    probe_loss: torch.Tensor
-    diagnostics: Diagnostics
-    config: SGLDConfig
-    token_influence: torch.Tensor | None = None
-    token_stderr: torch.Tensor | None = None
-
-    @property
-    def divergence(self) -> str | None:
-        """Why the chains are not a sample from near w* (non-finite, or a loss rise beyond the bound), or ``None``."""
-        return divergence(self)
-
-    @property
-    def ok(self) -> bool:
-        """True when every chain stayed finite and within the loss-rise bound, and the influence is finite."""
-        return self.divergence is None
 
 
 class BIFEstimator:
@@ -130,13 +37,14 @@ class BIFEstimator:
 
     ``estimate_bif`` is ``prepare`` → ``sample_checked(all chains)`` → ``summarize``. A DDP caller runs
     ``sample`` on its share of the chains on every rank, sums the accumulator tensors across
-    ranks, and calls ``summarize`` on the merged result: :class:`~lightning_bif.snapshot.Snapshotter` does both.
+    ranks, and calls ``summarize`` on the merged result:
+    :class:`~lightning_bif.snapshot.snapshotter.Snapshotter` does both.
 
     Args: as :func:`estimate_bif`, and
         vectorized: Whether chains run under vmap, decided earlier (e.g. by a first estimate's
             :attr:`vectorized`): skips the trial of ``config.vectorize="auto"``. With "auto" a batch of
             chains that fails under vmap still falls back to running one chain at a time.
-        cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature_cache`), reused while
+        cache: Curvature measured by earlier estimates (:mod:`lightning_bif.curvature.cache`), reused while
             fresh; the new measurement is stored in it.
     """
 
@@ -170,7 +78,7 @@ class BIFEstimator:
         self.nbeta = float(self.config.nbeta) if self.config.nbeta is not None else float(len(self.data))
         self._decided = vectorized
         self.cache = cache
-        #: What was chosen automatically and why (:mod:`lightning_bif.autotune`); filled by :meth:`prepare`.
+        #: What was chosen automatically and why (:mod:`lightning_bif.tuning.autotune`); filled by :meth:`prepare`.
         self.tuning = Tuning()
         self.config = resolve_budget(self.config, len(self.train) + len(self.probes),
                                      budget_minibatch(self.config, len(self.train)), self.tuning)
@@ -203,7 +111,7 @@ class BIFEstimator:
     def prepare(self) -> None:
         """Build the functional model and evaluation batches; compute and check the losses at w*; tune.
 
-        Tuning (:mod:`lightning_bif.autotune`) resolves the settings left unset from the curvature at
+        Tuning (:mod:`lightning_bif.tuning.autotune`) resolves the settings left unset from the curvature at
         w*, which comes from the cache passed to the constructor when it is still fresh.
         """
         self.check_losses()
@@ -245,7 +153,10 @@ class BIFEstimator:
         return self.probe_loss
 
     def tune(self) -> None:
-        """Resolve the unset settings (:mod:`lightning_bif.autotune`) into :attr:`config` (call check_losses first)."""
+        """Resolve the unset settings (:mod:`lightning_bif.tuning.autotune`) into :attr:`config`.
+
+        Call check_losses first.
+        """
         start = time.perf_counter()
         self._tune()
         self.tuning.seconds = time.perf_counter() - start
@@ -304,7 +215,7 @@ class BIFEstimator:
             self.subspace = self._subspace(self.sampler.curvature(self._buffers).vectors)
 
     def _choose_localization(self, cfg: SGLDConfig, measured: CachedCurvature) -> tuple[SGLDConfig, float]:
-        """γ by :mod:`lightning_bif.localization` (the horizon's γ itself is set later by ``horizon_config``).
+        """γ by :mod:`lightning_bif.tuning.localization` (the horizon's γ itself is set later by ``horizon_config``).
 
         Returns the config with γ set (without a horizon) and the floor on γ.
         """
@@ -327,7 +238,7 @@ class BIFEstimator:
         which G amplifies up to (λ_1 + δ)/(λ_{K+1} + δ) times. So both λ_max are measured (Lanczos) on
         minibatches drawn as the chains draw theirs (the full data with full-batch SGLD), the largest
         of each kept, and ε = ε_plain · min(1, λ_max(A_B) / λ_max(G·A_B)): the margin the plain rule
-        leaves on the drift's minibatches is kept, whatever G does to them (:mod:`lightning_bif.stiffness`).
+        leaves on the drift's minibatches is kept, whatever G does to them (:mod:`lightning_bif.curvature.stiffness`).
         While the curvature is reused from the cache, the stiffness measured with it is reused too.
         """
         gamma, stored = cfg.localization, self._measured.preconditioned
@@ -339,8 +250,7 @@ class BIFEstimator:
             return self._preconditioned_choice(cfg, *pair, f"reused with the curvature, measured at γ = {old_gamma:.4g}"
                                                            f", δ = {old_damping:.4g}")
         samples = self.sampler.drift_samples()
-        found = drift_stiffness(self.fmodel, samples, self.loss_fn, self._buffers, cfg.weight_decay, self.nbeta,
-                                gamma, lowrank, seed=chain_seed(cfg.seed, -3))
+        found = drift_stiffness(self._objective(), samples, self.nbeta, gamma, lowrank, seed=chain_seed(cfg.seed, -3))
         stored[(gamma, lowrank.damping)] = (found.plain, found.preconditioned)
         where = f"{len(samples)} SGLD minibatches" if len(samples) > 1 else "the full-batch drift"
         source = (f"Lanczos in lockstep on {where}, {found.steps} steps "
@@ -376,7 +286,7 @@ class BIFEstimator:
         """The cached or newly measured curvature, and the curvature sample's Hessian-vector products."""
         cfg = self.config
         size, batch = self.sampler.curvature_sample()
-        products = curvature_products(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay)
+        products = curvature_products(self._objective(), batch, size)
         key = (self.fmodel.dim, cfg.weight_decay, cfg.preconditioner_rank, cfg.seed, size)
         if self.cache is not None:
             entry, freshness = self.cache.check(key, products, need_eigenpairs)
@@ -388,12 +298,16 @@ class BIFEstimator:
         extremes, ritz = lanczos_extremes(products, self.fmodel, seed=chain_seed(cfg.seed, -2))
         curvature = None
         if need_eigenpairs:
-            curvature = top_curvature(self.fmodel, batch, size, self.loss_fn, self._buffers, cfg.weight_decay,
-                                      cfg.preconditioner_rank, seed=chain_seed(cfg.seed, -1))
+            curvature = top_curvature(self._objective(), batch, size, cfg.preconditioner_rank,
+                                      seed=chain_seed(cfg.seed, -1))
         entry = CachedCurvature(key, extremes, ritz, curvature)
         if self.cache is not None:
             self.cache.store(entry)
         return entry, products
+
+    def _objective(self) -> Objective:
+        """The training objective at w* whose curvature the tuning measures."""
+        return Objective(self.fmodel, self.loss_fn, self._buffers, self.config.weight_decay)
 
     def _subspace(self, basis: torch.Tensor) -> Subspace:
         """The control variates' eigenbasis with the tracked losses' gradients projected on it."""
@@ -532,7 +446,7 @@ class BIFEstimator:
         Under the Laplace approximation the localized posterior's mean rise of the training loss is
         ½·tr(H·Σ) with Σ ⪯ (nβ·H)⁻¹, so at most D/(2nβ); twice that leaves room for the step's
         discretization and minibatch noise, and away from a minimum a rise of the order of the loss
-        itself is legitimate (:mod:`lightning_bif.health`). A diverged chain or a mean rise above
+        itself is legitimate (:mod:`lightning_bif.estimation.divergence`). A diverged chain or a mean rise above
         max(D/nβ, mean loss at w*) is a runaway: far below the bound at which a snapshot counts as diverged.
         """
         diverged = int(accumulator.diverged_chains().sum())
@@ -698,67 +612,3 @@ def _check_finite(losses: torch.Tensor, fn_name: str, what: str) -> None:
             f"{fn_name} gives non-finite values at the current weights for {bad.numel()} {what}(s) "
             f"(positions {bad[:10].tolist()}); the BIF needs finite losses. Check the inputs and the model."
         )
-
-
-def estimate_bif(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
-    train: ExampleSource,
-    probes: ExampleSource,
-    *,
-    probe_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
-    data: ExampleSource | None = None,
-    config: SGLDConfig | None = None,
-    device: torch.device | str | None = None,
-    progress: ProgressFn | None = None,
-    cache: CurvatureCache | None = None,
-) -> BIFResult:
-    """Estimate the local Bayesian influence of each training example on each probe.
-
-    Runs ``config.chains`` localized SGLD chains from the model's current weights w* and
-    returns ``BIF(z_i → φ_j) = -Cov(ℓ_i(w), φ_j(w))`` over the draws, with correlations,
-    per-entry standard errors and sampler diagnostics. The model is left exactly as it was
-    (parameters, gradients, buffers, train/eval mode) and the global RNG is not advanced. A
-    half-precision model is sampled as a float32 copy (:class:`~lightning_bif.snapshot.Snapshotter`).
-
-    Args:
-        model: Any ``nn.Module`` at the weights to explain.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[B]``: per-example losses (``[B, T]``
-            per-token losses are averaged over T). Drives SGLD and gives ℓ_i.
-        train: The training examples whose influence is measured (``Dataset``, ``Subset``,
-            ``DataLoader`` or tuple of tensors); N examples.
-        probes: The probe examples (same kinds); P examples.
-        probe_fn: ``probe_fn(model, batch) -> Tensor[B]``, the probe observable φ_j;
-            defaults to ``loss_fn``. With ``config.per_token`` it must return ``[B, T]``.
-        data: Where SGLD minibatches come from; defaults to ``train``.
-        config: Sampler settings; defaults to ``SGLDConfig()``.
-        device: Where to compute; defaults to the device of the model's parameters.
-        progress: Called as ``progress(done_steps, total_steps)`` during sampling.
-        cache: A :class:`~lightning_bif.curvature_cache.CurvatureCache` shared by several estimates (e.g.
-            of nearby weights): the curvature at w* is reused from it while fresh.
-
-    Returns:
-        A :class:`BIFResult` with ``[P, N]`` matrices.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> from lightning_bif import SGLDConfig, estimate_bif
-        >>> x, y = torch.randn(64, 3), torch.randn(64)
-        >>> model = nn.Linear(3, 1)
-        >>> mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).square()
-        >>> result = estimate_bif(model, mse, (x, y), (x[:4], y[:4]),
-        ...                       config=SGLDConfig(chains=2, draws=20, burn_in=10))
-        >>> result.influence.shape
-        torch.Size([4, 64])
-
-    References:
-        Kreer et al. 2025, "Bayesian Influence Functions for Hessian-Free Data Attribution".
-    """
-    from .snapshot import Snapshotter  # the snapshot unit builds on this module
-
-    taken = Snapshotter(loss_fn, train, probes, probe_fn=probe_fn, data=data, cache=cache).take(
-        model, config or SGLDConfig(), device=device, progress=progress)
-    if taken.error is not None:
-        raise taken.error
-    return taken.result

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .estimator import BIFResult
+    from ..estimation.estimator import BIFResult
 
 
 @dataclass
