@@ -1,6 +1,6 @@
 """Damage checks and recovery helpers of the log (lightning_bif/log/recover.py), one function at a time.
 
-tests/test_faults.py reproduces whole faults (kills, full disks, damaged files) end to end.
+tests/log/test_faults.py reproduces whole faults (kills, full disks, damaged files) end to end.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from lightning_bif import open_log
 from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, UnknownIdError, repair
 from lightning_bif.viewers.cli import main
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 TRAIN_IDS = [f"doc{i}" for i in range(N)]  # string ids: a position can never be mistaken for one
 PROBE_IDS = [100, 200, 300]
 TRAIN_NAMES = {0: "zeros", 1: "ones", 2: "twos"}

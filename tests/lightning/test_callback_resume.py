@@ -15,7 +15,7 @@ import torch
 
 from lightning_bif import open_log
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))  # the killed script's own modules, imported the way it imports them
 from toy import ToyClassifier, loader, toy_dataset  # noqa: E402
 from train_until_killed import make_trainer  # noqa: E402

@@ -10,7 +10,7 @@ import numpy as np
 
 from lightning_bif import open_log
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "digits.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "digits.py"
 
 
 def test_digits_example_writes_a_log_and_tensorboard_events_and_says_where(tmp_path):

@@ -12,7 +12,7 @@ from scripts.toy import ToyClassifier, class_losses, toy_dataset, tracked_sets
 
 from lightning_bif import SGLDConfig, estimate_bif, open_log
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 def logged_config(log) -> SGLDConfig:

@@ -16,7 +16,7 @@ import pytest
 
 from lightning_bif import open_log
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hierarchical.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hierarchical.py"
 #: Dense around the mammal/bird stage (steps ~114-130 for seed 0) so the sign change is located to 5 steps.
 SNAPSHOTS = (90, 100, 110, 115, 120, 125, 130, 135, 140, 160)
 

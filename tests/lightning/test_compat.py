@@ -363,7 +363,7 @@ def test_a_compiled_submodule_is_not_recompiled_by_snapshots_and_trains_bitwise_
 
 # ------------------------------------------------------------------ examples from the DataModule, LightningCLI
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SplitData(pl.LightningDataModule):

@@ -38,7 +38,7 @@ from lightning_bif.tuning.autotune import Tuning
 from lightning_bif.tuning.horizon import HorizonCheck
 from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 P, N, T, C, D = 2, 5, 3, 2, 4
 STEP_SIZE = 3e-4
 

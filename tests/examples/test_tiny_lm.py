@@ -12,7 +12,7 @@ import numpy as np
 from lightning_bif import open_log
 from lightning_bif.viewers.cli import main as cli_main
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny_lm.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "tiny_lm.py"
 CONTEXT, PER_MODULE, MODULES = 32, 2, 8
 
 

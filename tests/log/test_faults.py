@@ -40,7 +40,7 @@ from lightning_bif import BIFCallback, DamagedLogError, SGLDConfig, estimate_bif
 from lightning_bif.log import LogWriteError, LogWriter, salvage
 from lightning_bif.viewers.cli import main as cli
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 DATA = toy_dataset()
 TRAIN, PROBES = tracked_sets(DATA)
 # An open of a damaged log must fail in about this time, not hang (HDF5's SWMR retries: > 10 min before).
@@ -291,7 +291,7 @@ def test_a_full_disk_inside_hdf5_and_a_disk_full_at_creation(small_disk, tmp_pat
     script = f"""
 import os, sys
 import numpy as np
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
 import lightning_bif.log.writer as writer_module
 from lightning_bif.log import LogWriter, LogWriteError
 from helpers import make_identity, record
@@ -341,7 +341,7 @@ def test_recovery_needs_room_for_a_copy_and_says_so(small_disk):
 
 
 def script_env() -> dict[str, str]:
-    paths = [str(SCRIPTS), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
+    paths = [str(SCRIPTS), str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
 
 

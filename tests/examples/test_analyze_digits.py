@@ -12,7 +12,7 @@ import pytest
 
 from lightning_bif import open_log
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
 @pytest.fixture
