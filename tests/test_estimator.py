@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.estimation.accumulator import CovarianceAccumulator
-from lightning_bif.estimation.estimator import CPU_VMAP_MAX_STEP_S, BIFEstimator
+from lightning_bif.estimation.estimator import BIFEstimator
+from lightning_bif.estimation.vectorization import CPU_VMAP_MAX_STEP_S
 from lightning_bif.example_sets import ExampleSet
 
 FAST = SGLDConfig(chains=2, draws=8, burn_in=4, thin=1, step_size=1e-3, localization=100.0,
