@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import SGLDConfig
 from .sampler import SGLDSampler
 from .tracked_losses import TrackedLosses
 
-# On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step takes this long.
-CPU_VMAP_MAX_STEP_S = 0.005
+#: On a CPU, chains run one after another under vectorize="auto" when one chain's SGLD step counts this many
+#: FLOPs (:func:`step_flops`) or more. A count, not a clock, so that a seed takes the same path on an idle and a
+#: busy machine. From benchmarks/vmap_threshold.py (docs/benchmarks.md, "Speed"): 8 chains batched under vmap
+#: ran 2-6x faster than one by one up to ~30 MFLOP a step and on par from ~100 MFLOP (about the old 5 ms a step).
+CPU_VMAP_MAX_STEP_FLOPS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,13 @@ def choose_vectorized(
 ) -> Vectorization:
     """Resolve ``config.vectorize``.
 
-    "auto" runs chains one after another on a CPU when one chain's SGLD step takes at least
-    ``CPU_VMAP_MAX_STEP_S``, and otherwise tries vmap once on every function a draw runs
-    (:func:`vmap_error`), falling back on failure. On a CPU, vmap only saves per-call overhead,
-    while its batched matmuls run slower than one matmul per chain: once a step is long enough
-    for overhead not to matter, vmap loses (docs/benchmarks.md, "Speed", has the measurements
-    behind the threshold). Both ways give the same draws up to float rounding. ``True`` is checked
-    the same way and refused with the failing function named.
+    "auto" runs chains one after another on a CPU when one chain's SGLD step counts at least
+    ``CPU_VMAP_MAX_STEP_FLOPS`` (:func:`step_flops`), and otherwise tries vmap once on every function a
+    draw runs (:func:`vmap_error`), falling back on failure. On a CPU, vmap only saves per-call overhead,
+    while its batched matmuls run slower than one matmul per chain: once a step is large enough for
+    overhead not to matter, vmap loses. The rule reads sizes, never a clock: the same model, data and
+    config take the same path however busy the machine is. Both ways give the same draws up to float
+    rounding. ``True`` is checked the same way and refused with the failing function named.
 
     Args:
         config: The estimate's config.
@@ -50,10 +53,10 @@ def choose_vectorized(
     if config.vectorize is False:
         return Vectorization(False)
     if config.vectorize == "auto" and device.type == "cpu":
-        seconds = _one_chain_step_seconds(losses, sampler)
-        if seconds >= CPU_VMAP_MAX_STEP_S:
-            return Vectorization(False, f"one chain's SGLD step takes {seconds * 1e3:.1f} ms on the CPU, where "
-                                        f"vmap is slower from {CPU_VMAP_MAX_STEP_S * 1e3:g} ms on")
+        flops = step_flops(losses, sampler)
+        if flops >= CPU_VMAP_MAX_STEP_FLOPS:
+            return Vectorization(False, f"one chain's SGLD step counts {flops / 1e6:.3g} MFLOP, and on a CPU vmap "
+                                        f"is slower from {CPU_VMAP_MAX_STEP_FLOPS / 1e6:g} MFLOP on")
     error = vmap_error(config, losses, sampler)
     if error is None:
         return Vectorization(True)
@@ -98,18 +101,14 @@ def vmap_error(config: SGLDConfig, losses: TrackedLosses, sampler: SGLDSampler) 
     return None
 
 
-def _one_chain_step_seconds(losses: TrackedLosses, sampler: SGLDSampler) -> float:
-    """Wall time of one SGLD gradient step of one chain (at most two calls)."""
+def step_flops(losses: TrackedLosses, sampler: SGLDSampler) -> int:
+    """FLOPs of one SGLD gradient step of one chain on an example minibatch, as ``FlopCounterMode`` counts them.
+
+    The count covers matrix products, convolutions and attention (the work that grows with the model and
+    the minibatch, sequence length included) and depends only on shapes.
+    """
     batch, shared = sampler.example_minibatch(chains=1, vectorized=False)
-    center = losses.fmodel.center[None]
-
-    def seconds() -> float:
-        start = time.perf_counter()
-        losses.fmodel.batched_grads(center, batch, sampler.minibatch, losses.loss_fn, losses.buffers,
-                                    vectorized=False, shared_batch=shared)
-        return time.perf_counter() - start
-
-    # The first call also pays one-time costs, so it can only overstate: when it is below the
-    # threshold it decides; otherwise a second call measures the step itself.
-    first = seconds()
-    return first if first < CPU_VMAP_MAX_STEP_S else seconds()
+    with FlopCounterMode(display=False) as counter:
+        losses.fmodel.batched_grads(losses.fmodel.center[None], batch, sampler.minibatch, losses.loss_fn,
+                                    losses.buffers, vectorized=False, shared_batch=shared)
+    return counter.get_total_flops()
