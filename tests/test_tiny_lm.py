@@ -20,7 +20,7 @@ def test_tiny_lm_example_logs_per_token_influence_with_its_tokens_and_writes_the
     run = subprocess.run(
         [sys.executable, str(EXAMPLE), "--steps", "12", "--snapshots", "1", "--chains", "2", "--draws", "4",
          "--per-module", str(PER_MODULE), "--context", str(CONTEXT), "--root", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     path = Path(re.search(r"Influence log: (\S+)", run.stdout).group(1))
