@@ -266,6 +266,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("tuning", "json", (), "result.diagnostics.tuning.summary",
            "the settings the snapshot chose by itself and their evidence, or none", since=2, width=4096,
            see="[Self-tuning](self-tuning.md)", encode=_tuning_json),
+    Column("vectorized", "bool", (), "result.diagnostics.vectorized",
+           "whether the chains ran together under torch.func.vmap; else one after another, and under "
+           "`vectorize=\"auto\"` `message` says why", since=3,
+           see="[vmap](lightning.md#vmap-decided-once-for-every-function-a-snapshot-runs)"),
 )
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
 #: Deprecated reader names -> the current ones.

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..snapshot.snapshotter import Snapshotter
 
 FORMAT = "lightning-bif"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STATUSES = ("ok", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS

@@ -176,7 +176,7 @@ def test_the_automatic_step_size_keeps_the_preconditioned_minibatch_drift_as_sti
     eps, nbeta, gamma = estimator.config.step_size, estimator.nbeta, estimator.config.localization
     plain_eps = 1 / (nbeta * estimator.tuning.lambda_max + gamma)  # the rule without the preconditioner
     identity = torch.eye(estimator.fmodel.dim, dtype=torch.float64)
-    root = estimator.sampler.lowrank_preconditioner(estimator._buffers).apply_sqrt(identity)
+    root = estimator.sampler.lowrank_preconditioner(estimator.buffers).apply_sqrt(identity)
     generator = torch.Generator().manual_seed(123)
     plain, preconditioned = [], []
     for _ in range(100):  # minibatches drawn as the chains draw theirs, not those the rule measured

@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_bif import SGLDConfig, estimate_bif
+from lightning_bif.estimation import vectorization
 from lightning_bif.estimation.accumulator import CovarianceAccumulator
-from lightning_bif.estimation.estimator import CPU_VMAP_MAX_STEP_S, BIFEstimator
+from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.example_sets import ExampleSet
 
 FAST = SGLDConfig(chains=2, draws=8, burn_in=4, thin=1, step_size=1e-3, localization=100.0,
@@ -383,20 +384,33 @@ def test_a_custom_collate_fn_on_a_tensor_dataset_loader_is_used() -> None:
     torch.testing.assert_close(labels, y[[4, 1]])
 
 
-def test_auto_vectorizes_a_small_model_and_runs_a_slow_step_chain_by_chain_on_cpu(trained) -> None:
+def test_auto_vectorizes_a_small_step_and_runs_a_large_step_chain_by_chain_on_cpu(trained, monkeypatch) -> None:
     model, x, y = trained
     config = FAST.replace(vectorize="auto")
-    fast = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
-    assert fast.diagnostics.vectorized
-
-    def slow_cross_entropy(module: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-        time.sleep(2 * CPU_VMAP_MAX_STEP_S)  # a step as long as a multi-million-parameter model's
-        return cross_entropy(module, batch)
-
-    slow = estimate_bif(model, slow_cross_entropy, (x, y), (x[:3], y[:3]), config=config)
-    assert not slow.diagnostics.vectorized
+    small = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    assert small.diagnostics.vectorized
+    # A model whose step counts more FLOPs than the threshold: here, a threshold below this model's step.
+    monkeypatch.setattr(vectorization, "CPU_VMAP_MAX_STEP_FLOPS", 1)
+    estimator = BIFEstimator(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    estimator.prepare()
+    assert not estimator.vectorized and "MFLOP, and on a CPU vmap is slower" in estimator.sequential_reason
+    large = estimator.summarize(estimator.sample_checked(range(config.chains)), 0.0)
     sequential = estimate_bif(model, cross_entropy, (x, y), (x[:3], y[:3]), config=FAST.replace(vectorize=False))
-    assert torch.equal(slow.influence, sequential.influence)
+    assert torch.equal(large.influence, sequential.influence)
+
+
+def test_the_vmap_decision_is_the_same_however_slow_the_clock_says_a_step_is(trained, monkeypatch) -> None:
+    """A busy machine must not change the code path: the rule counts FLOPs and never reads a clock."""
+    model, x, y = trained
+    config = FAST.replace(vectorize="auto")
+    idle = BIFEstimator(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    idle.prepare()
+    ticks = iter(range(0, 10**9, 10))  # every reading of the clock 10 s after the last: an overloaded machine
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    busy = BIFEstimator(model, cross_entropy, (x, y), (x[:3], y[:3]), config=config)
+    busy.prepare()
+    assert idle.vectorized and busy.vectorized
+    assert (idle.sequential_reason, busy.sequential_reason) == (None, None)
 
 
 def test_auto_falls_back_to_chain_by_chain_with_a_warning_when_vmap_fails(trained) -> None:

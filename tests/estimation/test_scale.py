@@ -8,8 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.estimation.estimator import BIFEstimator, _joint_batch
+from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.estimation.sampler import SGLDSampler
+from lightning_bif.estimation.tracked_losses import joint_batch
 from lightning_bif.example_sets import ExampleSet
 from lightning_bif.functional import FunctionalModel
 
@@ -122,11 +123,11 @@ def test_train_and_probes_are_evaluated_in_one_pass_with_the_same_result_as_two(
         estimator.prepare()
     one, two = (estimator.summarize(estimator.sample_checked(range(config.chains)), 0.0)
                 for estimator in (joint, separate))
-    assert joint._joint_batch is not None and separate._joint_batch is None
+    assert joint.losses.joint_batch is not None and separate.losses.joint_batch is None
     torch.testing.assert_close(one.influence, two.influence)
     torch.testing.assert_close(one.probe_loss, two.probe_loss)
     # Sets that do not stack (other trailing shape) or do not fit one evaluation batch stay apart.
-    assert _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5, 2)])], 8) is None
-    assert _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5)])], 2) is None
-    size, batch = _joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.ones(1, 5)])], 3)
+    assert joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5, 2)])], 8) is None
+    assert joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.zeros(1, 5)])], 2) is None
+    size, batch = joint_batch([(2, [torch.zeros(2, 5)])], [(1, [torch.ones(1, 5)])], 3)
     assert size == 3 and torch.equal(batch[0][2], torch.ones(5))

@@ -15,7 +15,7 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "digits.py"
 
 def test_digits_example_writes_a_log_and_tensorboard_events_and_says_where(tmp_path):
     run = subprocess.run([sys.executable, str(EXAMPLE), "--epochs", "1", "--snapshots", "2", "--root", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     path = Path(re.search(r"Influence log: (\S+)", run.stdout).group(1))

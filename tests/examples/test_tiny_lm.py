@@ -20,14 +20,14 @@ def test_tiny_lm_example_logs_per_token_influence_with_its_tokens_and_writes_the
     run = subprocess.run(
         [sys.executable, str(EXAMPLE), "--steps", "12", "--snapshots", "1", "--chains", "2", "--draws", "4",
          "--per-module", str(PER_MODULE), "--context", str(CONTEXT), "--root", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert run.returncode == 0, run.stderr[-3000:]
     path = Path(re.search(r"Influence log: (\S+)", run.stdout).group(1))
     assert path == tmp_path / "tiny_lm" / "version_0" / "influence.h5"
     assert "per-token BIF of the sum over group heapq" in run.stdout
     with open_log(path) as log:
-        assert len(log) == 1 and (log.status == "ok").all() and log.format_version == 2
+        assert len(log) == 1 and (log.status == "ok").all() and log.format_version == 3
         assert log.tokens == CONTEXT and log.token_influence.shape == (1, 3, CONTEXT, MODULES * PER_MODULE)
         assert np.isfinite(log.token_influence[0]).all() and (log.token_stderr[0] > 0).all()
         texts = ["".join(tokens) for tokens in log.probe_tokens]

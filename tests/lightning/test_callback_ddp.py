@@ -28,7 +28,7 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(SCRIPTS / "ddp_train.py"), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

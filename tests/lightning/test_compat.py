@@ -417,7 +417,7 @@ def test_the_lightningcli_example_runs_from_its_yaml_config(tmp_path):
                "--config", str(ROOT / "examples" / "cli" / "config.yaml"), f"--trainer.default_root_dir={tmp_path}",
                "--trainer.max_steps=4", "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false"]
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     with open_log(tmp_path / "lightning_logs" / "version_0" / "influence.h5") as log:
         assert log.steps.tolist() == [0, 1, 2, 3, 4] and (log.status == "ok").all()

@@ -259,7 +259,7 @@ def test_reader_in_another_process_sees_rows_appended_while_it_is_open_even_afte
                 assert (int(count), status) == (step // 10, "diverged")
                 assert float(total) == pytest.approx(float(make_result(step).influence.sum()), rel=1e-5)
             reader.stdin.close()
-            assert reader.wait(timeout=60) == 0, reader.stderr.read()
+            assert reader.wait(timeout=600) == 0, reader.stderr.read()
         finally:
             if reader.poll() is None:
                 reader.kill()
@@ -314,7 +314,7 @@ def test_killed_writer_leaves_every_completed_snapshot_readable_and_resumable(tm
                     time.sleep(0.002)  # the kill lands between appends or in the middle of one
                     os.kill(writer.pid, signal.SIGKILL)
             finally:
-                assert writer.wait(timeout=60) == -signal.SIGKILL
+                assert writer.wait(timeout=600) == -signal.SIGKILL
         with open_log(path) as log:
             steps = log.steps.tolist()
             # Every reported snapshot is there (the writer may have finished more before the kill landed).

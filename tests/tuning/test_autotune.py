@@ -21,7 +21,7 @@ from helpers import (
     with_bias,
 )
 
-import lightning_bif.estimation.estimator as estimator_module
+import lightning_bif.estimation.tuning_run as tuning_run_module
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.curvature.cache import CurvatureCache
 from lightning_bif.estimation.calibration import calibrate
@@ -131,8 +131,8 @@ def test_lowrank_falls_back_to_plain_sgld_when_hessian_vector_products_fail() ->
 def test_the_curvature_cache_is_reused_while_fresh_and_refreshed_when_stale(monkeypatch) -> None:
     model, train, probes = _trained_mlp()
     measured = []
-    original = estimator_module.top_curvature
-    monkeypatch.setattr(estimator_module, "top_curvature", lambda *a, **k: measured.append(1) or original(*a, **k))
+    original = tuning_run_module.top_curvature
+    monkeypatch.setattr(tuning_run_module, "top_curvature", lambda *a, **k: measured.append(1) or original(*a, **k))
     cache = CurvatureCache()
     config = SGLDConfig(chains=2, burn_in=2, draws=4)
     first = estimate_bif(model, cross_entropy, train, probes, config=config, cache=cache)
@@ -153,8 +153,8 @@ def test_the_curvature_cache_is_reused_while_fresh_and_refreshed_when_stale(monk
 def test_calibration_pilots_measure_the_curvature_once(monkeypatch) -> None:
     model, train, _ = _trained_mlp()
     measured = []
-    original = estimator_module.top_curvature
-    monkeypatch.setattr(estimator_module, "top_curvature", lambda *a, **k: measured.append(1) or original(*a, **k))
+    original = tuning_run_module.top_curvature
+    monkeypatch.setattr(tuning_run_module, "top_curvature", lambda *a, **k: measured.append(1) or original(*a, **k))
     found = calibrate(model, cross_entropy, train, SGLDConfig(batch_size=32), pilot_steps=20, pilot_chains=1,
                       tracked=16)
     # The eigenpairs are measured for the automatic centre; every pilot reuses them.
