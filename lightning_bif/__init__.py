@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from .config import SGLDConfig
 from .log import DamagedLogError, open_log
-from .schedule import LogSpaced
+from .schedule import LogSpaced, SnapshotSchedule
 from .version import __version__ as __version__
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ __all__ = [
     "Diagnostics",
     "LogSpaced",
     "SGLDConfig",
+    "SnapshotSchedule",
     "estimate_bif",
     "open_log",
 ]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 Event = Literal["fit_start", "step", "epoch_end", "fit_end"]
 
@@ -141,17 +140,32 @@ class SnapshotSchedule:
             object.__setattr__(self, "_log_steps", frozenset(self.log_spaced.steps()))
 
     @classmethod
-    def from_args(
-        cls,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        at_steps: Iterable[int] | None = None,
-        log_spaced: LogSpaced | int | None = None,
-        at_fit_start: bool = False,
-        at_fit_end: bool = False,
-    ) -> SnapshotSchedule:
-        """Build a schedule from optional arguments (``None`` meaning "not used")."""
-        return cls(every_n_steps, every_n_epochs, tuple(at_steps or ()), log_spaced, at_fit_start, at_fit_end)
+    def from_keywords(cls, schedule: SnapshotSchedule | None = None, **keywords: Any) -> SnapshotSchedule:
+        """``schedule``, or the schedule its keywords describe (``None`` and ``False`` meaning "not used").
+
+        ``BIFCallback``'s schedule keywords are a shorthand for this class: ``BIFCallback(every_n_steps=100)``
+        is ``BIFCallback(schedule=SnapshotSchedule(every_n_steps=100))``.
+
+        Args:
+            schedule: A schedule given as one value, or ``None``.
+            **keywords: This class's fields (``at_steps`` may be any iterable of steps).
+
+        Raises:
+            ValueError: Both a schedule and keywords are given, or ``schedule`` is not a ``SnapshotSchedule``.
+        """
+        given = {name: value for name, value in keywords.items() if value is not None and value is not False}
+        if schedule is None:
+            if "at_steps" in given:
+                given["at_steps"] = tuple(given["at_steps"])
+            return cls(**given)
+        if not isinstance(schedule, SnapshotSchedule):
+            raise ValueError(f"schedule must be a SnapshotSchedule, got {type(schedule).__name__}.")
+        if given:
+            raise ValueError(
+                f"schedule=SnapshotSchedule(...) and the schedule keyword(s) {', '.join(given)} were both given; "
+                "pass the schedule one way: put them into the SnapshotSchedule, or leave schedule= out."
+            )
+        return schedule
 
     @property
     def is_set(self) -> bool:

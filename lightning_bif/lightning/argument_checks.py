@@ -73,8 +73,8 @@ def calibration_options(calibrate: bool | Mapping[str, Any]) -> dict[str, Any] |
     return dict(calibrate)
 
 
-def group_labels(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:
-    """One label per example as int64 or str, ``[size]``; ``None`` stays ``None``."""
+def labels_per_example(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:
+    """``train_groups``/``probe_groups`` checked: one label per example as int64 or str, ``[size]``; ``None`` stays."""
     if groups is None:
         return None
     if isinstance(groups, (list, tuple)) and len({isinstance(v, (str, np.str_)) for v in groups}) > 1:

@@ -2,50 +2,45 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from ..config import SGLDConfig
 from ..curvature.cache import CurvatureCache
-from ..example_sets import Batch, ExampleSet, ExampleSource
+from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn
-from ..log import LogWriteError, LogWriter, RunIdentity
+from ..log import LogWriter, RunIdentity
 from ..schedule import Event, LogSpaced, SnapshotSchedule
 from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
-from ..snapshot.threads import oversubscription, snapshot_threads
+from ..snapshot.threads import snapshot_threads
 from ..viewers.tensorboard import TensorBoardSink
-from .argument_checks import Groups, calibration_options, check_options, display_texts, group_labels
+from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
-from .training_length import manual_optimization_steps
-
-#: Name of the LightningModule method used when no ``loss_fn`` is given.
-LOSS_HOOK = "per_example_loss"
-
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-_PROGRESS_EVERY_S = 10.0
-
-
-def module_per_example_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The default ``loss_fn``: the LightningModule's own ``per_example_loss(batch) -> Tensor[B]``."""
-    return getattr(model, LOSS_HOOK)(batch)
+from .snapshot_progress import progress_display
+from .snapshot_sinks import SnapshotSinks
+from .snapshot_warnings import calibration_rejected, low_split_half, several_steps_per_batch, unusable_snapshot
+from .trainer_checks import (
+    LOSS_HOOK,
+    check_loss_hook,
+    check_probe_tokens,
+    check_strategy,
+    check_threads,
+    module_per_example_loss,
+    trainer_data,
+)
+from .training_length import horizon_steps, manual_optimization_steps
 
 
 class BIFCallback(Callback):
@@ -71,12 +66,9 @@ class BIFCallback(Callback):
         probe_group_names: Display names of probe groups.
         probe_tokens: Display strings of every probe token, ``[P][T]`` (needs ``SGLDConfig(per_token=True)``).
         train_text: Display text of every tracked example, ``[N]`` (cut to 1024 UTF-8 bytes).
-        every_n_steps: A snapshot after every n-th optimizer step (``trainer.global_step``).
-        every_n_epochs: A snapshot at the end of every n-th training epoch.
-        at_steps: Snapshots after exactly these optimizer steps.
-        log_spaced: ``LogSpaced(num, first=1, last=None)`` or ``num``: log-spaced steps.
-        at_fit_start: A snapshot before the first training step.
-        at_fit_end: A snapshot when training ends.
+        schedule: When to take snapshots: a :class:`~lightning_bif.SnapshotSchedule`.
+        every_n_steps, every_n_epochs, at_steps, log_spaced, at_fit_start, at_fit_end: Shorthand for
+            ``schedule=SnapshotSchedule(...)`` with these fields (not together with ``schedule``).
         config: The :class:`SGLDConfig` of the snapshots.
         data: Where SGLD minibatches come from; default: the dataset of the trainer's training ``DataLoader``.
         weight_decay_from_optimizer: Use the optimizer's weight decay as the L2 prior when ``config.weight_decay``
@@ -95,8 +87,8 @@ class BIFCallback(Callback):
 
     Example::
 
-        bif = BIFCallback(train=train_subset, probes=probe_set, log_spaced=12, at_fit_start=True,
-                          config=SGLDConfig(chains=4, draws=100))
+        bif = BIFCallback(train=train_subset, probes=probe_set, config=SGLDConfig(chains=4, draws=100),
+                          schedule=SnapshotSchedule(log_spaced=12, at_fit_start=True))
         trainer = L.Trainer(max_epochs=10, callbacks=[bif], logger=TensorBoardLogger("runs", name="exp"))
         trainer.fit(model, datamodule)  # model defines per_example_loss(self, batch) -> Tensor[B]
     """
@@ -114,6 +106,7 @@ class BIFCallback(Callback):
         probe_group_names: Mapping[Any, str] | None = None,
         probe_tokens: Sequence[Sequence[str]] | None = None,
         train_text: Sequence[str] | None = None,
+        schedule: SnapshotSchedule | None = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_steps: Iterable[int] | None = None,
@@ -134,8 +127,9 @@ class BIFCallback(Callback):
         horizon: int | Literal["interval", "rest"] | None = "interval",
     ) -> None:
         try:
-            self.schedule = SnapshotSchedule.from_args(every_n_steps, every_n_epochs, at_steps, log_spaced,
-                                                       at_fit_start, at_fit_end)
+            self.schedule = SnapshotSchedule.from_keywords(
+                schedule, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, at_steps=at_steps,
+                log_spaced=log_spaced, at_fit_start=at_fit_start, at_fit_end=at_fit_end)
             for name, source in (("train", train), ("probes", probes)):
                 if not isinstance(source, DataModuleExamples):
                     ExampleSet(source, name)
@@ -185,10 +179,7 @@ class BIFCallback(Callback):
         self._snapshots = 0
         self._resumed = False
         self._resolved_log_path: Path | None = None  # this fit's log; from the checkpoint or the last fit until then
-        self._writer: LogWriter | None = None  # the log among the sinks (resume, truncation)
-        self._sinks: list[SnapshotSink] = []  # rank 0: the log and, with a TensorBoardLogger, TensorBoard
-        self._lost: list[int] = []  # steps of snapshots this fit could not write to the log (rank 0)
-        self._write_error = ""  # the first such error
+        self._sinks = SnapshotSinks()  # this fit's; on rank 0 the log and, with a TensorBoardLogger, TensorBoard
         self._warned: set[str] = set()
 
     @property
@@ -205,8 +196,8 @@ class BIFCallback(Callback):
         self.train_ids = train_set.ids().numpy()
         self.probe_ids = probe_set.ids().numpy()
         try:
-            self.train_groups = group_labels(self._groups_given[0], len(train_set), "train_groups", "train")
-            self.probe_groups = group_labels(self._groups_given[1], len(probe_set), "probe_groups", "probes")
+            self.train_groups = labels_per_example(self._groups_given[0], len(train_set), "train_groups", "train")
+            self.probe_groups = labels_per_example(self._groups_given[1], len(probe_set), "probe_groups", "probes")
             self.probe_tokens = display_texts(self._texts_given[0], len(probe_set), "probe_tokens", "probes", True)
             self.train_text = display_texts(self._texts_given[1], len(train_set), "train_text", "train", False)
         except ValueError as error:
@@ -262,16 +253,15 @@ class BIFCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._check_strategy(trainer)
-            self._check_loss_hook(pl_module)
+            check_strategy(trainer)
+            check_loss_hook(pl_module, self.loss_fn)
             if isinstance(self.train, DataModuleExamples) or isinstance(self.probes, DataModuleExamples):
                 self._resolve_examples(trainer)
             self._snapshotter.collectives = StrategyCollectives(trainer.strategy)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warned -= {"split_half", "calibration", "write"}  # these warnings are once per fit
-        self._lost, self._write_error = [], ""
+        self._warned -= {"split_half", "calibration"}  # these warnings are once per fit
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
             self._check_losses_at_start(pl_module)
@@ -285,9 +275,9 @@ class BIFCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data is None:
-            self._snapshotter.data = self._trainer_data(trainer)
+            self._snapshotter.data = trainer_data(trainer)
         self._start = (trainer.global_step, 0)
-        self._check_threads(trainer, pl_module)
+        check_threads(trainer, pl_module, self.num_threads)
         if self._vectorized is None:
             self._decide_vectorized(pl_module)
         self._check_log_continues(trainer)
@@ -322,14 +312,14 @@ class BIFCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close_log()
-        self._report_lost()
+        self._sinks.close()
+        self._sinks.report_lost()
         if stage == "fit" and self._resolved_log_path is not None:
             self._resumed = True  # a later fit with this callback (more epochs on the same trainer) continues the log
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close_log()
+        self._sinks.close()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -348,22 +338,7 @@ class BIFCallback(Callback):
         self._sequential_reason = state_dict.get("sequential_reason")
         self._resumed = True
 
-    # ------------------------------------------------------------------ fit-start checks
-
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        if isinstance(trainer.strategy, _SHARDED):
-            raise MisconfigurationException(
-                f"BIFCallback does not support the sharded strategy {type(trainer.strategy).__name__}: every rank "
-                "needs the full weights to sample from. Use strategy='ddp' (or a single device)."
-            )
-
-    def _check_loss_hook(self, pl_module: pl.LightningModule) -> None:
-        if self.loss_fn is None and not callable(getattr(pl_module, LOSS_HOOK, None)):
-            raise MisconfigurationException(
-                f"BIFCallback needs per-example losses: add a method `def {LOSS_HOOK}(self, batch) -> Tensor` "
-                f"to {type(pl_module).__name__} returning one loss per example (shape [B], e.g. "
-                "F.cross_entropy(self(x), y, reduction='none')), or pass BIFCallback(loss_fn=(model, batch) -> Tensor)."
-            )
+    # ------------------------------------------------------------------ fit start
 
     def _resolve_config(self, trainer: pl.Trainer) -> SGLDConfig:
         """The configured config with the settings it leaves to the trainer filled in."""
@@ -382,18 +357,7 @@ class BIFCallback(Callback):
             self._tokens = self._snapshotter.check_losses(pl_module, self._config, pl_module.device)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
-        if self.probe_tokens is not None:
-            lengths = sorted({len(row) for row in self.probe_tokens})
-            if self._tokens is None:
-                raise MisconfigurationException(
-                    "BIFCallback(probe_tokens=...) needs per-token probe losses: set SGLDConfig(per_token=True) "
-                    "with a probe_fn that returns [B, T], or leave probe_tokens out."
-                )
-            if lengths != [self._tokens]:
-                raise MisconfigurationException(
-                    f"BIFCallback(probe_tokens=...) has rows of length {', '.join(map(str, lengths))}, but probe_fn "
-                    f"returns T = {self._tokens} token losses per probe: pass one string per token loss."
-                )
+        check_probe_tokens(self.probe_tokens, self._tokens)
 
     def _decide_vectorized(self, pl_module: pl.LightningModule) -> None:
         """Decide once, before the first snapshot, whether chains run under vmap; rank 0's answer holds everywhere.
@@ -408,37 +372,6 @@ class BIFCallback(Callback):
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
 
-    def _check_threads(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn when CPU snapshots would run more threads than there are cores (``num_threads`` unset).
-
-        Called at train start, once the training DataLoader (and its workers) is known.
-        """
-        if self.num_threads is not None or pl_module.device.type != "cpu":
-            return
-        loader = trainer.train_dataloader
-        reason = oversubscription(loader.num_workers if isinstance(loader, DataLoader) else 0)
-        if reason is not None:
-            rank_zero_warn(
-                f"BIFCallback: {reason}. Snapshots of small models are many tiny kernels, which slow down many "
-                "times over when threads outnumber free cores; pass BIFCallback(num_threads=1) (set only during "
-                "snapshots) or call torch.set_num_threads(1). See docs/lightning.md, 'Threads'."
-            )
-
-    def _trainer_data(self, trainer: pl.Trainer) -> DataLoader:
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise MisconfigurationException(
-                f"BIFCallback takes SGLD minibatches from the trainer's training DataLoader, but it is a "
-                f"{type(loader).__name__}; pass BIFCallback(data=...) with the examples to sample from."
-            )
-        try:
-            ExampleSet(loader, "data")
-        except (TypeError, ValueError) as error:
-            raise MisconfigurationException(
-                f"BIFCallback cannot index the trainer's training data ({error}); pass BIFCallback(data=...)."
-            ) from error
-        return loader
-
     def _bind_schedule(self, total_steps: int | float) -> SnapshotSchedule:
         try:
             return self.schedule.bind(total_steps)
@@ -447,18 +380,8 @@ class BIFCallback(Callback):
 
     def _warn_steps_per_batch(self, steps: int) -> None:
         """Say once what the schedule counts when one batch takes several optimizer steps."""
-        schedule = self.schedule
-        if "steps_per_batch" in self._warned or not (schedule.every_n_steps or schedule.at_steps
-                                                     or schedule.log_spaced):
-            return
-        self._warned.add("steps_per_batch")
-        rank_zero_warn(
-            f"BIFCallback: one training batch advanced trainer.global_step by {steps} (manual optimization stepping "
-            "several optimizers, or several optimizer.step() calls a batch). The schedule counts global_step, as "
-            "max_steps, checkpoints and the log's step column do: a step it names inside a batch is taken at the "
-            f"end of that batch. To count batches instead, multiply: every_n_steps=n*{steps}, at_steps=[s*{steps}, "
-            "...]. (Shown once.)"
-        )
+        if self.schedule.every_n_steps or self.schedule.at_steps or self.schedule.log_spaced:
+            self._warn_once("steps_per_batch", several_steps_per_batch(steps))
 
     # ------------------------------------------------------------------ the log
 
@@ -475,79 +398,46 @@ class BIFCallback(Callback):
             probe_group_names=self.probe_group_names, probe_tokens=self.probe_tokens, train_text=self.train_text)
 
     def _open_log(self, trainer: pl.Trainer) -> None:
-        """Resolve the log path, open the writer on rank 0 and agree on any error across ranks."""
-        path = self.log_path or self._resolved_log_path
-        if path is None:
-            path = default_log_path(trainer)
+        """Resolve the log path, open the log and the other sinks on rank 0, and agree on any error across ranks."""
+        path = self.log_path or self._resolved_log_path or default_log_path(trainer)
         self._resolved_log_path = path
+        self._sinks = SnapshotSinks(path)
         error = None
         if trainer.is_global_zero:
-            error = self._open_writer(trainer, path)
+            if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
+            try:
+                log = SnapshotSinks.open_log(path, self._identity(), if_exists,
+                                             self._last_step if self._resumed else None)
+                self._sinks = SnapshotSinks(path, self._build_sinks(trainer, log))
+            except ValueError as caught:
+                error = str(caught)
         error = trainer.strategy.broadcast(error)
         if error is not None:
-            self._close_log()
+            self._sinks.close()
             raise MisconfigurationException(error)
         rank_zero_info(f"BIFCallback: writing influence snapshots to {path}")
 
-    def _open_writer(self, trainer: pl.Trainer, path: Path) -> str | None:
-        """Open the log (rank 0); return an error message instead of raising so all ranks can stop together."""
-        if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
-        if self._resumed and if_exists == "resume" and self._last_step >= 0 and not path.exists():
-            return (f"BIFCallback: resuming a run whose influence log {path} is missing (the checkpoint has "
-                    f"snapshots up to step {self._last_step}). Put the log back (or a repaired copy: lightning-bif "
-                    "repair), or pass BIFCallback(if_exists='overwrite') to start a new log from this step.")
-        try:
-            self._writer = LogWriter(path, self._identity(), if_exists=if_exists)
-        except (OSError, ValueError) as error:
-            return f"BIFCallback cannot use log_path={str(path)!r}: {error}"
-        if self._writer.recovered is not None:
-            rank_zero_info(f"BIFCallback: the previous run writing {path} was killed; recovered its log: "
-                           f"{self._writer.recovered}")
-        if self._resumed and if_exists == "resume":
-            dropped = self._writer.truncate_after(self._last_step)
-            if dropped:
-                rank_zero_info(f"BIFCallback: resumed; removed {dropped} snapshot(s) after step {self._last_step} "
-                               "written after the checkpoint.")
-        self._sinks = [self._writer]
+    def _build_sinks(self, trainer: pl.Trainer, log: LogWriter) -> list[SnapshotSink]:
+        """Where each snapshot record goes (rank 0): the log and, with a ``TensorBoardLogger``, TensorBoard."""
+        sinks: list[SnapshotSink] = [log]
         if self.tensorboard:
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             if logger is not None:
-                self._sinks.append(TensorBoardSink(logger.experiment, self._identity(), self.train_group_names,
-                                                   self.probe_group_names, self.tensorboard, log_path=path))
-        return None
+                sinks.append(TensorBoardSink(logger.experiment, self._identity(), self.train_group_names,
+                                             self.probe_group_names, self.tensorboard, log_path=log.path))
+        return sinks
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:
         """Refuse to append to a log (``if_exists="resume"``) that already has snapshots at or after the start step."""
-        last = int(self._writer.steps[-1]) if self._writer is not None and len(self._writer.steps) else -1
-        last = trainer.strategy.broadcast(last)
+        last = trainer.strategy.broadcast(self._sinks.last_step)
         if last > self._last_step and last >= trainer.global_step:
-            self._close_log()
+            self._sinks.close()
             raise MisconfigurationException(
                 f"BIFCallback: the log {self._resolved_log_path} already has snapshots up to step {last}, but "
                 f"training starts at step {trainer.global_step}. To continue that run, resume from its checkpoint "
                 "(trainer.fit(..., ckpt_path=...)); to start over, pass if_exists='overwrite' or another log_path."
             )
         self._last_step = max(self._last_step, last)
-
-    def _close_log(self) -> None:
-        sinks, self._sinks, self._writer = self._sinks, [], None
-        for sink in sinks:
-            try:
-                sink.close()
-            except LogWriteError as error:
-                rank_zero_warn(f"BIFCallback: {error}. Check the log with `lightning-bif summary "
-                               f"{self._resolved_log_path}`.")
-
-    def _report_lost(self) -> None:
-        """Say at the end of a fit how many snapshots could not be written to the log, and why."""
-        if self._lost:
-            steps = ", ".join(map(str, self._lost[:10])) + (", ..." if len(self._lost) > 10 else "")
-            rank_zero_warn(
-                f"BIFCallback: {len(self._lost)} snapshot(s) of this fit could not be written to the influence log "
-                f"{self._resolved_log_path} (steps {steps}); first error: {self._write_error}. They are not in "
-                "the log; every other snapshot is."
-            )
-            self._lost = []
 
     # ------------------------------------------------------------------ snapshots
 
@@ -566,52 +456,35 @@ class BIFCallback(Callback):
             self._snapshot(trainer, pl_module)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take a snapshot at the current step (every rank), write its record (rank 0) and report it."""
         step = trainer.global_step
         calibration = None
+        progress = progress_display(trainer, step) if self.progress and trainer.is_global_zero else None
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
                 calibration = self._calibrate(pl_module, step)
             config = self._with_horizon(trainer, self.resolved_config, step)
-            taken = self._snapshotter.take(pl_module, config, device=pl_module.device,
-                                           progress=self._progress_fn(trainer, step), vectorized=self._vectorized,
-                                           sequential_reason=self._sequential_reason)
+            taken = self._snapshotter.take(pl_module, config, device=pl_module.device, progress=progress,
+                                           vectorized=self._vectorized, sequential_reason=self._sequential_reason)
         self._vectorized, self._sequential_reason = taken.vectorized, taken.sequential_reason
         record = taken.record(step, trainer.current_epoch, calibration)
         self._last_step = step
         self._snapshots += 1
-        written = self._write(record) if trainer.is_global_zero else True
+        written = self._sinks.write(record)
         self._report(record, written)
 
     def _with_horizon(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
         """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
         if self.horizon is None or config.horizon_steps is not None:
             return config
-        resolved = with_horizon(config, trainer.optimizers, self._horizon_steps(trainer, step), step)
+        steps = horizon_steps(trainer, self.horizon, self._active_schedule, step, self._last_step)
+        resolved = with_horizon(config, trainer.optimizers, steps, step)
         for message in resolved.warnings:
             if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
                 rank_zero_info(f"BIFCallback: {message}")
-            elif "horizon" not in self._warned:
-                self._warned.add("horizon")
-                rank_zero_warn(f"BIFCallback: {message} (Shown once.)")
+            else:
+                self._warn_once("horizon", f"BIFCallback: {message} (Shown once.)")
         return resolved.config
-
-    def _horizon_steps(self, trainer: pl.Trainer, step: int) -> int | None:
-        """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end.
-
-        Where nothing follows (the last snapshot), H is the length of the interval that led to it (from the
-        previous snapshot, or from step 0).
-        """
-        if not isinstance(self.horizon, str):
-            return self.horizon
-        total = trainer.estimated_stepping_batches
-        end = int(total) if math.isfinite(total) else None
-        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
-            if math.isfinite(trainer.num_training_batches) else 0
-        following = end if self.horizon == "rest" else self._active_schedule.next_step(step, per_epoch, end)
-        if following is not None and following > step:
-            return following - step
-        previous = max(self._last_step, 0)
-        return step - previous if step > previous else None
 
     def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""
@@ -620,96 +493,25 @@ class BIFCallback(Callback):
             self._calibrated_step_size = float(evidence["step_size"])
             rank_zero_info(f"BIFCallback: calibrated step_size={self._calibrated_step_size:.3g} at step {step} "
                            f"(configured {shown_setting(self._config.step_size)}); used from this snapshot on.")
-        elif "calibration" not in self._warned:
-            self._warned.add("calibration")
-            reasons = evidence.get("error") or "; ".join(
-                f"{c['step_size']:.3g}: {c['reason']}" for c in evidence["candidates"][-3:]
-            )
-            rank_zero_warn(
-                f"BIFCallback: step-size calibration at step {step} accepted no step size ({reasons}). This is "
-                "typical early in training, where the weights are not yet a stationary point of the sampled "
-                f"posterior. Keeping the configured step_size={shown_setting(self._config.step_size)} and "
-                "calibrating again at the next snapshot until one is accepted; every attempt is in the log's "
-                "calibration column. (Shown once.)"
-            )
+        else:
+            self._warn_once("calibration", calibration_rejected(evidence, step, self._config.step_size))
         return evidence
 
-    def _write(self, record: SnapshotRecord) -> bool:
-        """Hand the record to every sink; a write that fails is counted and reported once, and training goes on."""
-        written = True
-        for sink in self._sinks:
-            try:
-                sink.write(record)
-            except LogWriteError as error:
-                if written:
-                    self._lost.append(record.step)
-                written = False
-                if "write" not in self._warned:
-                    self._warned.add("write")
-                    self._write_error = str(error)
-                    rank_zero_warn(f"BIFCallback: {error}. Training goes on; later snapshots are tried again and "
-                                   "the end of the fit says how many were lost. (Shown once.)")
-        return written
-
-    def _report(self, record: SnapshotRecord, written: bool = True) -> None:
-        if record.status == "ok":
-            where = "" if written else f", but NOT written to the log ({len(self._lost)} lost so far)"
-            rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s{where}.")
-            self._check_reliability(record)
+    def _report(self, record: SnapshotRecord, written: bool) -> None:
+        """Say that a snapshot is done, or warn (once per status) that it diverged or failed."""
+        if record.status != "ok":
+            self._warn_once(record.status, unusable_snapshot(record))
             return
-        if record.status not in self._warned:
-            self._warned.add(record.status)
-            advice = (f"{record.message}. Lower SGLDConfig.step_size (calibrate=True picks one from pilot chains) "
-                      "or raise localization; more chains or draws do not help." if record.status == "diverged"
-                      else record.message)
-            rank_zero_warn(
-                f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
-                f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status and message "
-                "columns.)"
-            )
+        where = "" if written else f", but NOT written to the log ({len(self._sinks.lost)} lost so far)"
+        rank_zero_info(f"BIFCallback: snapshot at step {record.step} done in {record.duration_s:.1f} s{where}.")
+        message = low_split_half(record, self.min_split_half)
+        if message is not None:
+            self._warn_once("split_half", message)
 
-    def _check_reliability(self, record: SnapshotRecord) -> None:
-        """Warn once per fit about a snapshot whose two halves of the chains disagree."""
-        if self.min_split_half is None or record.result is None or "split_half" in self._warned:
-            return
-        split_half = record.result.diagnostics.split_half
-        low = split_half < self.min_split_half if math.isfinite(split_half) else record.result.config.chains >= 2
-        if not low:
-            return
-        self._warned.add("split_half")
-        constant, probes = record.result.diagnostics.constant_probes, record.result.influence.shape[0]
-        if constant:
-            rank_zero_warn(
-                f"BIFCallback: at step {record.step}, {constant} of {probes} probe(s) took the same value in every "
-                "SGLD draw (a probe_fn that does not depend on the sampled weights, or one saturated at a constant): "
-                f"their BIF is exactly 0 and they carry no signal, so the split-half reliability ({split_half:.2f}) "
-                f"{'is undefined' if constant == probes else 'rests on the other probes only'}. Check probe_fn; more "
-                "chains or draws do not change this. (Shown once per fit.)"
-            )
-            return
-        rank_zero_warn(
-            f"BIFCallback: the snapshot at step {record.step} has split-half reliability {split_half:.2f}, below "
-            f"min_split_half={self.min_split_half:g}: the BIF of two halves of the chains disagree, so single "
-            "entries are mostly Monte-Carlo noise (group means may still be usable). Raise SGLDConfig.chains "
-            "(most effective) or draws; see 'How much to trust a curve' in docs/user-guide.md. (Shown once per fit; "
-            "the log's split_half column has every snapshot's value.)"
-        )
-
-    def _progress_fn(self, trainer: pl.Trainer, step: int) -> Callable[[int, int], None] | None:
-        if not self.progress or not trainer.is_global_zero:
-            return None
-        bar = _tqdm_train_bar(trainer)
-        last_line = [time.perf_counter()]
-
-        def report(done: int, total: int) -> None:
-            if bar is not None:
-                if done == total or done % max(total // 50, 1) == 0:
-                    bar.set_postfix_str(f"BIF snapshot {100 * done // total}%", refresh=True)
-            elif time.perf_counter() - last_line[0] > _PROGRESS_EVERY_S:
-                last_line[0] = time.perf_counter()
-                rank_zero_info(f"BIFCallback: snapshot at step {step}: {done}/{total} SGLD steps")
-
-        return report
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
 
 def _key(source: ExampleSource | DataModuleExamples) -> int | str:
@@ -721,13 +523,3 @@ def _key(source: ExampleSource | DataModuleExamples) -> int | str:
 
 def _qualname(fn: Callable) -> str:
     return getattr(fn, "__qualname__", type(fn).__name__)
-
-
-def _tqdm_train_bar(trainer: pl.Trainer) -> Any:
-    bar = trainer.progress_bar_callback
-    if not isinstance(bar, TQDMProgressBar) or not bar.is_enabled:
-        return None
-    try:
-        return bar.train_progress_bar
-    except TypeError:
-        return None

@@ -1,10 +1,12 @@
-"""The length of a fit in optimizer steps, the unit of every schedule (``trainer.global_step``)."""
+"""Lengths in optimizer steps (``trainer.global_step``), the unit of every schedule: the fit's, a snapshot's horizon."""
 
 from __future__ import annotations
 
 import math
 
 import lightning.pytorch as pl
+
+from ..schedule import SnapshotSchedule
 
 
 def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> int | float:
@@ -27,3 +29,30 @@ def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> in
     if trainer.max_steps != -1:
         total = min(total, trainer.max_steps)
     return total if math.isinf(total) else math.ceil(total)
+
+
+def horizon_steps(trainer: pl.Trainer, horizon: int | str | None, schedule: SnapshotSchedule, step: int,
+                  last_snapshot: int) -> int | None:
+    """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end (``"rest"``).
+
+    Where nothing follows (the last snapshot), H is the length of the interval that led to it (from the
+    previous snapshot ``last_snapshot``, or from step 0).
+
+    Args:
+        trainer: The trainer, during training.
+        horizon: ``BIFCallback(horizon=...)``: a number of steps, ``"interval"`` or ``"rest"``.
+        schedule: The bound schedule.
+        step: The step of the snapshot.
+        last_snapshot: The step of the previous snapshot (-1 when none).
+    """
+    if not isinstance(horizon, str):
+        return horizon
+    total = trainer.estimated_stepping_batches
+    end = int(total) if math.isfinite(total) else None
+    per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+        if math.isfinite(trainer.num_training_batches) else 0
+    following = end if horizon == "rest" else schedule.next_step(step, per_epoch, end)
+    if following is not None and following > step:
+        return following - step
+    previous = max(last_snapshot, 0)
+    return step - previous if step > previous else None

@@ -84,3 +84,20 @@ def test_empty_or_invalid_schedules_are_rejected_with_the_argument_named():
         SnapshotSchedule(every_n_steps=0)
     with pytest.raises(ValueError, match="at_fit_start"):
         SnapshotSchedule(at_steps=(0,))
+
+
+def test_from_keywords_is_the_constructor_with_unused_keywords_left_out():
+    assert SnapshotSchedule.from_keywords(every_n_steps=5, every_n_epochs=None, at_steps=iter([3, 1]),
+                                          log_spaced=None, at_fit_start=True, at_fit_end=False) == \
+        SnapshotSchedule(every_n_steps=5, at_steps=(1, 3), at_fit_start=True)
+    given = SnapshotSchedule(log_spaced=4)
+    assert SnapshotSchedule.from_keywords(given, every_n_steps=None, at_fit_end=False) is given
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        SnapshotSchedule.from_keywords(every_n_steps=0)
+
+
+def test_from_keywords_refuses_a_schedule_and_keywords_together():
+    with pytest.raises(ValueError, match="every_n_steps, at_fit_end were both given"):
+        SnapshotSchedule.from_keywords(SnapshotSchedule(at_fit_start=True), every_n_steps=2, at_fit_end=True)
+    with pytest.raises(ValueError, match="must be a SnapshotSchedule"):
+        SnapshotSchedule.from_keywords({"every_n_steps": 2})  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from lightning_bif.lightning.argument_checks import (
     calibration_options,
     check_options,
     display_texts,
-    group_labels,
+    labels_per_example,
 )
 
 VALID = dict(if_exists="error", tensorboard=True, min_split_half=None, num_threads=None, horizon="interval",
@@ -46,17 +46,17 @@ def test_calibration_options_take_a_flag_or_calibrates_own_keywords() -> None:
 
 
 def test_group_labels_are_one_int64_or_str_label_per_example() -> None:
-    assert group_labels(None, 3, "train_groups", "train") is None
-    ints = group_labels(torch.tensor([2, 0, 2]), 3, "train_groups", "train")
+    assert labels_per_example(None, 3, "train_groups", "train") is None
+    ints = labels_per_example(torch.tensor([2, 0, 2]), 3, "train_groups", "train")
     assert ints.dtype == np.int64 and ints.tolist() == [2, 0, 2]
-    assert group_labels([True, False], 2, "probe_groups", "probes").dtype == np.int64
-    assert group_labels(["a", "b"], 2, "probe_groups", "probes").tolist() == ["a", "b"]
+    assert labels_per_example([True, False], 2, "probe_groups", "probes").dtype == np.int64
+    assert labels_per_example(["a", "b"], 2, "probe_groups", "probes").tolist() == ["a", "b"]
     with pytest.raises(ValueError, match=r"probe_groups=...\) needs one label per example of probes \(3\)"):
-        group_labels([0, 1], 3, "probe_groups", "probes")
+        labels_per_example([0, 1], 3, "probe_groups", "probes")
     with pytest.raises(ValueError, match=r"train_groups=...\) needs labels that are all integers or all strings"):
-        group_labels([0, "a"], 2, "train_groups", "train")  # not silently the strings "0" and "a"
+        labels_per_example([0, "a"], 2, "train_groups", "train")  # not silently the strings "0" and "a"
     with pytest.raises(ValueError, match="got shape"):
-        group_labels(np.zeros((3, 1)), 3, "train_groups", "train")
+        labels_per_example(np.zeros((3, 1)), 3, "train_groups", "train")
 
 
 def test_display_texts_are_one_string_or_token_list_per_example() -> None:

@@ -17,7 +17,7 @@ from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from torch.utils.data import Subset
 
 from lightning_bif import BIFCallback, open_log
-from lightning_bif.schedule import LogSpaced
+from lightning_bif.schedule import LogSpaced, SnapshotSchedule
 
 DATA = toy_dataset()
 TRAIN, PROBES = tracked_sets(DATA)
@@ -117,6 +117,17 @@ def test_log_spaced_schedule_ends_at_the_trainers_length(tmp_path):
     fit(tmp_path, [bif(tmp_path, "b.h5", log_spaced=LogSpaced(3, first=2, last=8))], max_steps=27)
     with open_log(tmp_path / "b.h5") as log:
         assert log.steps.tolist() == [2, 4, 8]
+
+
+def test_a_schedule_value_and_its_keywords_give_the_same_log(tmp_path):
+    keywords = dict(every_n_steps=4, at_steps=[1], at_fit_start=True)
+    fit(tmp_path, [bif(tmp_path, "keywords.h5", **keywords)], max_steps=8)
+    fit(tmp_path, [bif(tmp_path, "value.h5", schedule=SnapshotSchedule(**keywords))], max_steps=8)
+    with open_log(tmp_path / "keywords.h5") as by_keywords, open_log(tmp_path / "value.h5") as by_value:
+        assert by_keywords.steps.tolist() == by_value.steps.tolist() == [0, 1, 4, 8]
+        np.testing.assert_array_equal(by_keywords.influence[:], by_value.influence[:])
+    with pytest.raises(MisconfigurationException, match="every_n_steps were both given"):
+        bif(tmp_path, schedule=SnapshotSchedule(at_fit_start=True), every_n_steps=2)
 
 
 def test_a_second_fit_on_the_same_trainer_continues_the_log(tmp_path):
