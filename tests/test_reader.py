@@ -223,7 +223,7 @@ def test_a_step_range_reads_only_its_rows(tmp_path: Path) -> None:
 def test_group_names_round_trip_and_are_checked(tmp_path: Path) -> None:
     write_log(tmp_path / "ints.h5")
     with open_log(tmp_path / "ints.h5") as log:
-        assert log.format_version == FORMAT_VERSION == 2
+        assert log.format_version == FORMAT_VERSION == 3
         assert log.train_group_names == TRAIN_NAMES and log.probe_group_names == PROBE_NAMES
         assert all(type(label) is int for label in log.train_group_names)
     repair(tmp_path / "ints.h5")  # a repaired copy keeps the names

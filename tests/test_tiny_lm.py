@@ -27,7 +27,7 @@ def test_tiny_lm_example_logs_per_token_influence_with_its_tokens_and_writes_the
     assert path == tmp_path / "tiny_lm" / "version_0" / "influence.h5"
     assert "per-token BIF of the sum over group heapq" in run.stdout
     with open_log(path) as log:
-        assert len(log) == 1 and (log.status == "ok").all() and log.format_version == 2
+        assert len(log) == 1 and (log.status == "ok").all() and log.format_version == 3
         assert log.tokens == CONTEXT and log.token_influence.shape == (1, 3, CONTEXT, MODULES * PER_MODULE)
         assert np.isfinite(log.token_influence[0]).all() and (log.token_stderr[0] > 0).all()
         texts = ["".join(tokens) for tokens in log.probe_tokens]

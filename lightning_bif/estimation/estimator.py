@@ -24,7 +24,7 @@ from ..tuning.horizon import STIFFNESS_STEP, HorizonCheck, horizon_config, horiz
 from ..tuning.localization import choose_localization, hutchinson_mean_eigenvalue
 from .accumulator import CovarianceAccumulator, effective_sample_size
 from .control_variates import Subspace, projected_gradients
-from .divergence import loss_rise_bound
+from .divergence import loss_rise_bound, suspect_rise_bound
 from .result import BIFResult, Diagnostics
 from .sampler import ProgressFn, SGLDSampler, chain_seed
 
@@ -528,6 +528,7 @@ class BIFEstimator:
             horizon=self.horizon,
             tuning=self.tuning,
             loss_rise_bound=loss_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss.double().mean())),
+            suspect_rise_bound=suspect_rise_bound(self.fmodel.dim, self.nbeta, float(self.train_loss.mean())),
             constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
         )
         per_token = {}

@@ -660,7 +660,7 @@ class BIFCallback(Callback):
         if record.status not in self._warned:
             self._warned.add(record.status)
             advice = (f"{record.message}. Lower SGLDConfig.step_size (calibrate=True picks one from pilot chains) "
-                      "or raise localization; more chains or draws do not help." if record.status == "diverged"
+                      "or raise localization; more chains or draws do not help." if record.status != "failed"
                       else record.message)
             rank_zero_warn(
                 f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from ..snapshot.snapshotter import Snapshotter
 
 FORMAT = "lightning-bif"
-FORMAT_VERSION = 2
-STATUSES = ("ok", "diverged", "failed")
+FORMAT_VERSION = 3
+# Format 3 adds "suspect": chains that rose beyond what chains near w* rise, short of diverging.
+STATUSES = ("ok", "suspect", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
 # file locks (``locking=False``): a notebook holding the log open must not stop a training run from

@@ -236,6 +236,10 @@ class LogWriter:
             # marked as open for writing; its completed snapshots are intact: copy them to a clean file.
             self.recovered = recover_in_place(self.path)
             file = h5py.File(self.path, "r+", libver=LIBVER, locking=False)
+        # Rows written from now on may hold statuses older versions do not know ("suspect", format 3): such
+        # a version must say "newer format", not "damaged". Attributes cannot change once SWMR is on.
+        if int(file.attrs["format_version"]) < FORMAT_VERSION:
+            file.attrs["format_version"] = FORMAT_VERSION
         # SWMR at once: until then the file is marked open for writing without SWMR, which readers cannot open.
         file.swmr_mode = True
         # Drop a snapshot in flight when the previous writer died: rows past the last committed step.
