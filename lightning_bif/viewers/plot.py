@@ -59,7 +59,7 @@ def _check_plottable(log: InfluenceLog) -> None:
     if not (log.status == "ok").any():
         counts = ", ".join(f"{(log.status == s).sum()} {s}" for s in np.unique(log.status)) or "none"
         raise ValueError(f"The influence log {log.path} has no ok snapshot to plot (snapshots: {counts}); "
-                         "`lightning-bif summary` shows why they failed.")
+                         "`lightning-bif summary` shows why they are not ok.")
 
 
 @dataclass(frozen=True)
