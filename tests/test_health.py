@@ -12,8 +12,10 @@ from lightning.pytorch import seed_everything
 from scripts.toy import FAST, ToyClassifier, toy_dataset, tracked_sets
 from torch import nn
 
-from lightning_bif import SGLDConfig, estimate_bif
+from lightning_bif import SGLDConfig, estimate_bif, open_log
 from lightning_bif.estimation.divergence import LOSS_RISE_MARGIN, SUSPECT_MARGIN, loss_rise_bound, suspect_rise_bound
+from lightning_bif.log import LogWriter, RunIdentity
+from lightning_bif.snapshot.snapshotter import Snapshotter
 
 
 def test_the_bound_is_the_margin_times_the_equipartition_rise_or_the_loss() -> None:
@@ -102,3 +104,17 @@ def test_healthy_snapshots_of_a_trained_toy_stay_ok() -> None:
         result = estimate_bif(model, cross_entropy, (x[:12], y[:12]), (x[12:16], y[12:16]), data=(x, y), config=config)
         assert result.status == "ok", result.suspicion
         assert result.diagnostics.loss_rise < result.diagnostics.suspect_rise_bound / 10
+
+
+def test_a_suspect_snapshot_is_recorded_with_its_status_and_reason(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = toy_dataset()
+    train, probes = tracked_sets(data)
+    snapshotter = Snapshotter(ToyClassifier.per_example_loss, train, probes, data=data)
+    taken = snapshotter.take(ToyClassifier(), FAST.replace(step_size=3e-2))
+    assert taken.status == "suspect" and taken.message == taken.result.suspicion
+    with LogWriter(tmp_path / "bif.h5", RunIdentity.for_snapshots(snapshotter, FAST)) as writer:
+        writer.append(taken.record(step=3))
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.status.tolist() == ["suspect"] and log.message[0] == taken.message
+        assert log.sign_changes() == []  # ok-only readers leave it out

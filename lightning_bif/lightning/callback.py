@@ -663,7 +663,8 @@ class BIFCallback(Callback):
                       "or raise localization; more chains or draws do not help." if record.status != "failed"
                       else record.message)
             rank_zero_warn(
-                f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
+                f"BIFCallback: the snapshot at step {record.step} {'is ' * (record.status == 'suspect')}"
+                f"{record.status} and is recorded with status "
                 f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status and message "
                 "columns.)"
             )
