@@ -134,7 +134,7 @@ def step_sizes() -> list[dict]:
         result = estimate_bif(ToyClassifier(), lambda model, batch: model.per_example_loss(batch), train, probes,
                               data=data, config=FAST.replace(step_size=step_size))
         d = result.diagnostics
-        rows.append({"step_size": step_size, "status": "ok" if result.ok else "diverged",
+        rows.append({"step_size": step_size, "status": result.status,
                      "loss_rise": d.loss_rise, "bound": d.loss_rise_bound,
                      "max_abs_influence": float(result.influence.abs().max()), "reason": result.divergence})
     return rows

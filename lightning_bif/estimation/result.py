@@ -10,7 +10,7 @@ import torch
 from ..config import SGLDConfig
 from ..tuning.autotune import Tuning
 from ..tuning.horizon import HorizonCheck
-from .divergence import LOSS_RISE_MARGIN
+from .divergence import LOSS_RISE_MARGIN, SUSPECT_MARGIN
 
 
 @dataclass
@@ -36,6 +36,9 @@ class Diagnostics:
             eigenvalues) and whether the curvature was reused (:class:`~lightning_bif.tuning.autotune.Tuning`).
         loss_rise_bound: The largest mean loss rise a chain may show and still count as near w*
             (:func:`lightning_bif.estimation.divergence.loss_rise_bound`); a chain beyond it makes the result diverged.
+        suspect_rise_bound: The largest mean loss rise a chain may show and still count as equilibrated
+            near w* (:func:`lightning_bif.estimation.divergence.suspect_rise_bound`); a chain beyond it
+            (and within ``loss_rise_bound``) makes the result suspect.
         constant_probes: How many probes took one value in every draw (their BIF is 0 and the
             split-half reliability cannot use them; NaN when every probe is constant).
     """
@@ -52,6 +55,7 @@ class Diagnostics:
     horizon: HorizonCheck | None = None
     tuning: Tuning | None = None
     loss_rise_bound: float = math.inf
+    suspect_rise_bound: float = math.inf
     constant_probes: int = 0
 
     @property
@@ -96,9 +100,38 @@ class BIFResult:
         return _divergence(self)
 
     @property
+    def suspicion(self) -> str | None:
+        """Why the chains, though not diverged, rose beyond what equilibrated chains near w* can, or ``None``."""
+        return None if self.divergence is not None else _suspicion(self)
+
+    @property
+    def status(self) -> str:
+        """``"diverged"`` (:attr:`divergence`), ``"suspect"`` (:attr:`suspicion`) or ``"ok"``."""
+        if self.divergence is not None:
+            return "diverged"
+        return "ok" if self.suspicion is None else "suspect"
+
+    @property
     def ok(self) -> bool:
-        """True when every chain stayed finite and within the loss-rise bound, and the influence is finite."""
-        return self.divergence is None
+        """True when every chain stayed finite and within the suspect bound, and the influence is finite."""
+        return self.status == "ok"
+
+
+def _chain_rise(result: BIFResult) -> torch.Tensor:
+    """Each chain's mean loss rise over the tracked training examples, ``[C]``."""
+    return result.diagnostics.draw_loss.double().mean(dim=1) - result.train_loss.double().mean()
+
+
+def _suspicion(result: BIFResult) -> str | None:
+    """Why a snapshot's finite chains climbed beyond ``result.diagnostics.suspect_rise_bound``, or ``None``."""
+    d = result.diagnostics
+    rise = _chain_rise(result)
+    far = ~d.diverged.bool() & torch.isfinite(rise) & (rise > d.suspect_rise_bound)
+    if not bool(far.any()):
+        return None
+    return (f"{int(far.sum())} of {d.diverged.numel()} chains climbed a mean loss rise of up to "
+            f"{float(rise[far].max()):.3g} above w*, beyond what chains near w* rise ({d.suspect_rise_bound:.3g} = "
+            f"{SUSPECT_MARGIN:g} x D/(2n*beta) + loss at w*); lower the step size")
 
 
 def _divergence(result: BIFResult) -> str | None:
@@ -109,7 +142,7 @@ def _divergence(result: BIFResult) -> str | None:
     """
     d = result.diagnostics
     chains = d.diverged.numel()
-    rise = d.draw_loss.double().mean(dim=1) - result.train_loss.double().mean()
+    rise = _chain_rise(result)
     non_finite = d.diverged.bool() | ~torch.isfinite(rise)
     bound = d.loss_rise_bound
     far = ~non_finite & (rise > bound) if math.isfinite(bound) else torch.zeros_like(non_finite)

@@ -10,7 +10,7 @@ from ..config import SGLDConfig
 from ..tuning.autotune import Tuning
 from ..tuning.horizon import HorizonCheck
 from .accumulator import CovarianceAccumulator, effective_sample_size
-from .divergence import loss_rise_bound
+from .divergence import loss_rise_bound, suspect_rise_bound
 from .result import BIFResult, Diagnostics
 
 
@@ -61,6 +61,7 @@ def summarize(
         horizon=horizon,
         tuning=tuning,
         loss_rise_bound=loss_rise_bound(dim, nbeta, float(train_loss.double().mean())),
+        suspect_rise_bound=suspect_rise_bound(dim, nbeta, float(train_loss.mean())),
         constant_probes=0 if stats.constant_probes is None else int(stats.constant_probes[:probes].sum()),
     )
     per_token = {}

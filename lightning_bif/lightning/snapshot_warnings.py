@@ -13,11 +13,12 @@ from ..snapshot.snapshotter import shown_setting
 
 
 def unusable_snapshot(record: SnapshotRecord) -> str:
-    """A snapshot that diverged or failed: recorded with its status, and what to change."""
+    """A snapshot that is suspect, diverged or failed: recorded with its status, and what to change."""
     advice = (f"{record.message}. Lower SGLDConfig.step_size (calibrate=True picks one from pilot chains) "
-              "or raise localization; more chains or draws do not help." if record.status == "diverged"
+              "or raise localization; more chains or draws do not help." if record.status != "failed"
               else record.message)
-    return (f"BIFCallback: the snapshot at step {record.step} {record.status} and is recorded with status "
+    verb = "is suspect" if record.status == "suspect" else record.status
+    return (f"BIFCallback: the snapshot at step {record.step} {verb} and is recorded with status "
             f"{record.status!r}; training goes on. {advice} (Shown once; see the log's status and message "
             "columns.)")
 

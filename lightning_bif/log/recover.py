@@ -536,6 +536,10 @@ def new_temporary(path: Path, kind: str) -> Path:
                           "files there.")
 
 
+def _size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+
+
 def check_space(directory: PathLike, needed: int, doing: str) -> None:
     """Raise an ``ENOSPC`` :class:`OSError` naming ``doing`` when ``directory`` has < ``needed`` bytes free."""
     try:
@@ -543,8 +547,8 @@ def check_space(directory: PathLike, needed: int, doing: str) -> None:
     except OSError:
         return  # no figure to go by: the write itself will tell
     if free < needed:
-        raise OSError(errno.ENOSPC, f"Not enough space for {doing}: {needed / 2**20:.1f} MiB needed, "
-                                    f"{free / 2**20:.1f} MiB free on the filesystem of {directory}. Free some space "
+        raise OSError(errno.ENOSPC, f"Not enough space for {doing}: {_size(needed)} needed, "
+                                    f"{_size(free)} free on the filesystem of {directory}. Free some space "
                                     "(or choose a log_path on a larger disk) and try again")
 
 

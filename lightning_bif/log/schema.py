@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 FORMAT = "lightning-bif"
 FORMAT_VERSION = 3
-STATUSES = ("ok", "diverged", "failed")
+# Format 3 adds "suspect": chains that rose beyond what chains near w* rise, short of diverging.
+STATUSES = ("ok", "suspect", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
 # file locks (``locking=False``): a notebook holding the log open must not stop a training run from

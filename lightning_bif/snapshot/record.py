@@ -19,10 +19,11 @@ class SnapshotRecord:
         epoch: Training epoch.
         wall_time: Unix time when the snapshot finished.
         duration_s: Seconds the snapshot took.
-        status: ``"ok"``, ``"diverged"`` (some chains diverged) or ``"failed"``.
+        status: ``"ok"``, ``"suspect"`` (some chains rose beyond what chains near w* rise),
+            ``"diverged"`` (some chains diverged) or ``"failed"``.
         result: The estimate, or ``None`` when the snapshot failed before producing one
             (stored as NaN rows).
-        message: Error text of a failed snapshot.
+        message: Error text of a failed snapshot; why a snapshot diverged or is suspect.
         step_size: The SGLD step size the snapshot used; ``None``: the result's
             ``config.step_size`` (NaN for a failed snapshot without a result).
         calibration: Evidence of a step-size calibration run just before this snapshot

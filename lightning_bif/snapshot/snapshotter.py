@@ -3,7 +3,7 @@
 :class:`Snapshotter` takes a snapshot: a float32 view of the model, its state preserved (the model and
 the global RNG are left exactly as they were), :class:`~lightning_bif.estimation.estimator.BIFEstimator`'s prepare,
 this rank's share of the chains, the merge across ranks through :mod:`lightning_bif.snapshot.collectives`, the
-summary, and the status (``"ok"``, ``"diverged"``, ``"failed"``: a failure is recorded, not raised).
+summary, and the status (``"ok"``, ``"suspect"``, ``"diverged"``, ``"failed"``: a failure is recorded, not raised).
 It also calibrates the step size (rank 0, broadcast). :func:`training_config` and :func:`with_horizon`
 derive the config a snapshot runs with from the training run's optimizer; the result goes to the sinks
 (:class:`SnapshotSink`: the HDF5 log, TensorBoard) as a :class:`~lightning_bif.snapshot.record.SnapshotRecord`.
@@ -52,8 +52,9 @@ class SnapshotOutcome:
 
     Attributes:
         result: The estimate, or ``None`` when the snapshot failed.
-        status: ``"ok"``, ``"diverged"`` (:attr:`BIFResult.divergence`) or ``"failed"``.
-        message: Why it failed or diverged, or that chains ran one after another (and why); else ``""``.
+        status: ``"ok"``, ``"suspect"`` (:attr:`BIFResult.suspicion`), ``"diverged"``
+            (:attr:`BIFResult.divergence`) or ``"failed"``.
+        message: Why it failed, diverged or is suspect, or that chains ran one after another (and why); else ``""``.
         step_size: The step size the snapshot used (the config's when it failed).
         duration_s: Wall time of the snapshot.
         error: The exception of a failed snapshot on this rank (``None`` when another rank failed).
@@ -253,7 +254,7 @@ class Snapshotter:
             # vmap failed during this snapshot and it ran one chain at a time: so will later ones.
             vectorized = False
             sequential_reason = estimator.sequential_reason or "torch.func.vmap failed during sampling on another rank"
-        status, message = ("ok", "") if result.ok else ("diverged", result.divergence)
+        status, message = result.status, result.divergence or result.suspicion or ""
         if sequential_reason is not None and not message:
             message = f"chains ran one after another: {sequential_reason}"
         return SnapshotOutcome(result, status, message, result.config.step_size, time.perf_counter() - start,

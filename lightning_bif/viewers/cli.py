@@ -73,17 +73,34 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
+    _print_not_ok(log, rows, out)
     _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
     if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
         row = int(usable[-1])
         means = group_means(log.influence[row], log.probe_groups, log.train_groups)
-        print(f"\nmean BIF per probe group (rows) and train group (columns) at step {log.steps[row]}:", file=out)
+        state = "" if log.status[row] == "ok" else f" ({log.status[row]})"
+        print(f"\nmean BIF per probe group (rows) and train group (columns) at step {log.steps[row]}{state}:", file=out)
         train_names = _group_names(log, "train", means.train_groups)
         width = max(10, *(len(name) + 1 for name in train_names))
         print(" " * 12 + "".join(f"{name:>{width}}" for name in train_names), file=out)
         for name, values in zip(_group_names(log, "probe", means.probe_groups), means.means, strict=True):
             print(f"{name[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
+
+
+_NOT_OK = {
+    "suspect": "chains rose beyond what chains near w* rise: the BIF is likely inflated (left out of sign changes)",
+    "diverged": "chains left the neighbourhood of w*: the BIF is not an estimate (left out of sign changes)",
+}
+
+
+def _print_not_ok(log: InfluenceLog, rows: range, out: TextIO) -> None:
+    """One line per suspect or diverged status among ``rows``: what it means, and the latest reason."""
+    for status, meaning in _NOT_OK.items():
+        found = [row for row in rows if log.status[row] == status]
+        if found:
+            print(f"{status} ({len(found)}, last at step {log.steps[found[-1]]}): {meaning}. "
+                  f"{log.message[found[-1]][:200]}", file=out)
 
 
 def _print_tuning(log: InfluenceLog, out: TextIO) -> None:

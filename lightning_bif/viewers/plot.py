@@ -35,6 +35,8 @@ FIGURES = ("groups", "pairs", "matrix", "sign_changes", "top_examples")
 SPLIT_HALF_WARN = 0.3  # BIFCallback's default min_split_half: below it a snapshot's ranking is mostly noise
 _LINE_STYLES = ("-", "--", ":", "-.")
 _NON_OK = "#9e9e9e"
+# A suspect snapshot has numbers that may be inflated, not none: marked apart from diverged and failed ones.
+_SUSPECT = "#f0a030"
 
 
 def _pyplot_free_figure(**kwargs: Any) -> Figure:
@@ -57,7 +59,7 @@ def _check_plottable(log: InfluenceLog) -> None:
     if not (log.status == "ok").any():
         counts = ", ".join(f"{(log.status == s).sum()} {s}" for s in np.unique(log.status)) or "none"
         raise ValueError(f"The influence log {log.path} has no ok snapshot to plot (snapshots: {counts}); "
-                         "`lightning-bif summary` shows why they failed.")
+                         "`lightning-bif summary` shows why they are not ok.")
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,8 @@ def _time_axis(axis: Axes, steps: np.ndarray, label: bool = True) -> None:
 
 def _mark_non_ok(axis: Axes, log: InfluenceLog) -> None:
     for row in np.flatnonzero(log.status != "ok"):
-        axis.axvline(log.steps[row], color=_NON_OK, lw=3, alpha=0.35, zorder=0)
+        colour = _SUSPECT if log.status[row] == "suspect" else _NON_OK
+        axis.axvline(log.steps[row], color=colour, lw=3, alpha=0.35, zorder=0)
 
 
 def _header(figure: Figure | SubFigure, log: InfluenceLog) -> tuple[Axes, Axes]:

@@ -11,7 +11,8 @@ Per snapshot (``step`` is the training step) it writes, by default:
   (:func:`lightning_bif.viewers.plot.matrix_figure`): sorted by group, group borders, axis labels, a
   symmetric colour bar, **blue = helps, red = harms**.
 - ``bif_diag/split_half``, ``bif_diag/loss_rise``, ``bif_diag/diverged_chains``; and
-  ``bif_diag/status`` (Text) for every snapshot that is not ``ok``.
+  ``bif_diag/status`` (Text) for every snapshot that is not ``ok`` (``suspect``, ``diverged``, ``failed``,
+  with the reason); the matrix title names such a status too.
 
 The ``bif_diag/`` scalars are the log columns that declare a chart (:attr:`lightning_bif.log.columns.Column.chart`).
 Opt in to more with ``charts`` (``BIFCallback(tensorboard=[...])``): ``duration_s``, ``ess``, ``step_size``,

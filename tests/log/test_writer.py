@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 from helpers import C, D, N, P, make_identity, make_result, record
 
 from lightning_bif import open_log
-from lightning_bif.log import FORMAT_VERSION, LogWriter, RunIdentity, check_writable
+from lightning_bif.log import FORMAT_VERSION, LogWriteError, LogWriter, RunIdentity, check_writable, recover
+from lightning_bif.log import writer as writer_module
 
 
 def test_round_trip_stores_every_array_of_every_snapshot(tmp_path: Path) -> None:
@@ -373,3 +375,45 @@ def test_identity_config_must_be_json(tmp_path: Path) -> None:
     with h5py.File(tmp_path / "bif.h5", "r") as file:
         assert json.loads(file.attrs["config"]) == identity.config
         assert file["influence"].chunks == (1, P, N) and file["influence"].maxshape == (None, P, N)
+
+
+def test_a_disk_with_room_for_k_rows_gets_k_rows(tmp_path, monkeypatch) -> None:
+    """The free-space check is sized from the row (issue 22: a constant 1 MiB refused every row)."""
+
+    k = 5
+    with LogWriter(tmp_path / "dry.h5", make_identity()) as dry:  # how much k - 1 rows grow the file
+        start = (tmp_path / "dry.h5").stat().st_size
+        for step in range(1, k):
+            dry.append(record(step))
+        grown = (tmp_path / "dry.h5").stat().st_size - start
+        need = writer_module.row_space(dry._row_bytes, len(dry._layout), k - 1)
+    assert need < 1 << 20 and need < 2 * dry._row_bytes + (100 << 10)  # sized from the row, not a constant
+    path = tmp_path / "bif.h5"
+    free = grown + need  # room for k rows by the rule, and not a byte more
+    with LogWriter(path, make_identity()) as writer:
+        start = path.stat().st_size
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(recover.shutil, "disk_usage",
+                            lambda _: usage._replace(free=free - (path.stat().st_size - start)))
+        for step in range(1, k + 1):
+            writer.append(record(step))
+        with pytest.raises(LogWriteError, match="Not enough space for the snapshot"):
+            writer.append(record(k + 1))
+    with open_log(path) as log:
+        assert log.steps.tolist() == list(range(1, k + 1))
+
+
+def test_resuming_a_version_2_log_marks_it_version_3_and_reads_old_rows(tmp_path) -> None:
+    """Rows written from now on may be 'suspect': an older reader must say "newer format", not "damaged"."""
+    path = tmp_path / "bif.h5"
+    with LogWriter(path, make_identity()) as writer:
+        writer.append(record(10, "diverged"))
+    with h5py.File(path, "r+") as file:
+        file.attrs["format_version"] = 2
+    with open_log(path) as log:
+        assert log.format_version == 2 and log.status.tolist() == ["diverged"]
+    with LogWriter(path, make_identity(), if_exists="resume") as writer:
+        writer.append(record(20, "suspect", message="1 of 2 chains climbed"))
+    with open_log(path) as log:
+        assert log.format_version == FORMAT_VERSION == 3 and log.status.tolist() == ["diverged", "suspect"]
+        assert log.message[1] == "1 of 2 chains climbed"

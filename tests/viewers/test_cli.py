@@ -82,3 +82,16 @@ def test_errors_name_the_file_and_the_console_script_is_main(tmp_path: Path, log
 
     (script,) = entry_points(group="console_scripts", name="lightning-bif")
     assert script.load() is main
+
+
+def test_summary_counts_and_explains_suspect_snapshots(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "bif.h5"
+    why = "2 of 2 chains climbed a mean loss rise of up to 70.5 above w*"
+    with LogWriter(path, make_identity()) as writer:
+        for r in (record(10), record(20, "suspect", message=why), record(30)):
+            writer.append(r)
+    assert main(["summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "snapshots: 3, steps 10..30; ok 2, suspect 1" in out
+    assert "      20     0  suspect " in out
+    assert "suspect (1, last at step 20): chains rose beyond what chains near w* rise" in out and why in out

@@ -225,3 +225,17 @@ def test_group_names_stored_in_the_log_label_panels_legends_and_axes(log_path: P
         assert [t.get_text() for t in panel.get_yticklabels()] == ["0", "held out"]
         pairs = plot_pairs(log, [(2, 49)])
         assert legend_texts(pairs.axes[-1].get_legend()) == ["probe 2 (held out) ← train 49 (ones)"]
+
+
+def test_a_suspect_snapshot_is_named_and_marked_apart_from_diverged_ones(tmp_path: Path) -> None:
+    path = tmp_path / "bif.h5"
+    with LogWriter(path, make_identity()) as writer:
+        for step, status in ((0, "ok"), (2, "suspect"), (4, "diverged"), (8, "ok")):
+            writer.append(flipping_record(step, status))
+    with open_log(path) as log:
+        figure = plot_groups(log)
+        strip = next(axis for axis in figure.axes if axis.get_ylabel().startswith("split"))
+        assert [text.get_text() for text in strip.texts] == ["suspect", "diverged"]
+        vertical = [line for line in strip.get_lines() if len(set(np.asarray(line.get_xdata()).tolist())) == 1]
+        marks = {float(line.get_xdata()[0]): line.get_color() for line in vertical}
+        assert marks.keys() == {2.0, 4.0} and marks[2.0] != marks[4.0]

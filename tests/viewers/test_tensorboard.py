@@ -147,3 +147,12 @@ def test_an_unreadable_log_skips_the_groups_figure_with_one_warning(tmp_path: Pa
     sink.close()
     writer.close()
     assert read_events(tmp_path / "tb").Tags()["images"] == []
+
+
+def test_a_suspect_snapshot_is_written_with_its_status_and_reason(tmp_path: Path) -> None:
+    why = "1 of 2 chains climbed a mean loss rise of up to 24.9 above w*"
+    write_run(tmp_path, [record(10), record(20, "suspect", message=why), record(30)])
+    events = read_events(tmp_path / "tb")
+    statuses = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("bif_diag/status/text_summary")]
+    assert statuses == [(20, f"step 20: **suspect** — {why}")]
+    assert [image.step for image in events.Images("bif/matrix")] == [10, 20, 30]  # its numbers are shown, marked

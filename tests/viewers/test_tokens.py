@@ -66,7 +66,7 @@ def test_log_stores_token_strings_and_training_text(tmp_path):
     path = write_log(tmp_path / "bif.h5")
 
     with open_log(path) as log:
-        assert log.format_version == FORMAT_VERSION == 2
+        assert log.format_version == FORMAT_VERSION == 3
         assert log.probe_tokens == TOKENS
         assert log.train_text[:3] == TEXTS[:3] and log.train_text[3] == "x" * 1024  # cut to 1024 bytes
     with pytest.raises(ValueError, match="differs from the logged one in probe_tokens"):
