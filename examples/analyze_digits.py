@@ -20,8 +20,8 @@ from digits import digits  # the example's own data split: the log's ids index i
 from matplotlib.figure import Figure
 
 from lightning_bif import open_log
-from lightning_bif.viewers import plot
 from lightning_bif.log import InfluenceLog
+from lightning_bif.viewers import plot
 
 
 def newest_log(root: Path) -> Path:

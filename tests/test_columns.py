@@ -36,7 +36,7 @@ from lightning_bif.log.schema import file_layout
 from lightning_bif.snapshot.record import SnapshotRecord
 from lightning_bif.tuning.autotune import Tuning
 from lightning_bif.tuning.horizon import HorizonCheck
-from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS
+from lightning_bif.viewers.charts import DEFAULT_CHARTS, OPTIONAL_CHARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 P, N, T, C, D = 2, 5, 3, 2, 4

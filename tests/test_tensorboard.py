@@ -14,7 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_bif import open_log
 from lightning_bif.log import LogWriter
-from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS, TensorBoardSink, check_charts
+from lightning_bif.viewers.charts import DEFAULT_CHARTS, OPTIONAL_CHARTS, check_charts
+from lightning_bif.viewers.tensorboard import TensorBoardSink
 
 
 def read_events(directory: Path) -> event_accumulator.EventAccumulator:

@@ -11,7 +11,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -30,10 +29,10 @@ from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from ..snapshot.threads import oversubscription, snapshot_threads
-from ..viewers.tensorboard import TensorBoardSink
 from .argument_checks import Groups, calibration_options, check_options, display_texts, group_labels
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
+from .loggers import LoggerChoice, check_loggers, chosen_loggers, logger_sinks
 from .training_length import manual_optimization_steps
 
 #: Name of the LightningModule method used when no ``loss_fn`` is given.
@@ -54,7 +53,7 @@ class BIFCallback(Callback):
     On a schedule the callback runs a snapshot (:class:`~lightning_bif.snapshot.snapshotter.Snapshotter`: localized
     SGLD chains from the current weights, as :func:`~lightning_bif.estimate_bif`) and hands the record,
     ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors and diagnostics, to
-    the HDF5 log (global rank 0) and the trainer's ``TensorBoardLogger``. Training is left bitwise as it
+    the HDF5 log (global rank 0) and the trainer's loggers. Training is left bitwise as it
     would have been without it. Bad input stops the fit at fit start (``MisconfigurationException``); a
     snapshot that diverges or fails is logged with its status, and training goes on. docs/user-guide.md
     ("The callback") and docs/lightning.md describe every option in full.
@@ -84,7 +83,10 @@ class BIFCallback(Callback):
         precision_from_trainer: bf16 autocast for snapshots of a bf16 trainer when ``config.autocast`` is None.
         log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` (docs/lightning.md, "Default log paths").
         if_exists: ``"error"``, ``"overwrite"`` or ``"resume"`` (same run) when ``log_path`` exists at fit start.
-        tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md).
+        tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md), for every
+            chosen logger.
+        loggers: Which of the trainer's loggers get the charts: ``None`` (all), or a list of names (``"tensorboard"``,
+            ``"wandb"``, ``"mlflow"``, ``"csv"``) and ``Logger`` classes (docs/loggers.md).
         progress: Show progress during a snapshot.
         calibrate: ``True`` or a dict of :func:`~lightning_bif.estimation.calibration.calibrate`'s settings: choose
             the step size from pilot chains before snapshots until one is accepted.
@@ -127,6 +129,7 @@ class BIFCallback(Callback):
         log_path: str | Path | None = None,
         if_exists: Literal["error", "overwrite", "resume"] = "error",
         tensorboard: bool | str | Sequence[str] = True,
+        loggers: Sequence[LoggerChoice] | LoggerChoice | None = None,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
@@ -147,6 +150,7 @@ class BIFCallback(Callback):
             check_options(if_exists=if_exists, tensorboard=tensorboard, min_split_half=min_split_half,
                           num_threads=num_threads, horizon=horizon, loss_fn=loss_fn, probe_fn=probe_fn)
             self.calibrate = calibration_options(calibrate)
+            self.loggers = check_loggers(loggers)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.min_split_half, self.num_threads, self.horizon = min_split_half, num_threads, horizon
@@ -186,7 +190,7 @@ class BIFCallback(Callback):
         self._resumed = False
         self._resolved_log_path: Path | None = None  # this fit's log; from the checkpoint or the last fit until then
         self._writer: LogWriter | None = None  # the log among the sinks (resume, truncation)
-        self._sinks: list[SnapshotSink] = []  # rank 0: the log and, with a TensorBoardLogger, TensorBoard
+        self._sinks: list[SnapshotSink] = []  # rank 0: the log and a sink per chosen logger
         self._lost: list[int] = []  # steps of snapshots this fit could not write to the log (rank 0)
         self._write_error = ""  # the first such error
         self._warned: set[str] = set()
@@ -510,10 +514,12 @@ class BIFCallback(Callback):
                                "written after the checkpoint.")
         self._sinks = [self._writer]
         if self.tensorboard:
-            logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            if logger is not None:
-                self._sinks.append(TensorBoardSink(logger.experiment, self._identity(), self.train_group_names,
-                                                   self.probe_group_names, self.tensorboard, log_path=path))
+            loggers, missing = chosen_loggers(trainer.loggers, self.loggers)
+            if missing:
+                rank_zero_warn(f"BIFCallback(loggers=...): the trainer has no {', '.join(k.__name__ for k in missing)}"
+                               "; those charts go nowhere.")
+            self._sinks.extend(logger_sinks(loggers, self._identity(), self.train_group_names,
+                                            self.probe_group_names, self.tensorboard, log_path=path))
         return None
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:
