@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = write_figures(log, path.parent / "figures")
     print(f"Figures:       {', '.join(str(figure) for figure in figures)}")
     print(f"Summary:       lightning-bif summary {path}")
+    print(f"Report:        lightning-bif report {path} --out {path.parent / 'report.html'}   (one HTML page to open "
+          "or send: settings, snapshots, figures, diagnostics)")
     print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
     print(f"Analysis:      python examples/analyze_digits.py {path}   (sign-change curves, most influential digits)")
     print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")
