@@ -26,11 +26,16 @@ if TYPE_CHECKING:
 # Scalar charts: the log columns that declare one, by chart name.
 SCALAR_CHARTS: dict[str, Column] = {column.chart.name: column for column in COLUMNS if column.chart is not None}
 DEFAULT_CHARTS = ("groups", "matrix", *(name for name, c in SCALAR_CHARTS.items() if c.chart.default), "status")
-OPTIONAL_CHARTS = (*(name for name, c in SCALAR_CHARTS.items() if not c.chart.default), "histogram", "groups_figure")
+OPTIONAL_CHARTS = (*(name for name, c in SCALAR_CHARTS.items() if not c.chart.default), "histogram", "groups_figure",
+                   "all_groups")
 #: The group curve of a probe group (TensorBoard: in the run of each train group).
 GROUP_TAG = "bif_x_nbeta/probes_{}"
 #: The run (TensorBoard: a directory) of a train group; other loggers append it to the group tag.
 GROUP_RUN = "train_{}"
+#: Train-group runs by default: with the main run and ``other`` they fit TensorBoard's 7 line colours.
+MAX_GROUP_RUNS = 5
+#: The run of the train groups beyond :data:`MAX_GROUP_RUNS` (their examples' mean); ``all_groups`` gives each its own.
+OTHER_GROUPS = "other"
 MATRIX_TAG = "bif/matrix"
 GROUPS_FIGURE_TAG = "bif/groups"
 STATUS_TAG = "bif_diag/status"
@@ -109,7 +114,13 @@ class SnapshotCharts:
         self.train_names = [str((train_group_names or {}).get(label, label)) for label in train_labels.tolist()]
         self.probe_names = [str((probe_group_names or {}).get(label, label)) for label in probe_labels.tolist()]
         self.group_tags = [GROUP_TAG.format(tag_part(name)) for name in self.probe_names]
-        self.group_runs = [GROUP_RUN.format(tag_part(name)) for name in self.train_names] if "groups" in self else []
+        self._groups = "groups" in self or "all_groups" in self
+        # The train groups with a run of their own: all when they fit (or with all_groups), else the strongest,
+        # chosen at the first snapshot with an estimate (runs must not change during a fit).
+        self._kept: np.ndarray | None = None
+        if self._groups and ("all_groups" in self or len(self.train_names) <= MAX_GROUP_RUNS):
+            self._kept = np.arange(len(self.train_names))
+        self.group_runs = self._runs()
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -134,14 +145,37 @@ class SnapshotCharts:
             return None
         return f"step {record.step}: **{record.status}**" + (f" — {record.message}" if record.message else "")
 
+    def _runs(self) -> list[str]:
+        if self._kept is None:
+            return []
+        others = len(self._kept) < len(self.train_names)
+        return [GROUP_RUN.format(tag_part(self.train_names[i])) for i in self._kept] + (
+            [GROUP_RUN.format(OTHER_GROUPS)] if others else [])
+
     def group_curves(self, record: SnapshotRecord) -> dict[str, dict[str, float]]:
-        """``{train-group run: {group tag: nβ × mean BIF}}`` of a snapshot with an estimate (empty without)."""
-        if not self.group_runs or record.result is None:
+        """``{train-group run: {group tag: nβ × mean BIF}}`` of a snapshot with an estimate (empty without).
+
+        Beyond :data:`MAX_GROUP_RUNS` train groups (without ``all_groups``), the groups of the largest
+        ``max |mean BIF|`` over probe groups at the first snapshot with an estimate keep their run, and the run
+        ``train_other`` holds the mean over the examples of the rest.
+        """
+        if not self._groups or record.result is None:
             return {}
-        means = group_means(influence(record), self.identity.probe_groups, self.identity.train_groups).means
+        values = influence(record)
+        identity = self.identity
+        means = group_means(values, identity.probe_groups, identity.train_groups).means
+        if self._kept is None:
+            strength = np.nan_to_num(np.abs(means), nan=-1.0).max(axis=0)
+            self._kept = np.sort(np.argsort(-strength, kind="stable")[:MAX_GROUP_RUNS])
+            self.group_runs = self._runs()
+        columns = [means[:, column] for column in self._kept]
+        if len(self._kept) < len(self.train_names):
+            _, members = group_labels(identity.train_groups, len(identity.train_ids))
+            rest = ~np.isin(members, self._kept)
+            columns.append(group_means(values[:, rest], identity.probe_groups).means[:, 0])
         nbeta = record.result.diagnostics.nbeta
-        return {run: {tag: nbeta * float(means[row, column]) for row, tag in enumerate(self.group_tags)}
-                for column, run in enumerate(self.group_runs)}
+        return {run: {tag: nbeta * float(column[row]) for row, tag in enumerate(self.group_tags)}
+                for run, column in zip(self.group_runs, columns, strict=True)}
 
     def images(self, record: SnapshotRecord) -> dict[str, np.ndarray]:
         """The chosen figures of a snapshot with an estimate, by tag, as RGB images ``[H, W, 3]``."""

@@ -4,6 +4,8 @@ Per snapshot (``step`` is the training step) it writes, by default:
 
 - ``bif_x_nbeta/probes_<probe group>`` in one run per train group (``<log dir>/train_<train group>``),
   so TensorBoard draws each probe group as one chart with a line per train group in its own colour.
+  Beyond 5 train groups the 5 strongest keep a run and the others share ``train_other`` (TensorBoard has
+  7 line colours); the chart ``all_groups`` gives every train group its run.
   The value is nβ × the mean BIF of the train group on the probe group: the same sign (negative =
   helps), in units where a damped classical influence function is O(1), so that late-training
   values near 1e-5 do not round to 0 in TensorBoard's tables. Divide by nβ (in the log) for BIF.
@@ -36,6 +38,14 @@ from .charts import STATUS_TAG, SnapshotCharts, influence
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+#: TensorBoard's page with smoothing off: its default (0.6) bends curves of a dozen snapshots out of shape.
+URL = "http://localhost:6006/#scalars&_smoothingWeight=0"
+
+
+def open_command(logdir: str | Path) -> str:
+    """The shell command that shows ``logdir`` in TensorBoard, and the page to open (smoothing off)."""
+    return f"tensorboard --logdir {logdir} --samples_per_plugin images=100   then open {URL}"
+
 
 class TensorBoardSink:
     """Writes each BIF snapshot to TensorBoard: group curves (a run per train group), a matrix figure, diagnostics.
@@ -56,9 +66,6 @@ class TensorBoardSink:
     Raises:
         ValueError: An unknown chart name, or ``"groups_figure"`` without ``log_path``.
 
-    Attributes:
-        group_runs: Directories of the train-group runs, in sorted label order (empty without ``"groups"``).
-
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter        # doctest: +SKIP
         >>> sink = TensorBoardSink(SummaryWriter("runs/exp"), identity)  # doctest: +SKIP
@@ -78,13 +85,23 @@ class TensorBoardSink:
         self.writer = writer
         self.charts = SnapshotCharts(identity, train_group_names, probe_group_names, charts, log_path)
         # TensorBoard colours lines by run: one run per train group tells the lines of a chart apart.
-        self.group_runs = [str(Path(writer.log_dir) / run) for run in self.charts.group_runs]
         self._group_writers: dict[str, SummaryWriter] = {}
-        if self.group_runs:
+        for run in self.charts.group_runs:
+            self._group_writer(run)
+
+    @property
+    def group_runs(self) -> list[str]:
+        """Directories of the train-group runs: in sorted label order, then ``train_other`` when groups share it
+        (chosen at the first snapshot with an estimate beyond :data:`~lightning_bif.viewers.charts.MAX_GROUP_RUNS`
+        groups; empty without ``"groups"``)."""
+        return [str(Path(self.writer.log_dir) / run) for run in self.charts.group_runs]
+
+    def _group_writer(self, run: str) -> SummaryWriter:
+        if run not in self._group_writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._group_writers = {run: SummaryWriter(path)
-                                   for run, path in zip(self.charts.group_runs, self.group_runs, strict=True)}
+            self._group_writers[run] = SummaryWriter(str(Path(self.writer.log_dir) / run))
+        return self._group_writers[run]
 
     @property
     def group_tags(self) -> list[str]:
@@ -104,9 +121,10 @@ class TensorBoardSink:
         if text is not None:
             writer.add_text(STATUS_TAG, text, step)
         for run, curves in self.charts.group_curves(record).items():
+            group_writer = self._group_writer(run)
             for tag, scalar in curves.items():
-                self._group_writers[run].add_scalar(tag, scalar, step)
-            self._group_writers[run].flush()
+                group_writer.add_scalar(tag, scalar, step)
+            group_writer.flush()
         if record.result is not None and "histogram" in self.charts:
             values = influence(record)
             finite = values[np.isfinite(values)]
