@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -87,18 +88,28 @@ def test_an_mlflow_logger_gets_the_metric_history_and_the_matrix_as_artifacts(tm
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of an offline W&B run, read from its ``.wandb`` file.
+    """The history rows of an offline W&B run, read from its ``.wandb`` file once the run's exit record is there.
 
     The file is a LevelDB-style log (a 7-byte file header, 32 KiB blocks of records with a 7-byte header:
     CRC, length, type full/first/middle/last) of ``Record`` protobufs; W&B has no public reader for it.
+    W&B's service process writes it on after ``finish()`` returns, so it is read again until it is complete.
     """
+    deadline = time.monotonic() + 120  # a hang guard only
+    while True:
+        rows, complete = _wandb_records(next(run_dir.glob("*.wandb")).read_bytes())
+        if complete or time.monotonic() > deadline:
+            assert complete, f"the offline run {run_dir} has no exit record"
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(data: bytes) -> tuple[list[dict], bool]:
     import json
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
-    data = next(run_dir.glob("*.wandb")).read_bytes()
-    block, position, pending, rows = 32768, 7, b"", []
+    block, position, pending, rows, complete = 32768, 7, b"", [], False
     while position + 7 <= len(data):
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
@@ -112,10 +123,12 @@ def wandb_history(run_dir: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
+            kind = record.WhichOneof("record_type")
+            complete = complete or kind == "exit"
+            if kind == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows, complete
 
 
 def test_a_wandb_logger_offline_stores_the_curves_and_the_matrix_images(tmp_path: Path, monkeypatch) -> None:
