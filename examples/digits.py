@@ -9,7 +9,7 @@ events, the HDF5 influence log ``influence.h5`` and its figures in ``figures/`` 
     python examples/digits.py --no-bif    # the same training without the callback (for timing)
     python examples/digits.py --preconditioner lowrank   # curvature-preconditioned SGLD
     python examples/digits.py --horizon none   # the config's γ and ε instead of the horizon's (docs/horizon.md)
-    tensorboard --logdir runs --samples_per_plugin images=100   # group curves, matrices, diagnostics
+    tensorboard --logdir runs --samples_per_plugin images=100   # then http://localhost:6006/#scalars&_smoothingWeight=0
     lightning-bif summary runs/digits/version_0/influence.h5
     python examples/analyze_digits.py     # offline analysis of the newest log: sign changes, top digits
 """
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_bif import BIFCallback, LogSpaced, SGLDConfig, open_log
 from lightning_bif.viewers.plot import write_figures
+from lightning_bif.viewers.tensorboard import open_command
 
 
 class DigitsMLP(pl.LightningModule):
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = float(trainer.callback_metrics["val/accuracy"])
     print(f"\nTrained {trainer.global_step} steps in {time.perf_counter() - start:.1f} s; "
           f"held-out accuracy {accuracy:.3f}.")
-    print(f"TensorBoard:   tensorboard --logdir {args.root} --samples_per_plugin images=100")
+    print(f"TensorBoard:   {open_command(args.root)}")
     if args.no_bif:
         return
     path = callbacks[0].resolved_log_path
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = write_figures(log, path.parent / "figures")
     print(f"Figures:       {', '.join(str(figure) for figure in figures)}")
     print(f"Summary:       lightning-bif summary {path}")
+    print(f"Report:        lightning-bif report {path} --out {path.parent / 'report.html'}   (one HTML page to open "
+          "or send: settings, snapshots, figures, diagnostics)")
     print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
     print(f"Analysis:      python examples/analyze_digits.py {path}   (sign-change curves, most influential digits)")
     print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_bif import BIFCallback, LogSpaced, SGLDConfig, open_log
+from lightning_bif.viewers.tensorboard import open_command
 from lightning_bif.viewers.tokens import format_view, token_view, write_html
 
 # Pure-Python modules whose docstrings are the corpus: a fixed selection, read from disk in this order.
@@ -185,7 +186,7 @@ def main() -> None:
         html = write_html(Path(path).parent / "tokens.html", log, probe=0, group=MODULES[0])
     print(f"Token view (HTML): {html}")
     print(f"In a terminal:     lightning-bif tokens {path} --probe 0 --group {MODULES[0]}")
-    print(f"TensorBoard:       tensorboard --logdir {args.root}")
+    print(f"TensorBoard:       {open_command(args.root)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..estimation.calibration import calibrate as calibrate_step_size
-from ..viewers.tensorboard import check_charts
+from ..viewers.charts import check_charts
 
 Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 

@@ -1,4 +1,4 @@
-"""``BIFCallback``: BIF snapshots during Lightning training, appended to an HDF5 log and TensorBoard."""
+"""``BIFCallback``: BIF snapshots during Lightning training, appended to an HDF5 log and the trainer's loggers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -24,10 +23,10 @@ from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from ..snapshot.threads import snapshot_threads
-from ..viewers.tensorboard import TensorBoardSink
 from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
+from .loggers import LoggerChoice, check_loggers, chosen_loggers, logger_sinks
 from .snapshot_progress import progress_display
 from .snapshot_sinks import SnapshotSinks
 from .snapshot_warnings import calibration_rejected, low_split_half, several_steps_per_batch, unusable_snapshot
@@ -49,7 +48,7 @@ class BIFCallback(Callback):
     On a schedule the callback runs a snapshot (:class:`~lightning_bif.snapshot.snapshotter.Snapshotter`: localized
     SGLD chains from the current weights, as :func:`~lightning_bif.estimate_bif`) and hands the record,
     ``influence = -Cov(loss_train, probe)`` as ``[probe, train]`` with standard errors and diagnostics, to
-    the HDF5 log (global rank 0) and the trainer's ``TensorBoardLogger``. Training is left bitwise as it
+    the HDF5 log (global rank 0) and the trainer's loggers. Training is left bitwise as it
     would have been without it. Bad input stops the fit at fit start (``MisconfigurationException``); a
     snapshot that diverges or fails is logged with its status, and training goes on. docs/user-guide.md
     ("The callback") and docs/lightning.md describe every option in full.
@@ -76,7 +75,10 @@ class BIFCallback(Callback):
         precision_from_trainer: bf16 autocast for snapshots of a bf16 trainer when ``config.autocast`` is None.
         log_path: The HDF5 log; default ``<trainer.log_dir>/influence.h5`` (docs/lightning.md, "Default log paths").
         if_exists: ``"error"``, ``"overwrite"`` or ``"resume"`` (same run) when ``log_path`` exists at fit start.
-        tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md).
+        tensorboard: ``True``, ``False``, ``"all"`` or a list of chart names (docs/tensorboard.md), for every
+            chosen logger.
+        loggers: Which of the trainer's loggers get the charts: ``None`` (all), or a list of names (``"tensorboard"``,
+            ``"wandb"``, ``"mlflow"``, ``"csv"``) and ``Logger`` classes (docs/loggers.md).
         progress: Show progress during a snapshot.
         calibrate: ``True`` or a dict of :func:`~lightning_bif.estimation.calibration.calibrate`'s settings: choose
             the step size from pilot chains before snapshots until one is accepted.
@@ -120,6 +122,7 @@ class BIFCallback(Callback):
         log_path: str | Path | None = None,
         if_exists: Literal["error", "overwrite", "resume"] = "error",
         tensorboard: bool | str | Sequence[str] = True,
+        loggers: Sequence[LoggerChoice] | LoggerChoice | None = None,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
         min_split_half: float | None = 0.3,
@@ -141,6 +144,7 @@ class BIFCallback(Callback):
             check_options(if_exists=if_exists, tensorboard=tensorboard, min_split_half=min_split_half,
                           num_threads=num_threads, horizon=horizon, loss_fn=loss_fn, probe_fn=probe_fn)
             self.calibrate = calibration_options(calibrate)
+            self.loggers = check_loggers(loggers)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.min_split_half, self.num_threads, self.horizon = min_split_half, num_threads, horizon
@@ -179,7 +183,7 @@ class BIFCallback(Callback):
         self._snapshots = 0
         self._resumed = False
         self._resolved_log_path: Path | None = None  # this fit's log; from the checkpoint or the last fit until then
-        self._sinks = SnapshotSinks()  # this fit's; on rank 0 the log and, with a TensorBoardLogger, TensorBoard
+        self._sinks = SnapshotSinks()  # this fit's; on rank 0 the log and a sink per chosen logger
         self._warned: set[str] = set()
 
     @property
@@ -418,13 +422,15 @@ class BIFCallback(Callback):
         rank_zero_info(f"BIFCallback: writing influence snapshots to {path}")
 
     def _build_sinks(self, trainer: pl.Trainer, log: LogWriter) -> list[SnapshotSink]:
-        """Where each snapshot record goes (rank 0): the log and, with a ``TensorBoardLogger``, TensorBoard."""
+        """Where each snapshot record goes (rank 0): the log and a sink per chosen logger of the trainer."""
         sinks: list[SnapshotSink] = [log]
         if self.tensorboard:
-            logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            if logger is not None:
-                sinks.append(TensorBoardSink(logger.experiment, self._identity(), self.train_group_names,
-                                             self.probe_group_names, self.tensorboard, log_path=log.path))
+            loggers, missing = chosen_loggers(trainer.loggers, self.loggers)
+            if missing:
+                rank_zero_warn(f"BIFCallback(loggers=...): the trainer has no {', '.join(k.__name__ for k in missing)}"
+                               "; those charts go nowhere.")
+            sinks.extend(logger_sinks(loggers, self._identity(), self.train_group_names, self.probe_group_names,
+                                      self.tensorboard, log_path=log.path))
         return sinks
 
     def _check_log_continues(self, trainer: pl.Trainer) -> None:

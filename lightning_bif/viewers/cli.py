@@ -5,6 +5,7 @@
     lightning-bif sign-changes runs/exp/influence.h5 --z 3  # pairs that turn from helpful to harmful or back
     lightning-bif plot runs/exp/influence.h5 --out figures  # group curves, pairs, matrices, sign changes, top-k
     lightning-bif tokens runs/exp/influence.h5 --probe 0 --html tokens.html   # per-token influence on a probe
+    lightning-bif report runs/exp/influence.h5 --out report.html   # one self-contained HTML page of the run
     lightning-bif repair runs/exp/influence.h5              # copy the intact snapshots of a damaged log
 
 Examples are printed by id (their dataset index or key, as in ``log.train_ids`` / ``log.probe_ids``):
@@ -276,6 +277,11 @@ def _parser() -> argparse.ArgumentParser:
     tokens.add_argument("--html", default=None, metavar="PATH", help="also write the interactive HTML token view")
     tokens.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                         help="ANSI colours (auto: when writing to a terminal); without, markers [-helps-] {+harms+}")
+    page = commands.add_parser("report", help="one self-contained HTML page: run, settings, snapshots, figures, "
+                               "diagnostics, token view", description="Write one HTML page of the log that loads "
+                               "nothing from the network: open it in a browser or send it (docs/report.md).")
+    page.add_argument("log", help="the .h5 influence log")
+    page.add_argument("--out", required=True, metavar="PATH", help="the HTML file to write (its folder must exist)")
     fix = commands.add_parser("repair", help="copy every intact snapshot of a damaged log into a new file")
     fix.add_argument("log", help="the damaged .h5 influence log (left as it is unless --in-place)")
     where = fix.add_mutually_exclusive_group()
@@ -314,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "repair":
             print(repair(args.log, args.out, in_place=args.in_place))
+            return 0
+        if args.command == "report":
+            from .report import check_out, write_report
+
+            check_out(args.out)  # before the log is read and the figures drawn
+            print(f"wrote {write_report(args.log, args.out)}")
             return 0
         with open_log(args.log) as log:
             if args.command == "summary":

@@ -619,6 +619,37 @@ def plot_top_examples(log: InfluenceLog | PathLike, probe: Any | None = None, k:
         return figure
 
 
+def draw_figures(log: InfluenceLog, *, pairs: Sequence[tuple[Any, Any]] | None = None,
+                 steps: Sequence[int] | None = None, probe: Any | None = None, top_k: int = 5,
+                 figures: Sequence[str] = FIGURES, quantity: str = "influence") -> dict[str, Figure]:
+    """The figures of :func:`write_figures` by name, drawn after every argument is checked.
+
+    Raises:
+        ValueError: A bad figure name, id or step, a log without an ok snapshot, or any error of the figure
+            functions.
+    """
+    unknown = sorted(set(figures) - set(FIGURES))
+    if unknown:
+        raise ValueError(f"Unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}.")
+    _check_plottable(log)
+    quantity_of(quantity)
+    # Bad ids and steps are refused before any figure is drawn.
+    for probe_id, train_id in pairs or ():
+        _position(log, "probe", probe_id), _position(log, "train", train_id)
+    if probe is not None:
+        _position(log, "probe", probe)
+    if steps:
+        _rows_at(log, steps)
+    makers = {
+        "groups": lambda: plot_groups(log, quantity),
+        "pairs": lambda: plot_pairs(log, pairs, quantity),
+        "matrix": lambda: plot_matrix(log, steps, quantity=quantity),
+        "sign_changes": lambda: plot_sign_changes(log),
+        "top_examples": lambda: plot_top_examples(log, probe, top_k, quantity),
+    }
+    return {name: makers[name]() for name in FIGURES if name in figures}
+
+
 def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "png", *,
                   pairs: Sequence[tuple[Any, Any]] | None = None, steps: Sequence[int] | None = None,
                   probe: Any | None = None, top_k: int = 5, prefix: str = "", dpi: int = 110,
@@ -650,28 +681,10 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
     """
     if format not in FORMATS:
         raise ValueError(f"Unknown figure format {format!r}; choose one of {', '.join(FORMATS)}.")
-    unknown = sorted(set(figures) - set(FIGURES))
-    if unknown:
-        raise ValueError(f"Unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}.")
     out = Path(out)
     with _opened(log) as log:
-        _check_plottable(log)
-        quantity_of(quantity)
-        # Bad ids and steps are refused before any figure is drawn.
-        for probe_id, train_id in pairs or ():
-            _position(log, "probe", probe_id), _position(log, "train", train_id)
-        if probe is not None:
-            _position(log, "probe", probe)
-        if steps:
-            _rows_at(log, steps)
-        makers = {
-            "groups": lambda: plot_groups(log, quantity),
-            "pairs": lambda: plot_pairs(log, pairs, quantity),
-            "matrix": lambda: plot_matrix(log, steps, quantity=quantity),
-            "sign_changes": lambda: plot_sign_changes(log),
-            "top_examples": lambda: plot_top_examples(log, probe, top_k, quantity),
-        }
-        drawn = {name: makers[name]() for name in FIGURES if name in figures}  # all checks pass before any file
+        drawn = draw_figures(log, pairs=pairs, steps=steps, probe=probe, top_k=top_k, figures=figures,
+                             quantity=quantity)  # all checks pass before any file
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, figure in drawn.items():
@@ -679,3 +692,32 @@ def write_figures(log: InfluenceLog | PathLike, out: PathLike, format: str = "pn
             figure.savefig(path, dpi=dpi)
             written.append(path)
         return written
+
+
+def plot_diagnostics(log: InfluenceLog | PathLike) -> Figure:
+    """The diagnostics of every snapshot over training: split-half, loss rise, diverged chains and duration.
+
+    Snapshots that are not ``ok`` are marked by grey lines and named in each panel; failed ones have no
+    estimate, so only their duration is drawn.
+    """
+    with _opened(log) as log:
+        if not len(log):
+            raise ValueError(f"The influence log {log.path} has no snapshots yet.")
+        figure = _pyplot_free_figure(figsize=(9, 7))
+        axes = figure.subplots(4, 1, sharex=True)
+        diverged = np.array([np.asarray(d).sum() if s != "failed" else np.nan
+                             for d, s in zip(log.diverged, log.status, strict=True)], dtype=np.float64)
+        panels = (("split-half", log.split_half, SPLIT_HALF_WARN), ("loss rise", log.loss_rise, None),
+                  ("diverged chains", diverged, None), ("seconds", log.duration_s, None))
+        for axis, (label, values, warn) in zip(axes, panels, strict=True):
+            axis.plot(log.steps, np.asarray(values, dtype=np.float64), "o-", color="black", ms=3, lw=1.2)
+            if warn is not None:
+                axis.axhline(warn, color="tab:red", lw=0.8, ls=":")
+            axis.set_ylabel(label, fontsize="small")
+            for row in np.flatnonzero(log.status != "ok"):
+                axis.annotate(log.status[row], (log.steps[row], 0.5), xycoords=("data", "axes fraction"),
+                              rotation=90, ha="center", va="center", fontsize="x-small", color="0.3")
+            _mark_non_ok(axis, log)
+            _time_axis(axis, log.steps, label=axis is axes[-1])
+        figure.suptitle("Diagnostics of every snapshot (grey: not ok)", fontsize="medium")
+        return figure

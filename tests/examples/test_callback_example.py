@@ -21,7 +21,11 @@ def test_digits_example_writes_a_log_and_tensorboard_events_and_says_where(tmp_p
     path = Path(re.search(r"Influence log: (\S+)", run.stdout).group(1))
     assert path == tmp_path / "digits" / "version_0" / "influence.h5"
     assert f"tensorboard --logdir {tmp_path}" in run.stdout and f"lightning-bif summary {path}" in run.stdout
+    assert "#scalars&_smoothingWeight=0" in run.stdout and f"lightning-bif report {path} --out" in run.stdout
     assert list(path.parent.glob("events.out.tfevents.*"))
+    # 10 digits: the 5 strongest keep a run, the rest share train_other (with the main run, TensorBoard's 7 colours)
+    runs = [run.name for run in path.parent.glob("train_*")]
+    assert len(runs) == 6 and "train_other" in runs
     assert sorted(p.name for p in (path.parent / "figures").iterdir()) == sorted(
         f"{name}.png" for name in ("groups", "pairs", "matrix", "sign_changes", "top_examples"))
     assert f"Figures:       {path.parent / 'figures' / 'groups.png'}" in run.stdout

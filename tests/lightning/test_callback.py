@@ -87,6 +87,9 @@ def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path, d
         assert torch.equal(state["momentum_buffer"], bif_opt["state"][key]["momentum_buffer"])
     assert torch.equal(torch.stack(plain.losses), torch.stack(with_bif.losses))
     plain_rows, bif_rows = csv_metrics(plain_trainer), csv_metrics(bif_trainer)
+    assert any(key.startswith("bif_") for key in bif_rows[0])  # the snapshots' charts went to the CSVLogger too
+    bif_rows = [row for row in ({k: v for k, v in r.items() if not k.startswith("bif_")} for r in bif_rows)
+                if any(v for k, v in row.items() if k != "step")]
     assert len(plain_rows) > 14 and plain_rows == bif_rows  # train_loss every step and val_loss, equal strings
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [0, 1, 3, 4, 6, 9, 12, 14]

@@ -1,5 +1,6 @@
 """BIFCallback under 2-process DDP (gloo on CPU), run as a subprocess with a timeout so nothing hangs."""
 
+import csv
 import json
 import os
 import subprocess
@@ -45,6 +46,10 @@ def test_ddp_ranks_share_the_chains_rank_zero_writes_and_the_result_matches_one_
     tensorboard = tmp_path / "tb"
     events = sorted(str(p.parent.relative_to(tensorboard)) for p in tensorboard.rglob("events.out.tfevents.*"))
     assert events == ["version_0", "version_0/train_all"]
+    # And writes each snapshot's charts to every other logger once: a CSV row per snapshot with an estimate.
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("bif_diag/split_half")]
+    assert [int(row["step"]) for row in rows] == [0, 4]
 
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [0, 2, 4]

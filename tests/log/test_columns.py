@@ -36,7 +36,7 @@ from lightning_bif.log.schema import file_layout
 from lightning_bif.snapshot.record import SnapshotRecord
 from lightning_bif.tuning.autotune import Tuning
 from lightning_bif.tuning.horizon import HorizonCheck
-from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS
+from lightning_bif.viewers.charts import DEFAULT_CHARTS, OPTIONAL_CHARTS
 
 ROOT = Path(__file__).resolve().parents[2]
 P, N, T, C, D = 2, 5, 3, 2, 4
@@ -175,7 +175,7 @@ def test_deprecated_estimator_names_warn() -> None:
 def test_tensorboard_scalar_charts_come_from_the_declaration() -> None:
     charted = {c.chart.name: c for c in COLUMNS if c.chart is not None}
     assert set(DEFAULT_CHARTS) - {"groups", "matrix", "status"} == {n for n, c in charted.items() if c.chart.default}
-    assert set(OPTIONAL_CHARTS) - {"histogram", "groups_figure"} == {n for n, c in charted.items()
+    assert set(OPTIONAL_CHARTS) - {"histogram", "groups_figure", "all_groups"} == {n for n, c in charted.items()
                                                                      if not c.chart.default}
     text = (ROOT / "docs" / "tensorboard.md").read_text()
     assert all(f"`{name}`" in text for name in charted), "docs/tensorboard.md names every scalar chart"

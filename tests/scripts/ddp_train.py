@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from toy import FAST, ToyClassifier, class_losses, loader, toy_dataset, tracked_sets
 
 from lightning_bif import BIFCallback
@@ -65,6 +65,6 @@ if __name__ == "__main__":
     pl.seed_everything(0)
     trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=4,
                          callbacks=[bif, tokens, Report(out, bif)],
-                         logger=TensorBoardLogger(out, name="tb"), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+                         logger=[TensorBoardLogger(out, name="tb"), CSVLogger(out, name="csv")],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(ToyClassifier(), loader(toy_dataset()))

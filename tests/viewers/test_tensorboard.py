@@ -14,7 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_bif import open_log
 from lightning_bif.log import LogWriter
-from lightning_bif.viewers.tensorboard import DEFAULT_CHARTS, OPTIONAL_CHARTS, TensorBoardSink, check_charts
+from lightning_bif.viewers.charts import DEFAULT_CHARTS, OPTIONAL_CHARTS, check_charts
+from lightning_bif.viewers.tensorboard import TensorBoardSink, open_command
 
 
 def read_events(directory: Path) -> event_accumulator.EventAccumulator:
@@ -156,3 +157,35 @@ def test_a_suspect_snapshot_is_written_with_its_status_and_reason(tmp_path: Path
     statuses = [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("bif_diag/status/text_summary")]
     assert statuses == [(20, f"step 20: **suspect** — {why}")]
     assert [image.step for image in events.Images("bif/matrix")] == [10, 20, 30]  # its numbers are shown, marked
+
+
+def test_beyond_five_train_groups_the_strongest_keep_a_run_and_the_rest_share_other(tmp_path: Path) -> None:
+    # 8 train groups of one example each: 5 runs, chosen by max |mean| over probe groups at the first snapshot,
+    # and train_other with the mean of the other 3 examples; with the main run, 7 runs for TensorBoard's 7 colours.
+    identity = make_identity(train_groups=np.arange(8))
+    records = [record(10), record(20)]
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    sink = TensorBoardSink(writer, identity)
+    assert sink.group_runs == []  # chosen at the first snapshot with an estimate
+    for r in records:
+        sink.write(r)
+    sink.close()
+    first = records[0].result.influence.double().numpy()
+    means = [first[identity.probe_groups == p].mean(axis=0) for p in (0, 1)]
+    kept = sorted(np.argsort(-np.maximum(*np.abs(means)))[:5].tolist())
+    assert [Path(run).name for run in sink.group_runs] == [*(f"train_{g}" for g in kept), "train_other"]
+    rest = [g for g in range(8) if g not in kept]
+    for r in records:
+        values = r.result.influence.double().numpy()
+        other = read_events(Path(sink.group_runs[-1])).Scalars("bif_x_nbeta/probes_1")
+        expected = r.result.diagnostics.nbeta * values[identity.probe_groups == 1][:, rest].mean()
+        assert [s.value for s in other if s.step == r.step] == [pytest.approx(expected, rel=1e-5)]
+    all_groups = TensorBoardSink(SummaryWriter(str(tmp_path / "all")), identity, charts=["all_groups"])
+    assert [Path(run).name for run in all_groups.group_runs] == [f"train_{g}" for g in range(8)]
+    all_groups.close()
+
+
+def test_the_open_command_turns_smoothing_off() -> None:
+    command = open_command("runs")
+    assert command.startswith("tensorboard --logdir runs --samples_per_plugin images=100")
+    assert "http://localhost:6006/#scalars&_smoothingWeight=0" in command
