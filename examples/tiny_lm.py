@@ -185,7 +185,7 @@ def main() -> None:
         html = write_html(Path(path).parent / "tokens.html", log, probe=0, group=MODULES[0])
     print(f"Token view (HTML): {html}")
     print(f"In a terminal:     lightning-bif tokens {path} --probe 0 --group {MODULES[0]}")
-    print(f"TensorBoard:       tensorboard --logdir {args.root}")
+    print(f"TensorBoard:       tensorboard --logdir {args.root} --samples_per_plugin images=100")
 
 
 if __name__ == "__main__":

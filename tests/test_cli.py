@@ -103,3 +103,10 @@ def test_a_step_outside_the_log_is_refused_with_the_cli_way_out(log_path: Path, 
     assert "--step 99999 is outside" in err and "covers steps 10..35" in err and "clip=True" not in err
     assert main(["plot", str(log_path), "--out", str(tmp_path), "--steps", "10", "99999"]) == 1
     assert "--steps 99999 is outside" in capsys.readouterr().err
+
+
+def test_summary_explains_its_split_half_and_loss_rise_columns(log_path: Path, capsys) -> None:
+    assert main(["summary", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert "split-half: correlation between the BIF of two halves of the chains" in out
+    assert "loss rise: mean rise of the tracked losses along the chains above w*" in out

@@ -377,7 +377,7 @@ def test_identity_config_must_be_json(tmp_path: Path) -> None:
 
 def test_a_log_that_cannot_be_created_is_named_by_the_users_path_not_the_temporary(tmp_path: Path, monkeypatch) -> None:
     long = tmp_path / ("b" * 240 + ".h5")  # the name fits; the hidden temporary ".<name>.<pid>.0.creating" does not
-    with pytest.raises(OSError, match="Cannot write the influence log at .*b.h5: File name too long") as caught:
+    with pytest.raises(OSError, match=r"Cannot write the influence log at .*b\.h5: File name too long") as caught:
         LogWriter(long, make_identity())
     assert ".creating" not in str(caught.value)
 

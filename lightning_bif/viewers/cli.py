@@ -26,6 +26,7 @@ from typing import TextIO
 import numpy as np
 
 from ..log import InfluenceLog, open_log, repair
+from ..log.columns import BY_NAME
 from ..log.summaries import extremes, flatten_config, group_means
 
 _IDS_NOTE = "probes and train examples by id: log.trajectory(probe_id=..., train_id=...) in Python"
@@ -75,6 +76,9 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
+    print(f"split-half: {BY_NAME['split_half'].description}; near 1: reproducible, near 0: mostly noise "
+          "(BIFCallback warns below min_split_half=0.3).\n"
+          f"loss rise: {BY_NAME['loss_rise'].description}; large means drift or too large a step size.", file=out)
     _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
     if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
