@@ -185,7 +185,9 @@ class LogWriter:
         try:
             temporary = new_temporary(self.path, "creating")
         except OSError as error:
-            raise _creation_error(self.path, error) if error.filename else error from error
+            if not error.filename:  # our own message (too many temporaries) already names the path
+                raise
+            raise _creation_error(self.path, error) from error
         file = None
         try:
             file = self._build(temporary)
