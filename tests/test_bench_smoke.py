@@ -70,17 +70,20 @@ def test_peak_flops_gives_an_mfu(bench, tmp_path: Path) -> None:
     assert ours["mfu"] == pytest.approx(ours["flop_per_s"] / 1e12)
 
 
-@pytest.mark.parametrize("name", ["threads", "estimate_timing", "compile_bitwise", "tuning_cost"])
+@pytest.mark.parametrize("name", ["threads", "estimate_timing", "compile_bitwise", "tuning_cost", "lds_tuning"])
 def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: Path, monkeypatch) -> None:
     """A change that breaks a benchmark script fails here, not on the next person's GPU run."""
     from helpers import load_benchmark
 
     before = torch.get_num_threads()
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # scripts import their sibling modules
-    if name == "tuning_cost":  # its training run and ground truth are cached: here, not under benchmarks/cache
+    if name in ("tuning_cost", "lds_tuning"):  # the training run and ground truth are cached: here, not in benchmarks/
         monkeypatch.setattr(load_benchmark("lds_midtrain"), "CACHE", tmp_path)
     try:
-        result = load_benchmark(name).main(["--smoke"])
+        module = load_benchmark(name)
+        if name == "lds_tuning":
+            monkeypatch.setattr(module, "RESULTS", tmp_path)
+        result = module.main(["--smoke"])
     finally:
         torch.set_num_threads(before)
         for module in (name, "lds_midtrain"):
@@ -90,6 +93,8 @@ def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: P
         assert set(result) == {"idle", "load 1"} and "slowdown under load" in printed
     elif name == "estimate_timing":
         assert printed.count("ok=True") == 2
+    elif name == "lds_tuning":
+        assert set(result["table"]) == {"gradient dot product", "smoke"} and list(tmp_path.glob("lds_tuning_*.json"))
     elif name == "tuning_cost":
         assert "midtrain fresh: tuning" in printed and "midtrain cached: tuning" in printed
     else:
