@@ -70,7 +70,8 @@ def test_peak_flops_gives_an_mfu(bench, tmp_path: Path) -> None:
     assert ours["mfu"] == pytest.approx(ours["flop_per_s"] / 1e12)
 
 
-@pytest.mark.parametrize("name", ["threads", "estimate_timing", "compile_bitwise", "tuning_cost", "lds_tuning"])
+@pytest.mark.parametrize(
+    "name", ["threads", "estimate_timing", "compile_bitwise", "tuning_cost", "lds_tuning", "fault_campaign"])
 def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: Path, monkeypatch) -> None:
     """A change that breaks a benchmark script fails here, not on the next person's GPU run."""
     from helpers import load_benchmark
@@ -83,7 +84,8 @@ def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: P
         module = load_benchmark(name)
         if name == "lds_tuning":
             monkeypatch.setattr(module, "RESULTS", tmp_path)
-        result = module.main(["--smoke"])
+        out = ["--out", str(tmp_path / "faults.json")] if name == "fault_campaign" else []
+        result = module.main(["--smoke", *out])
     finally:
         torch.set_num_threads(before)
         for module in (name, "lds_midtrain"):
@@ -95,6 +97,9 @@ def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: P
         assert printed.count("ok=True") == 2
     elif name == "lds_tuning":
         assert set(result["table"]) == {"gradient dot product", "smoke"} and list(tmp_path.glob("lds_tuning_*.json"))
+    elif name == "fault_campaign":
+        assert len(result["damage"]["truncation"]) == 5 and result["storm"]["kills"] == 2
+        assert [row["status"] for row in result["step_sizes"]] == ["ok", "diverged"]
     elif name == "tuning_cost":
         assert "midtrain fresh: tuning" in printed and "midtrain cached: tuning" in printed
     else:
