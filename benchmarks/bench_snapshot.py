@@ -220,7 +220,7 @@ def bench_workload(workload: Workload, device: torch.device, methods: list[str],
     outputs: dict[str, torch.Tensor] = {}
     for method in methods:
         if warmup:  # lazy initialisation (CUDA context, kernels, vmap) is not a snapshot's cost
-            runners[method](replace(workload, draws=1), model)
+            runners[method](replace(workload, draws=2), model)  # the fewest draws SGLDConfig accepts
         influence, seconds, memory = measure(lambda method=method: runners[method](workload, model), device)
         outputs[method] = influence
         rows[method] = {

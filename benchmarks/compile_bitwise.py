@@ -4,6 +4,7 @@ docs/lightning.md, "torch.compile": snapshots run compiled modules eagerly, so t
 bitwise equal (``max |dw| = 0``). Run from the repository root::
 
     python benchmarks/compile_bitwise.py --backend inductor --steps 8
+    python benchmarks/compile_bitwise.py --smoke    # eager backend, 2 steps: what the test suite runs
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 from lightning_bif import BIFCallback
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--vectorize", choices=["auto", "true", "false"], default="true")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="--backend eager --steps 2 (seconds, no compiler)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.backend, args.steps = "eager", 2
     data = toy_dataset()
     train, probes = tracked_sets(data)
     vectorize = {"auto": "auto", "true": True, "false": False}[args.vectorize]
@@ -50,6 +54,7 @@ def main() -> None:
     difference = max((a - b).abs().max().item()
                      for a, b in zip(plain.state_dict().values(), with_bif.state_dict().values(), strict=True))
     print(f"backend={args.backend} steps={args.steps} vectorize={args.vectorize}: max |dw| = {difference:.3g}")
+    return difference
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ SGLD data), 100 probes, 4 chains x 200 draws after 100 burn-in steps, minibatch 
 
 Usage:
     python benchmarks/estimate_timing.py [--threads 2] [--repeats 3] [--profile]
+    python benchmarks/estimate_timing.py --smoke    # toy sizes, seconds: what the test suite runs
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ def cross_entropy(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a cProfile summary of one vectorized run")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="100 examples, 2 chains x 4 draws, one repeat")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
-    x, y = torch.randn(1100, 64), torch.randint(0, 10, (1100,))
-    train, probes = (x[:1000], y[:1000]), (x[1000:], y[1000:])
+    n = 100 if args.smoke else 1000
+    x, y = torch.randn(n + n // 10, 64), torch.randint(0, 10, (n + n // 10,))
+    train, probes = (x[:n], y[:n]), (x[n:], y[n:])
     base = SGLDConfig(chains=4, draws=200, burn_in=100, thin=1, step_size=1e-4, localization=100.0, batch_size=64)
+    if args.smoke:
+        base, args.repeats = base.replace(chains=2, draws=4, burn_in=2), 1
     # Warm-up: the first torch.func call imports torch._dynamo (seconds), which is not per-estimate cost.
     estimate_bif(model, cross_entropy, train, probes, config=base.replace(draws=2, burn_in=1))
     if args.profile:

@@ -1,6 +1,7 @@
 """Fault campaign behind docs/reliability.md: damage logs in many ways and count what survives.
 
 Usage: python benchmarks/fault_campaign.py [--kills 50] [--out benchmarks/results/faults.json]
+       python benchmarks/fault_campaign.py --smoke --out /tmp/faults.json   # a few of each: what the tests run
 
 1. truncation at 40 points (1 % .. 99 %) plus 100 bytes and 0 bytes;
 2. random 512-byte overwrites (zeros or random bytes) at 100 random offsets;
@@ -74,12 +75,12 @@ def salvaged(damaged: Path, reference: dict[str, np.ndarray], directory: Path) -
     return report.kept, exact
 
 
-def damage_campaign(directory: Path) -> dict:
+def damage_campaign(directory: Path, truncations: int = 40, overwrites: int = 100) -> dict:
     source = original(directory)
     reference = read_everything(source)
     size = source.stat().st_size
     results: dict[str, list] = {"truncation": [], "overwrite": []}
-    cuts = [int(size * f) for f in np.linspace(0.01, 0.99, 40)] + [100, 0]
+    cuts = [int(size * f) for f in np.linspace(0.01, 0.99, truncations)] + [100, 0]
     for cut in cuts:
         damaged = directory / "damaged.h5"
         shutil.copy(source, damaged)
@@ -89,7 +90,7 @@ def damage_campaign(directory: Path) -> dict:
         results["truncation"].append({"bytes": cut, "outcome": kind, "seconds": seconds, "salvaged": kept,
                                       "salvaged_exact": exact})
     rng = random.Random(0)
-    for _ in range(100):
+    for _ in range(overwrites):
         damaged = directory / "damaged.h5"
         shutil.copy(source, damaged)
         offset = rng.randrange(0, size - 512)
@@ -125,12 +126,12 @@ def storm(directory: Path, kills: int) -> dict:
             "snapshots_committed": len(committed), "committed_snapshots_lost": lost}
 
 
-def step_sizes() -> list[dict]:
+def step_sizes(values: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)) -> list[dict]:
     torch.manual_seed(0)
     data = toy_dataset()
     train, probes = tracked_sets(data)
     rows = []
-    for step_size in (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0):
+    for step_size in values:
         result = estimate_bif(ToyClassifier(), lambda model, batch: model.per_example_loss(batch), train, probes,
                               data=data, config=FAST.replace(step_size=step_size))
         d = result.diagnostics
@@ -140,15 +141,17 @@ def step_sizes() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="3 truncations, 3 overwrites, 2 kills, 2 step sizes")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    damage, kills, sizes = ((3, 3), 2, (1e-4, 1.0)) if args.smoke else ((40, 100), args.kills, None)
     with tempfile.TemporaryDirectory() as directory:
-        results = {"damage": damage_campaign(Path(directory)), "storm": storm(Path(directory), args.kills),
-                   "step_sizes": step_sizes()}
+        results = {"damage": damage_campaign(Path(directory), *damage), "storm": storm(Path(directory), kills),
+                   "step_sizes": step_sizes(*([sizes] if sizes else []))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     for kind in ("truncation", "overwrite"):
@@ -163,6 +166,7 @@ def main() -> None:
     for row in results["step_sizes"]:
         print(f"step size {row['step_size']:g}: {row['status']}, loss rise {row['loss_rise']:.3g} "
               f"(bound {row['bound']:.3g}), max |BIF| {row['max_abs_influence']:.3g}")
+    return results
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ reliability and CPU seconds (``time.process_time``, one thread), and the gradien
 the floor. ``--data-seed 1 --lr 0.1 --momentum 0.5 --hidden 48`` is the held-out setup.
 
     python benchmarks/lds_tuning.py --variants "old:control_variates=0,preconditioner=none;cv:control_variates=1"
+    python benchmarks/lds_tuning.py --smoke      # toy sizes, one small variant: seconds, what the tests run
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,17 +51,24 @@ def parse_variants(text: str) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", required=True)
+    parser.add_argument("--variants", default=None, help="required unless --smoke")
     parser.add_argument("--hidden", type=int, default=Setup.hidden)
     parser.add_argument("--lr", type=float, default=Setup.lr)
     parser.add_argument("--momentum", type=float, default=Setup.momentum)
     parser.add_argument("--data-seed", type=int, default=Setup.data_seed)
     parser.add_argument("--checkpoints", default=",".join(map(str, Setup.checkpoints)))
     parser.add_argument("--seeds", type=int, default=1, help="sampler seeds per variant (LDS averaged)")
+    parser.add_argument("--smoke", action="store_true", help="the toy sizes of its LDS test, 2 chains x 4 draws")
     args = parser.parse_args(argv)
+    if args.variants is None and not args.smoke:
+        parser.error("--variants is required (unless --smoke)")
     torch.set_num_threads(1)
     setup = Setup(hidden=args.hidden, lr=args.lr, momentum=args.momentum, data_seed=args.data_seed)
     steps = [int(c) for c in args.checkpoints.split(",")]
+    if args.smoke:
+        setup = replace(setup, n_train=60, n_probes=6, hidden=6, total_steps=40, checkpoints=(0, 20), subsets=8,
+                        orders=2)
+        steps, args.variants = list(setup.checkpoints), args.variants or "smoke:chains=2,draws=4"
     data = load_data(setup)
     run = run_and_truth(setup, data)
     variants = parse_variants(args.variants)

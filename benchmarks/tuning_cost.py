@@ -30,11 +30,12 @@ from lightning_bif.tuning.horizon import optimizer_step
 Estimate = tuple[str, torch.nn.Module, Callable, tuple, tuple, SGLDConfig]
 
 
-def midtrain() -> Iterator[Estimate]:
-    """One estimate per checkpoint of lds_midtrain.py, as the callback would take it."""
+def midtrain(smoke: bool = False) -> Iterator[Estimate]:
+    """One estimate per checkpoint of lds_midtrain.py, as the callback would take it (``smoke``: its toy sizes)."""
     from lds_midtrain import Setup, as_module, load_data, per_example_loss, run_and_truth
 
-    setup = Setup()
+    setup = Setup(n_train=60, n_probes=6, hidden=6, total_steps=40, checkpoints=(0, 20), subsets=8, orders=2) \
+        if smoke else Setup()
     data = load_data(setup)
     run = run_and_truth(setup, data)
     for step in setup.checkpoints:
@@ -64,10 +65,11 @@ SETUPS = {"midtrain": midtrain, "digits": digits}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of {sorted(SETUPS)}")
+    parser.add_argument("--smoke", action="store_true", help="midtrain at toy sizes: seconds, what the tests run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    for name in args.setups.split(","):
-        estimates = list(SETUPS[name]())
+    for name in ["midtrain"] if args.smoke else args.setups.split(","):
+        estimates = list(midtrain(smoke=True) if args.smoke else SETUPS[name]())
         for label, cache in (("fresh", None), ("cached", CurvatureCache())):
             tuning_s = total_s = 0.0
             for what, model, loss_fn, train, probes, config in estimates:

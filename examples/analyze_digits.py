@@ -16,6 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from digits import digits  # the example's own data split: the log's ids index into it
 from matplotlib.figure import Figure
 
@@ -83,6 +84,47 @@ def plot_examples(
     return figure
 
 
+def _sci(value: float, sign: bool = False) -> str:
+    """``−8.1e-3`` as the docs write it: one decimal, a true minus sign, no exponent padding (``sign``: ``+`` too)."""
+    mantissa, exponent = f"{value:{'+' if sign else ''}.1e}".split("e")
+    return f"{mantissa.replace('-', '−')}e{int(exponent)}"
+
+
+def doc_numbers(log: InfluenceLog) -> dict[str, str]:
+    """Every number docs/user-guide.md, "Reading the curves", quotes from this example, formatted as it quotes them.
+
+    ``python examples/analyze_digits.py --doc-numbers`` prints them; docs/data/digits_numbers.txt records the
+    output of the default run and tests/test_analyze_digits.py checks that the guide quotes exactly those.
+    """
+    ok = log.status == "ok"
+    steps, influence = log.steps[ok], np.asarray(log.influence[np.flatnonzero(ok)])
+    correlation = np.asarray(log.correlation[np.flatnonzero(ok)])
+    same = log.probe_groups[:, None] == log.train_groups[None, :]
+    own, other = influence[:, same].mean(axis=1), influence[:, ~same].mean(axis=1)
+    deepest = int(np.argmin(own))
+    changes, changes_z2 = log.sign_changes(z=3), log.sign_changes(z=2)
+    crossings = np.array([change.crossing for change in changes])
+    probe_loss = np.asarray(log.probe_loss)[ok].mean(axis=1)
+    split_half = log.split_half[ok]
+    return {
+        "pairs": f"{same.size:,}",
+        "pairs changing sign at z = 3": f"{len({(c.probe, c.train) for c in changes}):,}",
+        "sign changes at z = 3": f"{len(changes):,}",
+        "sign changes at z = 2": f"{len(changes_z2):,}",
+        "changes before step 100": f"{100 * np.mean(crossings < 100):.0f} %" if len(changes) else "0 %",
+        "median crossing": f"step {np.median(crossings):.0f}" if len(changes) else "none",
+        "changes that turn helpful": f"{sum(c.turns == 'helpful' for c in changes):,}",
+        "same-class mean BIF, first snapshot": f"{_sci(own[0])} at step {steps[0]}",
+        "same-class mean BIF, deepest": f"({_sci(own[deepest])}) at step {steps[deepest]}",
+        "same-class mean BIF, last snapshot": f"{_sci(own[-1])} at step {steps[-1]}",
+        "probe loss, first -> last": f"{probe_loss[0]:.2g} to {probe_loss[-1]:.2g}",
+        "other-class mean BIF, first -> last": f"{_sci(other[0], sign=True)} → {_sci(other[-1], sign=True)}",
+        "same-class correlation, first -> last":
+            f"{correlation[0][same].mean():.2f} to {correlation[-1][same].mean():.2f}",
+        "split-half, highest -> last": f"{np.nanmax(split_half):.2f} to {split_half[-1]:.2f}",
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("log", nargs="?", type=Path, help="influence log (default: the newest under --root)")
@@ -93,12 +135,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--probe-class", type=int, default=3, help="digit whose probes the ranking is about")
     parser.add_argument("--top", type=int, default=5, help="most helpful / harmful training digits to show")
     parser.add_argument("--step", type=int, default=None, help="logged step to rank at (default: last ok one)")
+    parser.add_argument("--doc-numbers", action="store_true",
+                        help="only print the numbers docs/user-guide.md quotes from the default run")
     args = parser.parse_args(argv)
     path = args.log or newest_log(args.root)
     out = args.out or path.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
 
     with open_log(path) as log:
+        if args.doc_numbers:
+            print(f"Numbers of docs/user-guide.md, 'Reading the curves', from {path.name} ({len(log)} snapshots):")
+            for name, value in doc_numbers(log).items():
+                print(f"  {name}: {value}")
+            return
         ok = log.steps[log.status == "ok"]
         if not len(ok):
             raise SystemExit(f"{path} has no ok snapshot to analyze (statuses: {sorted(set(log.status.tolist()))}).")

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Influence log: {path} ({len(log)} snapshots at steps {log.steps.tolist()})")
         print(f"Final snapshot: mean BIF of a training digit on a probe of the same class {last[same].mean():+.2e}, "
               f"of another class {last[~same].mean():+.2e} (negative = helpful)")
+        probe, train = np.unravel_index(np.abs(last).argmax(), last.shape)  # the final snapshot's largest |BIF|
+        probe_id, train_id = log.probe_ids[probe].item(), log.train_ids[train].item()
         figures = write_figures(log, path.parent / "figures")
     print(f"Figures:       {', '.join(str(figure) for figure in figures)}")
     print(f"Summary:       lightning-bif summary {path}")
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
           "or send: settings, snapshots, figures, diagnostics)")
     print(f"Sign changes:  lightning-bif sign-changes {path}   (pairs that turn helpful -> harmful or back)")
     print(f"Analysis:      python examples/analyze_digits.py {path}   (sign-change curves, most influential digits)")
-    print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); log.trajectory(probe=0, train=0)")
+    print(f"In Python:     log = lightning_bif.open_log({str(Path(path))!r}); "
+          f"log.trajectory(probe_id={probe_id}, train_id={train_id})   (dataset ids, as summary prints them)")
 
 
 if __name__ == "__main__":

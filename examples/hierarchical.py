@@ -21,7 +21,8 @@ The influence between two items changes sign with the stages (Lee et al. 2025):
 Run it (about half a minute on one CPU core)::
 
     python examples/hierarchical.py                 # writes runs/hierarchical/
-    tensorboard --logdir runs/hierarchical          # then http://localhost:6006/#scalars&_smoothingWeight=0
+    tensorboard --logdir runs/hierarchical --samples_per_plugin images=100
+    # then http://localhost:6006/#scalars&_smoothingWeight=0 (smoothing off; all matrices, not 10)
 
 It prints when each level is learned and where each pair's influence changes sign, and writes
 ``influence.csv`` (plus ``influence.png`` when matplotlib is installed).

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten
 
 from .example_sets import Batch
 
@@ -38,7 +40,8 @@ def check_losses(losses: torch.Tensor, batch_size: int, what: str, tokens: bool 
     """Validate a loss function's output for a batch and reduce it to one loss per example.
 
     Extra trailing dimensions (per-token losses ``[B, T]``) are averaged per example, unless
-    ``tokens`` asks for the per-token losses ``[B, T]`` themselves.
+    ``tokens`` asks for the per-token losses ``[B, T]`` themselves. ``[B, 1]`` is one loss per
+    example (noted once); a square ``[B, B]`` is refused as a broadcasting bug, unless ``tokens``.
     """
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"{what} must return a Tensor of per-example losses, got {type(losses).__name__}.")
@@ -60,7 +63,28 @@ def check_losses(losses: torch.Tensor, batch_size: int, what: str, tokens: bool 
                 "tokens (0 at padded positions), or set per_token=False."
             )
         return losses
+    if losses.ndim == 2 and losses.shape[1] == batch_size > 1:
+        raise ValueError(
+            f"{what} returned shape {tuple(losses.shape)} for a batch of {batch_size} examples: a square "
+            f"[{batch_size}, {batch_size}] is the classic broadcasting bug, e.g. (pred - y) ** 2 with pred of shape "
+            f"[{batch_size}, 1] and y of shape [{batch_size}] pairs every prediction with every target. Squeeze the "
+            f"prediction (pred.squeeze(-1) - y) to return [{batch_size}]. If these really are {batch_size} "
+            f"per-token losses per example, average them over tokens in {what} and return [{batch_size}]."
+        )
+    if losses.ndim == 2 and losses.shape[1] == 1:
+        _note_once(what, f"{what} returned shape {tuple(losses.shape)}: read as one loss per example. Return "
+                         f"shape [{batch_size}] (e.g. loss.squeeze(-1)) to silence this note.")
     return losses.reshape(batch_size, -1).mean(dim=1) if losses.ndim > 1 else losses
+
+
+_noted: set[str] = set()
+
+
+def _note_once(key: str, message: str) -> None:
+    """Warn once per process and key: the loss functions run at every draw of every snapshot."""
+    if key not in _noted:
+        _noted.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def select_parameters(model: nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
@@ -108,6 +132,8 @@ class FunctionalModel:
         chosen = set(self.names)
         self._frozen = {f"model.{n}": p.detach().to(device) for n, p in params.items() if n not in chosen}
         self._buffer_source = {f"model.{n}": b for n, b in model.named_buffers()}
+        # Which loss function first ran, and on examples of which shapes: what a failing forward is compared with.
+        self._ran_on: tuple[str, list[tuple[int, ...]]] | None = None
 
     @property
     def dim(self) -> int:
@@ -144,11 +170,40 @@ class FunctionalModel:
         vectorized: bool,
         tokens: bool = False,
     ) -> torch.Tensor:
-        """Per-example losses ``[G, size]`` (``tokens``: ``[G, size, T]``) at parameters ``flat [G, D]``, no grad."""
+        """Per-example losses ``[G, size]`` (``tokens``: ``[G, size, T]``) at parameters ``flat [G, D]``, no grad.
+
+        Run one chain at a time (how the losses are first checked), a forward that fails on examples
+        shaped unlike those the model ran on raises a ``ValueError`` naming the set and both shapes.
+        """
         with torch.no_grad():
             if vectorized:
                 return vmap(lambda f: self.losses(f, batch, size, fn, buffers, what, tokens))(flat)
-            return torch.stack([self.losses(f, batch, size, fn, buffers, what, tokens) for f in flat])
+            try:
+                out = torch.stack([self.losses(f, batch, size, fn, buffers, what, tokens) for f in flat])
+            except RuntimeError as error:
+                explained = self._explain_forward_error(batch, what, error)
+                if explained is None:
+                    raise
+                raise explained from error
+        if self._ran_on is None:
+            self._ran_on = (what, _example_shapes(batch))
+        return out
+
+    def _explain_forward_error(self, batch: Batch, what: str, error: RuntimeError) -> ValueError | None:
+        """Which set a failed forward ran on, its example shapes and those the model ran on (``None``: no clue)."""
+        shapes = _example_shapes(batch)
+        if isinstance(error, torch.OutOfMemoryError) or (self._ran_on is not None and self._ran_on[1] == shapes):
+            return None
+        examples = "the probes" if what == "probe_fn" else "the tracked training examples"
+        expected = "" if self._ran_on is None else (
+            f", while the model ran on {'the probes' if self._ran_on[0] == 'probe_fn' else 'the training examples'} "
+            f"with tensors of shape {_shapes_text(self._ran_on[1])} per example"
+        )
+        return ValueError(
+            f"{what} failed on {examples} ({type(error).__name__}: {error}). Their tensors have shape "
+            f"{_shapes_text(shapes)} per example{expected}. Prepare {examples.removeprefix('the ')} the way the "
+            "training batches are prepared (same features, same preprocessing)."
+        )
 
     def batched_grads(
         self,
@@ -190,6 +245,15 @@ class FunctionalModel:
                 grads[row] = torch.autograd.grad(value, leaf)[0]
             values[row] = value.detach()
         return grads, values
+
+
+def _example_shapes(batch: Batch) -> list[tuple[int, ...]]:
+    """The shape of one example in each tensor of a batch (the batch dimension dropped)."""
+    return [tuple(t.shape[1:]) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+
+
+def _shapes_text(shapes: list[tuple[int, ...]]) -> str:
+    return ", ".join(str(list(s)) for s in shapes)
 
 
 @contextmanager

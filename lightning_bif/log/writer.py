@@ -125,6 +125,13 @@ def _unwritable(directory: Path) -> str | None:
     return None if os.access(directory, os.W_OK | os.X_OK) else f"{directory} is not writable"
 
 
+def _creation_error(path: Path, error: OSError) -> OSError:
+    """``error`` from creating the log's temporary file, told with the user's ``path`` (not our temporary name)."""
+    reason = os.strerror(error.errno) if error.errno else "the file could not be created"  # h5py's text names it
+    return type(error)(f"Cannot write the influence log at {path}: {reason} (while creating it under a temporary "
+                       "name beside it). Choose another log_path.")
+
+
 class LogWriter:
     """Appends snapshots to an HDF5 influence log, one row per snapshot, flushed every time.
 
@@ -189,18 +196,25 @@ class LogWriter:
         it open keeps a valid file.
         """
         remove_stale_temporaries(self.path)
-        temporary = new_temporary(self.path, "creating")
+        try:
+            temporary = new_temporary(self.path, "creating")
+        except OSError as error:
+            if not error.filename:  # our own message (too many temporaries) already names the path
+                raise
+            raise _creation_error(self.path, error) from error
         file = None
         try:
             file = self._build(temporary)
             file.flush()
             file.swmr_mode = True
             os.replace(temporary, self.path)
-        except BaseException:
+        except BaseException as error:
             if file is not None:
                 with contextlib.suppress(Exception):
                     file.close()
             temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and temporary.name in str(error):
+                raise _creation_error(self.path, error) from error
             raise
         return file
 

@@ -39,7 +39,8 @@ def estimate_bif(
     Args:
         model: Any ``nn.Module`` at the weights to explain.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``: per-example losses (``[B, T]``
-            per-token losses are averaged over T). Drives SGLD and gives ℓ_i.
+            per-token losses are averaged over T; ``[B, 1]`` is read as ``[B]`` with a note; a
+            square ``[B, B]``, the broadcasting bug, is refused). Drives SGLD and gives ℓ_i.
         train: The training examples whose influence is measured (``Dataset``, ``Subset``,
             ``DataLoader`` or tuple of tensors); N examples.
         probes: The probe examples (same kinds); P examples.

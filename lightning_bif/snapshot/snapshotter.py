@@ -32,6 +32,7 @@ from ..tuning.autotune import Tuning, budget_minibatch, resolve_budget
 from ..tuning.horizon import optimizer_step
 from .collectives import Collectives, SingleProcess
 from .record import SnapshotRecord
+from .threads import default_snapshot_threads, snapshot_threads
 
 _MAX_ERROR_CHARS = 500
 
@@ -203,8 +204,10 @@ class Snapshotter:
         """Take one snapshot of ``model`` at its current weights; every rank calls this with the same arguments.
 
         The model (parameters, gradients, buffers, modes) and the global RNG are left exactly as they
-        were. A failure on any rank fails the snapshot on every rank (all of them call the same
-        collectives), and is returned with status ``"failed"``; nothing is raised.
+        were. On a CPU, a small model is sampled with one intra-op thread unless a count was chosen
+        (:func:`~lightning_bif.snapshot.threads.default_snapshot_threads`). A failure on any rank fails
+        the snapshot on every rank (all of them call the same collectives), and is returned with status
+        ``"failed"``; nothing is raised.
 
         Args:
             model: Any ``nn.Module`` at the weights to explain (half precision is sampled as a float32 copy).
@@ -227,7 +230,8 @@ class Snapshotter:
         with torch.inference_mode(False):  # SGLD needs gradients, also inside a validation hook
             try:
                 estimator = self._estimator(model, config, device, vectorized)
-                with preserved_state(model, [estimator.device]):
+                threads = default_snapshot_threads(model, estimator.device)
+                with preserved_state(model, [estimator.device]), snapshot_threads(threads):
                     estimator.prepare()
                     # The runaway rerun is decided per process; under DDP every rank must sample alike.
                     sample = estimator.sample_checked if world == 1 else estimator.sample

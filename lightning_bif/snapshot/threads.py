@@ -11,8 +11,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
+from torch import nn
+
+#: Models with at most this many trainable parameters are sampled with one intra-op thread on a CPU
+#: unless a thread count is chosen (:func:`snapshot_threads`). Their kernels are a few microseconds long, so a
+#: second thread gains little even on a quiet machine, while every kernel's threads must all be scheduled before
+#: it ends: on a busy machine each of a snapshot's thousands of kernels then waits for the scheduler
+#: (docs/lightning.md, "Threads", has the measurements). A size, not a timing, so the choice is reproducible.
+SMALL_MODEL_PARAMETERS = 100_000
+
+_chosen: ContextVar[int | None] = ContextVar("snapshot_threads", default=None)
 
 
 @contextmanager
@@ -25,12 +36,24 @@ def snapshot_threads(num_threads: int | None) -> Iterator[None]:
     if num_threads is None:
         yield
         return
-    before = torch.get_num_threads()
+    before, token = torch.get_num_threads(), _chosen.set(num_threads)
     torch.set_num_threads(num_threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        _chosen.reset(token)
+
+
+def default_snapshot_threads(model: nn.Module, device: torch.device) -> int | None:
+    """The thread count of a snapshot for which none was chosen: 1 for a small model on a CPU, else ``None`` (keep).
+
+    ``None`` too inside :func:`snapshot_threads` with a count (``BIFCallback(num_threads=...)``): that choice holds.
+    """
+    if device.type != "cpu" or _chosen.get() is not None:
+        return None
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 1 if parameters <= SMALL_MODEL_PARAMETERS else None
 
 
 def available_cores() -> int:

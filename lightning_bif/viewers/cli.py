@@ -16,7 +16,9 @@ Groups are shown by the names stored in the log (``train_group_names`` / ``probe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from typing import TextIO
 import numpy as np
 
 from ..log import InfluenceLog, open_log, repair
+from ..log.columns import BY_NAME
 from ..log.summaries import extremes, flatten_config, group_means
 
 _IDS_NOTE = "probes and train examples by id: log.trajectory(probe_id=..., train_id=...) in Python"
@@ -74,6 +77,9 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
+    print(f"split-half: {BY_NAME['split_half'].description}; near 1: reproducible, near 0: mostly noise "
+          "(BIFCallback warns below min_split_half=0.3).\n"
+          f"loss rise: {BY_NAME['loss_rise'].description}; large means drift or too large a step size.", file=out)
     _print_not_ok(log, rows, out)
     _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
@@ -328,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {write_report(args.log, args.out)}")
             return 0
         with open_log(args.log) as log:
+            _check_steps(log, args)
             if args.command == "summary":
                 summary(log, sys.stdout, args.last)
             elif args.command == "sign-changes":
@@ -346,10 +353,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{len(log.probe_ids)} x {len(log.train_ids)} pairs"
                 nearest = "" if args.step is None or args.step == step else f", the snapshot nearest --step {args.step}"
                 print(f"wrote step {step}{nearest} ({shape}) to {args.csv}")
+    except BrokenPipeError:
+        return _reader_left()
     except (OSError, ValueError) as error:
         print(f"lightning-bif: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_steps(log: InfluenceLog, args: argparse.Namespace) -> None:
+    """Refuse a ``--step`` / ``--steps`` outside the logged range, with the CLI's way out."""
+    flag, steps = ("--steps", args.steps or []) if args.command == "plot" else ("--step", [getattr(args, "step", None)])
+    first, last = (int(log.steps[0]), int(log.steps[-1])) if len(log) else (None, None)
+    for step in steps:
+        if step is not None and first is not None and not first <= step <= last:
+            raise ValueError(f"{flag} {step} is outside {log.path}, which covers steps {first}..{last}: pass a step "
+                             f"in that range, {last} for the last snapshot or {first} for the first.")
+
+
+def _reader_left() -> int:
+    """Exit quietly when the reader of stdout went away (``... --csv - | head``), as Unix tools do.
+
+    Python would otherwise report the broken pipe again when it flushes stdout at exit.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE: what a shell reports for a tool that the pipe's reader left
 
 
 if __name__ == "__main__":

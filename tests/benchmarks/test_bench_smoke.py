@@ -34,7 +34,7 @@ def test_smoke_run_writes_a_report_where_ours_matches_the_reference_loop(bench, 
     methods = ["ours", "reference"]
     if importlib.util.find_spec("devinterp") is not None:
         methods.append("devinterp")
-    reports = bench.main(["--smoke", "--no-warmup", "--device", "cpu", "--workload", "mlp", "gpt-small",
+    reports = bench.main(["--smoke", "--device", "cpu", "--workload", "mlp", "gpt-small",  # with the warm-up
                           "--methods", *methods, "--out", str(tmp_path), *threads()])
     assert [r["workload"]["name"] for r in reports] == ["mlp", "gpt-small"]
     for report in reports:
@@ -68,3 +68,51 @@ def test_peak_flops_gives_an_mfu(bench, tmp_path: Path) -> None:
                             "--peak-flops", "1e12", "--out", str(tmp_path), *threads()])
     ours = report["methods"]["ours"]
     assert ours["mfu"] == pytest.approx(ours["flop_per_s"] / 1e12)
+
+
+@pytest.mark.parametrize(
+    "name", ["threads", "estimate_timing", "compile_bitwise", "tuning_cost", "lds_tuning", "fault_campaign"])
+def test_each_benchmark_script_runs_in_smoke_mode(name: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    """A change that breaks a benchmark script fails here, not on the next person's GPU run."""
+    from helpers import load_benchmark
+
+    before = torch.get_num_threads()
+    loaded = {module: sys.modules.get(module) for module in (name, "lds_midtrain")}  # other tests hold these
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # scripts import their sibling modules
+    if name in ("tuning_cost", "lds_tuning"):  # the training run and ground truth are cached: here, not in benchmarks/
+        monkeypatch.setattr(load_benchmark("lds_midtrain"), "CACHE", tmp_path)
+    try:
+        module = load_benchmark(name)
+        if name == "lds_tuning":
+            monkeypatch.setattr(module, "RESULTS", tmp_path)
+        out = ["--out", str(tmp_path / "faults.json")] if name == "fault_campaign" else []
+        result = module.main(["--smoke", *out])
+    finally:
+        torch.set_num_threads(before)
+        for module, previous in loaded.items():
+            if previous is None:
+                sys.modules.pop(module, None)
+            else:
+                sys.modules[module] = previous
+    printed = capsys.readouterr().out
+    if name == "threads":
+        assert set(result) == {"idle", "load 1"} and "slowdown under load" in printed
+    elif name == "estimate_timing":
+        assert printed.count("ok=True") == 2
+    elif name == "lds_tuning":
+        assert set(result["table"]) == {"gradient dot product", "smoke"} and list(tmp_path.glob("lds_tuning_*.json"))
+    elif name == "fault_campaign":
+        assert len(result["damage"]["truncation"]) == 5 and result["storm"]["kills"] == 2
+        assert [row["status"] for row in result["step_sizes"]] == ["ok", "diverged"]
+    elif name == "tuning_cost":
+        assert "midtrain fresh: tuning" in printed and "midtrain cached: tuning" in printed
+    else:
+        assert result == 0.0  # snapshots leave a compiled model's training bitwise unchanged
+
+
+def test_the_gpu_commands_options_run_on_the_cpu(bench, tmp_path: Path) -> None:
+    """benchmarks/README.md's GPU commands (bf16, --sync-debug) with --device cpu --smoke, on the smaller GPT."""
+    (report,) = bench.main(["--smoke", "--device", "cpu", "--workload", "gpt-small", "--methods", "ours", "ours-bf16",
+                            "--sync-debug", "--out", str(tmp_path), *threads()])
+    assert set(report["methods"]) == {"ours", "ours-bf16"}
+    assert all(row["finite"] for row in report["methods"].values())

@@ -11,17 +11,19 @@ from helpers import load_benchmark
 pytest.importorskip("sklearn")
 
 lds_suite = load_benchmark("lds_suite")
-lds_markov = sys.modules["lds_markov"]
+# Kept here: other smoke tests drop their benchmark modules from sys.modules when they finish.
+lds_markov, lds_midtrain = sys.modules["lds_markov"], sys.modules["lds_midtrain"]
+lds_digits, lds_common = sys.modules["lds_digits"], sys.modules["lds_common"]
 
 TINY = lds_markov.Setup(n_train=32, n_probes=6, steps=30, checkpoints=(10, 20), horizon=10, subsets=4, orders=2)
 
 
 def test_the_default_set_ups_keep_the_cache_file_names_and_subsets_keep_half() -> None:
     """benchmarks/cache/ holds ground truths named by these keys: a changed key would recompute them (hours)."""
-    keys = {name: sys.modules[name].Setup().key() for name in ("lds_digits", "lds_markov", "lds_midtrain")}
+    keys = {module.__name__: module.Setup().key() for module in (lds_digits, lds_markov, lds_midtrain)}
     assert keys == {"lds_digits": "b87d3e104bde", "lds_markov": "592288cda40e", "lds_midtrain": "880d30db6cd3"}
     assert lds_markov.Setup(subsets=4).key() != keys["lds_markov"]
-    masks = sys.modules["lds_common"].subset_masks(5, 10, 0.5, torch.Generator().manual_seed(0))
+    masks = lds_common.subset_masks(5, 10, 0.5, torch.Generator().manual_seed(0))
     assert masks.shape == (5, 10) and masks.sum(1).tolist() == [5] * 5 and len({tuple(m.tolist()) for m in masks}) > 1
 
 
@@ -107,7 +109,7 @@ def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path,
     from lightning_bif.tuning import localization
 
     sweep = load_benchmark("localization_sweep")
-    monkeypatch.setattr(sys.modules["lds_midtrain"], "CACHE", tmp_path)
+    monkeypatch.setattr(lds_midtrain, "CACHE", tmp_path)
     before = localization.LOCALIZATION_FACTOR
     report = sweep.main(["--setup", "midtrain", "--tiny", "--factors", "0,30", "--seeds", "1",
                          "--out", str(tmp_path / "sweep.json")])

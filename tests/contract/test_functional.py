@@ -19,7 +19,7 @@ def batch(n: int = 6, seed: int = 0) -> list[torch.Tensor]:
 
 def test_check_losses_keeps_one_loss_per_example_and_explains_a_wrong_shape() -> None:
     assert check_losses(torch.ones(3), 3, "loss_fn").shape == (3,)
-    tokens = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    tokens = torch.tensor([[1.0, 3.0, 2.0], [2.0, 2.0, 2.0]])
     assert check_losses(tokens, 2, "loss_fn").tolist() == [2.0, 2.0]  # averaged per example
     assert torch.equal(check_losses(tokens, 2, "loss_fn", tokens=True), tokens)
     with pytest.raises(ValueError, match=r"returned a scalar.*reduction='none'"):
@@ -30,6 +30,35 @@ def test_check_losses_keeps_one_loss_per_example_and_explains_a_wrong_shape() ->
         check_losses(torch.ones(3), 3, "loss_fn", tokens=True)
     with pytest.raises(TypeError, match="must return a Tensor"):
         check_losses([1.0], 1, "loss_fn")
+
+
+def test_a_square_loss_is_refused_as_the_broadcasting_bug_and_a_column_is_read_with_a_note() -> None:
+    pred, y = torch.randn(4, 1), torch.randn(4)
+    with pytest.raises(ValueError, match=r"\(4, 4\).*broadcasting bug.*\[4, 1\].*\[4\]"):
+        check_losses((pred - y) ** 2, 4, "loss_fn")
+    with pytest.warns(UserWarning, match="one loss per example"):  # one example: [1, 1] is a column, not a square
+        assert check_losses(torch.ones(1, 1), 1, "one-example loss_fn").shape == (1,)
+    square_tokens = torch.randn(4, 4)
+    assert torch.equal(check_losses(square_tokens, 4, "probe_fn", tokens=True), square_tokens)  # per-token: legit
+    column = (pred - y[:, None]) ** 2
+    with pytest.warns(UserWarning, match=r"shape \(4, 1\): read as one loss per example"):
+        out = check_losses(column, 4, "a column loss_fn")
+    assert torch.equal(out, column[:, 0])
+
+
+def test_probes_shaped_unlike_the_training_examples_fail_with_the_set_and_both_shapes() -> None:
+    from lightning_bif import SGLDConfig, estimate_bif
+
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 3))
+    train = (torch.randn(20, 64), torch.randint(0, 3, (20,)))
+    probes = (torch.randn(5, 32), torch.randint(0, 3, (5,)))
+    config = SGLDConfig(chains=2, draws=4, burn_in=2, step_size=1e-4, localization=1.0, nbeta=10.0)
+    with pytest.raises(ValueError, match=r"probe_fn failed on the probes \(RuntimeError: mat1 and mat2.*"
+                                         r"shape \[32\], \[\] per example, while the model ran on the training "
+                                         r"examples with tensors of shape \[64\], \[\]"):
+        estimate_bif(model, cross_entropy, train, probes, config=config)
+    with pytest.raises(ValueError, match=r"loss_fn failed on the tracked training examples.*shape \[32\], \[\]"):
+        estimate_bif(model, cross_entropy, probes, train, config=config)
 
 
 def test_parameters_are_selected_by_glob_among_the_trainable_ones() -> None:

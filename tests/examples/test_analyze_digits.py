@@ -61,3 +61,31 @@ def test_analysis_of_a_short_digits_run(examples, tmp_path: Path, capsys) -> Non
         train, _ = digits.digits()
         first_helpful = images[5].get_images()[0].get_array()
         np.testing.assert_array_equal(first_helpful, train.tensors[0][log.train_ids[order[0]]].numpy().reshape(8, 8))
+
+    # --doc-numbers prints what the user guide quotes; its names are those of the recorded default run
+    analyze.main(["--root", str(tmp_path), "--doc-numbers"])
+    names = [line.strip().split(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert names == list(recorded_numbers())
+
+
+RECORDED = Path(__file__).parents[2] / "docs" / "data" / "digits_numbers.txt"
+
+
+def recorded_numbers() -> dict[str, str]:
+    """The ``name: value`` lines of the recorded ``analyze_digits.py --doc-numbers`` output of the default run."""
+    lines = [line.strip() for line in RECORDED.read_text().splitlines() if line.startswith("  ")]
+    return dict(line.split(": ", 1) for line in lines)
+
+
+def test_the_user_guide_quotes_the_numbers_the_default_run_printed() -> None:
+    """docs/user-guide.md, "Reading the curves", quotes every number of the recorded run, as it was printed."""
+    guide = (Path(__file__).parents[2] / "docs" / "user-guide.md").read_text()
+    section = guide.split("## Reading the curves", 1)[1].split("\n## ", 1)[0]
+    flat = " ".join(section.split())  # the guide wraps lines anywhere
+    missing = {name: value for name, value in recorded_numbers().items() if value not in flat}
+    assert not missing, f"docs/user-guide.md does not quote these numbers of {RECORDED.name}: {missing}"
+    figures = " ".join((Path(__file__).parents[2] / "docs" / "figures.md").read_text().split())
+    numbers = recorded_numbers()
+    assert (f"On digits: {numbers['sign changes at z = 3']} sign changes in {numbers['pairs changing sign at z = 3']} "
+            f"of the {numbers['pairs']} pairs, {numbers['changes that turn helpful']} of them turning helpful; half of "
+            f"them cross zero before {numbers['median crossing']}") in figures

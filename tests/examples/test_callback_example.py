@@ -33,3 +33,10 @@ def test_digits_example_writes_a_log_and_tensorboard_events_and_says_where(tmp_p
         assert log.steps.tolist() == [0, 4, 24] and (log.status == "ok").all()
         assert log.influence[-1].shape == (50, 200) and np.isfinite(log.influence[-1]).all()
         assert sorted(set(log.train_groups.tolist())) == list(range(10))
+        # the suggested call names the pair by the ids summary prints, so copying an id from there gives that pair
+        suggested = re.search(r"log\.trajectory\(probe_id=(\d+), train_id=(\d+)\)", run.stdout)
+        probe_id, train_id = map(int, suggested.groups())
+        final = log.trajectory(probe_id=probe_id, train_id=train_id).influence[-1]
+        assert final == log.influence[-1][log.position(probe=probe_id), log.position(train=train_id)]
+        assert abs(final) == np.abs(log.influence[-1]).max()
+    assert "--samples_per_plugin images=" in run.stdout

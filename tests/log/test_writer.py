@@ -417,3 +417,19 @@ def test_resuming_a_version_2_log_marks_it_version_3_and_reads_old_rows(tmp_path
     with open_log(path) as log:
         assert log.format_version == FORMAT_VERSION == 3 and log.status.tolist() == ["diverged", "suspect"]
         assert log.message[1] == "1 of 2 chains climbed"
+
+
+def test_a_log_that_cannot_be_created_is_named_by_the_users_path_not_the_temporary(tmp_path: Path, monkeypatch) -> None:
+    long = tmp_path / ("b" * 240 + ".h5")  # the name fits; the hidden temporary ".<name>.<pid>.0.creating" does not
+    with pytest.raises(OSError, match=r"Cannot write the influence log at .*b\.h5: File name too long") as caught:
+        LogWriter(long, make_identity())
+    assert ".creating" not in str(caught.value)
+
+    def refuse(name, *args, **kwargs):  # how h5py reports a directory it may not create files in
+        raise OSError(13, f"Unable to synchronously create file (unable to open file: name = '{name}', errno = 13, "
+                          "error message = 'Permission denied')")
+
+    monkeypatch.setattr("lightning_bif.log.writer.h5py.File", refuse)
+    with pytest.raises(OSError, match=r"influence log at .*bif\.h5: Permission denied") as caught:
+        LogWriter(tmp_path / "bif.h5", make_identity())
+    assert ".creating" not in str(caught.value) and not list(tmp_path.glob(".bif.h5.*"))

@@ -6,8 +6,16 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
-from lightning_bif.snapshot.threads import available_cores, oversubscription, snapshot_threads
+from lightning_bif import SGLDConfig, estimate_bif
+from lightning_bif.snapshot.threads import (
+    SMALL_MODEL_PARAMETERS,
+    available_cores,
+    default_snapshot_threads,
+    oversubscription,
+    snapshot_threads,
+)
 
 
 @pytest.fixture
@@ -43,3 +51,37 @@ def test_oversubscription_needs_more_than_one_thread_and_more_threads_plus_worke
     assert oversubscription(workers=max(cores - 2, 0)) is None
     message = oversubscription(workers=cores)
     assert message == f"torch uses 2 threads and the training DataLoader {cores} worker processes on {cores} cores"
+
+
+def test_a_small_model_on_a_cpu_gets_one_thread_unless_a_count_was_chosen(threads) -> None:
+    cpu = torch.device("cpu")
+    small = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))  # 484 parameters, the MLP
+    assert default_snapshot_threads(small, cpu) == 1
+    assert default_snapshot_threads(small, torch.device("cuda")) is None  # GPU kernels do not use intra-op threads
+    large = nn.Linear(SMALL_MODEL_PARAMETERS, 1)  # one more parameter than the bound (the bias)
+    assert default_snapshot_threads(large, cpu) is None
+    large.weight.requires_grad_(False)  # frozen parameters are not sampled: what counts is what SGLD moves
+    assert default_snapshot_threads(large, cpu) == 1
+    with snapshot_threads(2):
+        assert default_snapshot_threads(small, cpu) is None  # BIFCallback(num_threads=2) holds
+    assert default_snapshot_threads(small, cpu) == 1
+
+
+def test_estimate_bif_samples_a_small_model_with_one_thread_and_restores_the_count(threads) -> None:
+    seen: list[int] = []
+
+    def loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 4))
+    x, y = torch.randn(40, 10), torch.randint(0, 4, (40,))
+    torch.set_num_threads(2)
+    config = SGLDConfig(chains=2, draws=3, burn_in=1, step_size=1e-4, localization=1.0, nbeta=40.0, batch_size=8)
+    estimate_bif(model, loss, (x, y), (x[:4], y[:4]), config=config)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    seen.clear()
+    with snapshot_threads(2):
+        estimate_bif(model, loss, (x, y), (x[:4], y[:4]), config=config)
+    assert set(seen) == {2}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_identity, record
+from helpers import make_identity, make_result, record
 
 from lightning_bif.log import LogWriter
 from lightning_bif.viewers.cli import main
@@ -95,3 +97,29 @@ def test_summary_counts_and_explains_suspect_snapshots(tmp_path: Path, capsys) -
     assert "snapshots: 3, steps 10..30; ok 2, suspect 1" in out
     assert "      20     0  suspect " in out
     assert "suspect (1, last at step 20): chains rose beyond what chains near w* rise" in out and why in out
+
+
+def test_export_into_a_pipe_its_reader_closes_ends_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "big.h5"  # 40 x 300 pairs: more CSV than a pipe buffers, so the writer meets the closed pipe
+    identity = make_identity(train_ids=np.arange(300), probe_ids=np.arange(40), train_groups=None, probe_groups=None)
+    with LogWriter(path, identity) as writer:
+        writer.append(record(10, result=make_result(10, probes=40, train=300)))
+    run = subprocess.run(f"'{sys.executable}' -m lightning_bif.viewers.cli export '{path}' --csv - | head -1",
+                         shell=True, capture_output=True, text=True, timeout=120)
+    assert run.stdout.startswith("step,") and run.stdout.count("\n") == 1
+    assert run.stderr == ""
+
+
+def test_a_step_outside_the_log_is_refused_with_the_cli_way_out(log_path: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export", str(log_path), "--step", "99999", "--csv", "-"]) == 1
+    err = capsys.readouterr().err
+    assert "--step 99999 is outside" in err and "covers steps 10..35" in err and "clip=True" not in err
+    assert main(["plot", str(log_path), "--out", str(tmp_path), "--steps", "10", "99999"]) == 1
+    assert "--steps 99999 is outside" in capsys.readouterr().err
+
+
+def test_summary_explains_its_split_half_and_loss_rise_columns(log_path: Path, capsys) -> None:
+    assert main(["summary", str(log_path)]) == 0
+    out = capsys.readouterr().out
+    assert "split-half: correlation between the BIF of two halves of the chains" in out
+    assert "loss rise: mean rise of the tracked losses along the chains above w*" in out

@@ -186,7 +186,7 @@ def test_write_figures_in_each_format_and_from_the_cli(log_path: Path, tmp_path:
     assert b"<svg" in (tmp_path / "svg" / "pairs.svg").read_bytes()[:500]
     assert "wrote" in capsys.readouterr().out
     for arguments, message in ((["--pair", "1:5"], "Unknown train id 5"), (["--pair", "1-7"], "PROBE_ID:TRAIN_ID"),
-                               (["--steps", "99"], "outside the log's snapshots"),
+                               (["--steps", "99"], "--steps 99 is outside"),
                                (["--probe", "x"], "probe id 'x' is not an integer")):
         assert cli_main(["plot", str(log_path), "--out", str(tmp_path / "bad"), *arguments]) == 1
         assert message in capsys.readouterr().err
