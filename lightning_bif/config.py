@@ -119,6 +119,9 @@ class SGLDConfig:
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
+        horizon_source: Where the horizon came from, kept in the tuning record's reason for γ (e.g.
+            ``BIFCallback`` sets "run damping 1/S: S = Σ η/(1 - μ) = ... over T = ... optimizer steps" for a
+            snapshot whose horizon is the run itself, :mod:`lightning_bif.tuning.run_damping`). Informational.
     """
 
     chains: int = 16
@@ -145,6 +148,7 @@ class SGLDConfig:
     learning_rate: float | None = None
     momentum: float | None = None
     control_variates: bool | None = None
+    horizon_source: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):

@@ -30,6 +30,7 @@ from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from ..snapshot.threads import oversubscription, snapshot_threads
+from ..tuning.run_damping import RunLength
 from ..viewers.tensorboard import TensorBoardSink
 from .argument_checks import Groups, calibration_options, check_options, display_texts, group_labels
 from .datamodule_examples import DataModuleExamples
@@ -190,6 +191,7 @@ class BIFCallback(Callback):
         self._lost: list[int] = []  # steps of snapshots this fit could not write to the log (rank 0)
         self._write_error = ""  # the first such error
         self._warned: set[str] = set()
+        self._run = RunLength()  # Σ η/(1 - μ) of the steps taken: the horizon of a snapshot with none ahead
 
     @property
     @override
@@ -304,6 +306,7 @@ class BIFCallback(Callback):
         if trainer.global_step == self._last_seen_step:
             return
         previous, self._last_seen_step = self._last_seen_step, trainer.global_step
+        self._run.observe(trainer.optimizers, trainer.global_step - previous)
         if self._active_schedule is self.schedule and self.schedule.needs_total_steps:
             steps_per_batch = (trainer.global_step - start_step) / batches
             self._active_schedule = self._bind_schedule(manual_optimization_steps(trainer, steps_per_batch))
@@ -586,7 +589,7 @@ class BIFCallback(Callback):
         """``config`` with this snapshot's horizon H and the optimizer's current (η, μ), unless it has its own."""
         if self.horizon is None or config.horizon_steps is not None:
             return config
-        resolved = with_horizon(config, trainer.optimizers, self._horizon_steps(trainer, step), step)
+        resolved = with_horizon(config, trainer.optimizers, self._horizon_steps(trainer, step), step, self._run)
         for message in resolved.warnings:
             if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
                 rank_zero_info(f"BIFCallback: {message}")
