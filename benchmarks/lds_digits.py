@@ -135,8 +135,11 @@ def stacked_logits(params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(b2[:, None], torch.relu(torch.baddbmm(b1[:, None], x, w1)), w2)
 
 
-def train_stacked(setup: Setup, x: torch.Tensor, y: torch.Tensor, seed: int) -> list[torch.Tensor]:
+def train_stacked(setup: Setup, x: torch.Tensor, y: torch.Tensor, seed: int,
+                  observe: Callable[[torch.optim.Optimizer], None] | None = None) -> list[torch.Tensor]:
     """Train S independent MLPs (one per row of ``x [S, n, 64]``, ``y [S, n]``) from seed ``seed``.
+
+    ``observe(optimizer)`` is called after every optimizer step (before the scheduler's).
 
     Adam is elementwise, so one optimizer over stacked parameters and the summed per-model
     objectives trains every model exactly as if it were alone.
@@ -150,6 +153,8 @@ def train_stacked(setup: Setup, x: torch.Tensor, y: torch.Tensor, seed: int) -> 
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         loss.view(x.shape[0], -1).mean(dim=1).sum().backward()
         opt.step()
+        if observe is not None:
+            observe(opt)
         schedule.step()
     return [p.detach() for p in params]
 
@@ -195,10 +200,11 @@ def model_from_params(setup: Setup, params: list[torch.Tensor]) -> nn.Module:
     return model
 
 
-def full_model(setup: Setup, data: Digits) -> nn.Module:
-    """The model whose behaviour is attributed: trained on all training examples with seed 0."""
+def full_model(setup: Setup, data: Digits,
+               observe: Callable[[torch.optim.Optimizer], None] | None = None) -> nn.Module:
+    """The attributed model: trained on all training examples with seed 0 (``observe`` sees each step)."""
     return model_from_params(setup, [p[0] for p in train_stacked(setup, data.x_train[None], data.y_train[None],
-                                                                   seed=0)])
+                                                                   seed=0, observe=observe)])
 
 
 def per_example_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:

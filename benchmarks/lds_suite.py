@@ -10,7 +10,16 @@ Set-ups (issue 11; each one's protocol is in its own module, whose code and cach
 * ``markov`` — held out: ``lds_markov.py``, a tiny causal transformer trained minibatch with AdamW
   on Markov-chain sequences, attributed at two checkpoints against continued training;
 * ``midtrain-heldout`` — held out: ``lds_midtrain.py --data-seed 1 --lr 0.1 --momentum 0.5
-  --hidden 48`` (another problem, optimizer setting and width).
+  --hidden 48`` (another problem, optimizer setting and width);
+* ``momentum-late`` — held out (issue 24): ``lds_momentum_late.py``, momentum SGD late in training
+  (steps 750–1350 of 1500), where the gradient dot product is strong, against continued training;
+* ``regression`` — held out (issue 24): ``lds_regression.py``, an MLP regression with squared error,
+  full-batch Adam with a cosine schedule to 0, attributed at the end of training against retraining.
+
+Where the optimizer has no step at the snapshot (``digits``, ``regression``: lr 0 at the end of the
+cosine schedule) the callback uses the run itself as the horizon (damping 1/S, S = Σ η/(1 - μ) over
+the steps it watched, :mod:`lightning_bif.tuning.run_damping`); the suite records the training run's
+steps with the same :class:`~lightning_bif.tuning.run_damping.RunLength`.
 
 Methods, on every set-up and checkpoint:
 
@@ -63,16 +72,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds_digits
 import lds_markov
 import lds_midtrain
+import lds_momentum_late
+import lds_regression
 from lds_digits import lds, seed_ceiling
 
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.snapshot.snapshotter import training_config, with_horizon
 from lightning_bif.tuning.horizon import horizon_damping, optimizer_step
+from lightning_bif.tuning.run_damping import RunLength
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SETUPS = ("midtrain", "digits", "markov", "midtrain-heldout")
-ROLES = {"midtrain": "development", "digits": "held out", "markov": "held out", "midtrain-heldout": "held out"}
+SETUPS = ("midtrain", "digits", "markov", "midtrain-heldout", "momentum-late", "regression")
+ROLES = {"midtrain": "development", "digits": "held out", "markov": "held out", "midtrain-heldout": "held out",
+         "momentum-late": "held out", "regression": "held out"}
 MIDTRAIN_HELDOUT = dict(data_seed=1, lr=0.1, momentum=0.5, hidden=48)
 # Exact-Hessian influence function: damping δ in units of the mean eigenvalue (trace / D), swept.
 DAMPING_FACTORS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -102,6 +115,8 @@ class Problem:
         classification: ``(x, y)`` examples with a cross-entropy loss (else token sequences).
         baselines: Cached gradient-dot and influence-function scores (digits), else computed here.
         truth_cpu_s: CPU s the set-up's ground truth took to compute (once; it is cached).
+        run: The steps of the training run as the callback would have accumulated them (end-of-training set-ups).
+        task: kronfluence's ``Task`` factory where it is neither classification nor the Markov sequences.
     """
 
     setup: str
@@ -118,6 +133,8 @@ class Problem:
     classification: bool
     baselines: Callable[[], dict] | None = None
     truth_cpu_s: float = math.nan
+    run: RunLength | None = None
+    task: Callable[[], object] | None = None
 
 
 @dataclass
@@ -136,16 +153,31 @@ def digits_problems(setup: lds_digits.Setup, snapshots: int) -> list[Problem]:
     """lds_digits.py's model at the end of training (its cached ground truth and exact-Hessian baselines).
 
     Its Adam runs a cosine schedule down to a learning rate of 0 at the last step, where
-    ``optimizer_step`` finds no step: a callback snapshot there gets no horizon (and says so).
+    ``optimizer_step`` finds no step: a callback snapshot there takes the run itself as its horizon.
     """
     data = lds_digits.load_split(setup)
     truth = lds_digits.ground_truth(setup, data)
-    model = lds_digits.full_model(setup, data)
+    run = RunLength()
+    model = lds_digits.full_model(setup, data, observe=run.observe)
     return [Problem("digits", setup.train_steps, model, lds_digits.per_example_loss, (data.x_train, data.y_train),
                     (data.x_probe, data.y_probe), data.masks, truth["losses"], setup.weight_decay,
                     torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=setup.weight_decay),
                     setup.train_steps // snapshots, True,
-                    baselines=lambda: lds_digits.baseline_scores(model, data, setup), truth_cpu_s=truth["cpu_s"])]
+                    baselines=lambda: lds_digits.baseline_scores(model, data, setup), truth_cpu_s=truth["cpu_s"],
+                    run=run)]
+
+
+def regression_problems(setup: lds_regression.Setup) -> list[Problem]:
+    """lds_regression.py's model at the end of its cosine schedule (lr 0: the run is the horizon)."""
+    data = lds_regression.load_data(setup)
+    truth = lds_regression.ground_truth(setup, data)
+    run = RunLength()
+    model = lds_regression.full_model(setup, data, observe=run.observe)
+    return [Problem("regression", setup.train_steps, model, lds_regression.per_example_loss,
+                    (data.x_train, data.y_train), (data.x_probe, data.y_probe), data.masks, truth["losses"],
+                    setup.weight_decay, torch.optim.Adam(model.parameters(), lr=0.0, weight_decay=setup.weight_decay),
+                    setup.train_steps, False, truth_cpu_s=truth["cpu_s"], run=run,
+                    task=lds_regression.kronfluence_task)]
 
 
 def midtrain_problems(setup: lds_midtrain.Setup, name: str) -> list[Problem]:
@@ -187,7 +219,7 @@ def callback_config(problem: Problem) -> SGLDConfig:
     :func:`~lightning_bif.snapshot.snapshotter.with_horizon`).
     """
     config = training_config(SGLDConfig(), [problem.optimizer]).config
-    resolved = with_horizon(config, [problem.optimizer], problem.horizon_steps, problem.checkpoint)
+    resolved = with_horizon(config, [problem.optimizer], problem.horizon_steps, problem.checkpoint, problem.run)
     for message in resolved.warnings if problem.checkpoint else ():  # at step 0 the callback only informs
         warnings.warn(message, stacklevel=2)
     return resolved.config
@@ -317,7 +349,9 @@ def ekfac_scores(problem: Problem) -> list[Score]:
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
-    if problem.classification:
+    if problem.task is not None:
+        task = problem.task()
+    elif problem.classification:
         task = type("ClassificationTask", (lds_midtrain.ClassificationLosses, Task), {})()
     else:
         task = lds_markov.kronfluence_task()
@@ -483,6 +517,12 @@ def build(names: list[str], tiny: bool) -> Iterator[tuple[str, list[Problem]]]:
             setup = lds_digits.Setup(n_train=80, n_probes=8, subsets=8, seeds=2, train_steps=60, hidden=8) if tiny \
                 else lds_digits.Setup()
             yield name, digits_problems(setup, snapshots=5)
+        elif name == "regression":
+            setup = lds_regression.Setup(n_train=60, n_probes=6, subsets=8, seeds=2, train_steps=60, hidden=6) \
+                if tiny else lds_regression.Setup()
+            yield name, regression_problems(setup)
+        elif name == "momentum-late":
+            yield name, midtrain_problems(lds_momentum_late.setup(tiny), name)
         elif name in ("midtrain", "midtrain-heldout"):
             extra = MIDTRAIN_HELDOUT if name == "midtrain-heldout" else {}
             tiny_sizes = dict(n_train=60, n_probes=6, hidden=6, total_steps=40, checkpoints=(0, 20), subsets=8,
@@ -528,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="folder for ground truths and cached baselines (default: each module's, benchmarks/cache)")
     args = parser.parse_args(argv)
     if args.cache is not None:
-        for module in (lds_digits, lds_midtrain, lds_markov):
+        for module in (lds_digits, lds_midtrain, lds_markov, lds_regression):
             module.CACHE = args.cache
     torch.set_num_threads(1)
     recipes = [parse_recipe(text) for text in args.bif]

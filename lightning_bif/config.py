@@ -56,9 +56,10 @@ class SGLDConfig:
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
         localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature. ``None``
-            (default): chosen per estimate (:mod:`lightning_bif.tuning.localization`): the horizon's γ, or 100 without a
-            horizon, raised where needed to the floor nβ·(3·λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue
-            at w*. A number is used as given, without the floor (with a horizon, the horizon's γ is then used as it is).
+            (default): chosen per estimate (:mod:`lightning_bif.tuning.localization`): the horizon's γ (in a fit with
+            no steps ahead, the run's own, :mod:`lightning_bif.tuning.run_damping`), raised where needed to the floor
+            nβ·(3·λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue at w*; without any horizon, the floor itself.
+            A number is used as given, without the floor (with a horizon, the horizon's γ is then used as it is).
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.
         preconditioner: ``None`` (default) for ``"lowrank"`` when its eigen-decomposition fits
@@ -119,6 +120,9 @@ class SGLDConfig:
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
+        horizon_source: Where the horizon came from, kept in the tuning record's reason for γ (e.g.
+            ``BIFCallback`` sets "run damping 1/S: S = Σ η/(1 - μ) = ... over T = ... optimizer steps" for a
+            snapshot whose horizon is the run itself, :mod:`lightning_bif.tuning.run_damping`). Informational.
     """
 
     chains: int = 16
@@ -145,6 +149,7 @@ class SGLDConfig:
     learning_rate: float | None = None
     momentum: float | None = None
     control_variates: bool | None = None
+    horizon_source: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):

@@ -121,7 +121,7 @@ class TuningRun:
         mean = measured.curvature.mean if measured.curvature is not None else measured.mean_eigenvalue
         lambda_min = measured.extremes[0]
         horizon = horizon_localization(cfg, self.nbeta, lambda_min) if cfg.horizon_steps is not None else None
-        choice = choose_localization(self.nbeta, mean, lambda_min, horizon)
+        choice = choose_localization(self.nbeta, mean, lambda_min, horizon, horizon_source=cfg.horizon_source)
         self.tuning.mean_eigenvalue = mean
         self.tuning.localization_floor = choice.floor
         self.tuning.choose("localization", choice.localization, choice.reason)

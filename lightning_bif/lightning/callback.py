@@ -23,6 +23,7 @@ from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from ..snapshot.threads import snapshot_threads
+from ..tuning.run_damping import RunLength
 from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
@@ -185,6 +186,7 @@ class BIFCallback(Callback):
         self._resolved_log_path: Path | None = None  # this fit's log; from the checkpoint or the last fit until then
         self._sinks = SnapshotSinks()  # this fit's; on rank 0 the log and a sink per chosen logger
         self._warned: set[str] = set()
+        self._run = RunLength()  # Σ η/(1 - μ) of the steps taken: the horizon of a snapshot with none ahead
 
     @property
     @override
@@ -298,6 +300,7 @@ class BIFCallback(Callback):
         if trainer.global_step == self._last_seen_step:
             return
         previous, self._last_seen_step = self._last_seen_step, trainer.global_step
+        self._run.observe(trainer.optimizers, trainer.global_step - previous)
         if self._active_schedule is self.schedule and self.schedule.needs_total_steps:
             steps_per_batch = (trainer.global_step - start_step) / batches
             self._active_schedule = self._bind_schedule(manual_optimization_steps(trainer, steps_per_batch))
@@ -330,7 +333,8 @@ class BIFCallback(Callback):
         path = self._resolved_log_path
         return {"last_step": self._last_step, "snapshots": self._snapshots,
                 "log_path": None if path is None else str(path), "calibrated_step_size": self._calibrated_step_size,
-                "vectorized": self._vectorized, "sequential_reason": self._sequential_reason}
+                "vectorized": self._vectorized, "sequential_reason": self._sequential_reason,
+                "run_length": self._run.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -340,6 +344,8 @@ class BIFCallback(Callback):
         self._calibrated_step_size = state_dict.get("calibrated_step_size")  # absent in older checkpoints
         self._vectorized = state_dict.get("vectorized")
         self._sequential_reason = state_dict.get("sequential_reason")
+        if "run_length" in state_dict:  # absent in older checkpoints: S then counts from the resume
+            self._run.load_state_dict(state_dict["run_length"])
         self._resumed = True
 
     # ------------------------------------------------------------------ fit start
@@ -484,7 +490,7 @@ class BIFCallback(Callback):
         if self.horizon is None or config.horizon_steps is not None:
             return config
         steps = horizon_steps(trainer, self.horizon, self._active_schedule, step, self._last_step)
-        resolved = with_horizon(config, trainer.optimizers, steps, step)
+        resolved = with_horizon(config, trainer.optimizers, steps, step, self._run)
         for message in resolved.warnings:
             if step == 0:  # before the first step an adaptive optimizer cannot know its step: expected, not a problem
                 rank_zero_info(f"BIFCallback: {message}")

@@ -30,6 +30,7 @@ from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn, float32_model, preserved_state
 from ..tuning.autotune import Tuning, budget_minibatch, resolve_budget
 from ..tuning.horizon import optimizer_step
+from ..tuning.run_damping import RunLength
 from .collectives import Collectives, SingleProcess
 from .record import SnapshotRecord
 from .threads import default_snapshot_threads, snapshot_threads
@@ -318,32 +319,44 @@ def training_config(
 
 
 def with_horizon(
-    config: SGLDConfig, optimizers: Iterable[torch.optim.Optimizer], horizon_steps: int | None, step: int
+    config: SGLDConfig, optimizers: Iterable[torch.optim.Optimizer], horizon_steps: int | None, step: int,
+    run: RunLength | None = None,
 ) -> ConfigFromTraining:
     """``config`` with the horizon H and the optimizers' current (η, μ) (docs/horizon.md), unless it has its own.
+
+    Where the optimizer has no step (learning rate 0, as at the end of a cosine schedule) or H is
+    unknown, the run so far is the horizon: damping 1/S with S = Σ_t η_t/(1 - μ_t) over the steps
+    ``run`` observed (:mod:`lightning_bif.tuning.run_damping`), recorded in ``horizon_source``.
 
     Args:
         config: The settings of the snapshot.
         optimizers: The training run's optimizers (their current learning rate and momentum are read).
         horizon_steps: H, the optimizer steps the snapshot's question looks ahead; ``None`` when unknown.
         step: The training step of the snapshot (for the warning).
+        run: The steps taken so far, or ``None``.
 
     Returns:
-        The config; a warning (and the config unchanged) when the optimizer's step or H is unknown.
+        The config; a warning (and the config unchanged) when neither a horizon nor a run is known.
     """
     if config.horizon_steps is not None:
         return ConfigFromTraining(config)
     found = optimizer_step(optimizers)
-    if found is None or horizon_steps is None:
-        why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
-               "or it has taken no step yet (Adam, RMSprop)" if found is None
-               else "the number of steps to come is unknown")
-        return ConfigFromTraining(config, warnings=(
-            f"the snapshot at step {step} has no horizon ({why}); it uses SGLDConfig.localization="
-            f"{shown_setting(config.localization)} and step_size={shown_setting(config.step_size)}. Set "
-            "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.",))
-    return ConfigFromTraining(config.replace(horizon_steps=horizon_steps, learning_rate=found.learning_rate,
-                                             momentum=found.momentum))
+    if found is not None and horizon_steps is not None:
+        return ConfigFromTraining(config.replace(horizon_steps=horizon_steps, learning_rate=found.learning_rate,
+                                                 momentum=found.momentum))
+    why = ("the optimizer's step is unknown: its learning rate is 0, it is not SGD, Adam, AdamW or RMSprop, "
+           "or it has taken no step yet (Adam, RMSprop)" if found is None
+           else "the number of steps to come is unknown")
+    whole = run.horizon() if run is not None else None
+    if whole is not None:
+        return ConfigFromTraining(config.replace(horizon_steps=whole.horizon_steps, learning_rate=whole.learning_rate,
+                                                 momentum=0.0, horizon_source=whole.source),
+                                  notes=(f"the snapshot at step {step} has no steps ahead ({why}); its horizon is "
+                                         f"the run so far, {whole.source}.",))
+    return ConfigFromTraining(config, warnings=(
+        f"the snapshot at step {step} has no horizon ({why}); it uses SGLDConfig.localization="
+        f"{shown_setting(config.localization)} and step_size={shown_setting(config.step_size)}. Set "
+        "SGLDConfig(horizon_steps=..., learning_rate=..., momentum=...) to choose the horizon yourself.",))
 
 
 def shown_setting(value: float | None) -> str:

@@ -13,9 +13,13 @@ proper at a saddle:
 
 With a horizon, γ is the larger of the horizon's γ and the floor (a long horizon asks for a
 weakly damped influence function, which a short chain cannot estimate; the floor says so in the
-tuning record). Without a horizon, γ is the larger of ``NO_HORIZON_LOCALIZATION`` (the fixed
-default of earlier versions) and the floor. A number the user sets is used as given. Why c = 3,
-and where it was chosen and checked, is in docs/self-tuning.md, "The localization floor".
+tuning record). ``BIFCallback`` gives a snapshot with no steps ahead the run itself as its horizon
+(:mod:`lightning_bif.tuning.run_damping`). Without any horizon (``estimate_bif`` on a checkpoint,
+no run known) the question is what retraining asks, whose first-order answer is the classical
+influence function (the H → ∞ limit of the unrolled response): the least damping the chains can
+estimate, the floor itself, measured at w*. A number the user sets is used as given. Why c = 3,
+and where it was chosen and checked, is in docs/self-tuning.md, "The localization floor";
+the no-run rule in docs/horizon.md, "Damping from the run itself".
 """
 
 from __future__ import annotations
@@ -27,8 +31,6 @@ import torch
 
 # c of the floor d ≥ c·λ̄ + max(0, -λ_min) on the damping d = γ/nβ.
 LOCALIZATION_FACTOR = 3.0
-# γ without a horizon when the floor is lower (the fixed default before the floor existed).
-NO_HORIZON_LOCALIZATION = 100.0
 # Rademacher probes of the Hutchinson estimate of tr(H + λ)/D when no eigen-decomposition measured it.
 MEAN_EIGENVALUE_PROBES = 30
 
@@ -55,8 +57,8 @@ def localization_floor(nbeta: float, mean_eigenvalue: float, lambda_min: float, 
 
 
 def choose_localization(nbeta: float, mean_eigenvalue: float, lambda_min: float, horizon_localization: float | None,
-                        factor: float | None = None) -> LocalizationChoice:
-    """γ = max(the horizon's γ, or ``NO_HORIZON_LOCALIZATION`` without one; the floor).
+                        factor: float | None = None, horizon_source: str | None = None) -> LocalizationChoice:
+    """γ = max(the horizon's γ, the floor); without a horizon, the floor.
 
     Args:
         nbeta: nβ.
@@ -64,20 +66,22 @@ def choose_localization(nbeta: float, mean_eigenvalue: float, lambda_min: float,
         lambda_min: The least eigenvalue of H + λ at w* (negative at a saddle).
         horizon_localization: The horizon's γ (:func:`lightning_bif.tuning.horizon.horizon_config`), or ``None``.
         factor: c; ``None``: ``LOCALIZATION_FACTOR`` (read at call time, so a sweep can set the module's).
+        horizon_source: Where the horizon came from (``SGLDConfig.horizon_source``), for the reason.
 
     Returns:
         :class:`LocalizationChoice`.
     """
     factor = LOCALIZATION_FACTOR if factor is None else factor
     floor = localization_floor(nbeta, mean_eigenvalue, lambda_min, factor)
-    base, source = ((horizon_localization, "the horizon's γ") if horizon_localization is not None
-                    else (NO_HORIZON_LOCALIZATION, "the no-horizon default"))
-    if not (floor > base):
-        return LocalizationChoice(base, floor, f"{source} {base:.4g}, above the floor nβ·({factor:g}·λ̄ + "
-                                               f"max(0, -λ_min)) = {floor:.4g} (λ̄ = {mean_eigenvalue:.4g})")
-    return LocalizationChoice(floor, floor, f"the floor nβ·({factor:g}·λ̄ + max(0, -λ_min)) = {floor:.4g} "
-                                            f"(λ̄ = {mean_eigenvalue:.4g}, λ_min = {lambda_min:.4g}), above "
-                                            f"{source} {base:.4g}")
+    rule = (f"the floor nβ·({factor:g}·λ̄ + max(0, -λ_min)) = {floor:.4g} (λ̄ = {mean_eigenvalue:.4g}, "
+            f"λ_min = {lambda_min:.4g})")
+    if horizon_localization is None:
+        return LocalizationChoice(floor, floor, f"{rule}: no horizon and no run, so the question is retraining's "
+                                                "(the classical IF) at the least damping the chains estimate")
+    source = "the horizon's γ" + (f" ({horizon_source})" if horizon_source else "")
+    if not (floor > horizon_localization):
+        return LocalizationChoice(horizon_localization, floor, f"{source} {horizon_localization:.4g}, above {rule}")
+    return LocalizationChoice(floor, floor, f"{rule}, above {source} {horizon_localization:.4g}")
 
 
 def hutchinson_mean_eigenvalue(products: Callable[[torch.Tensor], torch.Tensor], dim: int, device: torch.device,

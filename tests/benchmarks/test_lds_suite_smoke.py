@@ -85,12 +85,15 @@ def test_default_config_is_the_callbacks(tmp_path, monkeypatch) -> None:
 
 def test_tiny_suite_end_to_end(tmp_path) -> None:
     out = tmp_path / "rows.json"
-    with pytest.warns(UserWarning, match="has no horizon"):  # digits ends its cosine schedule at lr 0
-        report = lds_suite.main(["--tiny", "--cache", str(tmp_path / "cache"), "--setups", "digits,markov,midtrain",
-                                 "--no-kronfluence", "--default", "chains=2,draws=8", "--bif",
-                                 "two=chains=2,draws=4", "--seeds", "2", "--out", str(out)])
+    report = lds_suite.main(["--tiny", "--cache", str(tmp_path / "cache"), "--setups",
+                             "digits,markov,midtrain,momentum-late,regression", "--no-kronfluence", "--default",
+                             "chains=2,draws=8", "--bif", "two=chains=2,draws=4", "--seeds", "2", "--out", str(out)])
     assert json.loads(out.read_text())["roles"] == {"digits": "held out", "markov": "held out",
-                                                    "midtrain": "development"}
+                                                    "midtrain": "development", "momentum-late": "held out",
+                                                    "regression": "held out"}
+    for setup in ("digits", "regression"):  # their cosine schedules end at lr 0: the run itself is the horizon
+        (rows,) = report["setups"][setup].values()
+        assert rows[lds_suite.DEFAULT]["details"]["config"]["horizon_source"].startswith("run damping 1/S")
     assert list(report["setups"]["midtrain"]) == [0, 20]
     for setup, checkpoints in report["setups"].items():
         for rows in checkpoints.values():

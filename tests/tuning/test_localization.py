@@ -18,7 +18,6 @@ from helpers import with_bias as design
 from lightning_bif import SGLDConfig, estimate_bif
 from lightning_bif.tuning.localization import (
     LOCALIZATION_FACTOR,
-    NO_HORIZON_LOCALIZATION,
     choose_localization,
     hutchinson_mean_eigenvalue,
     localization_floor,
@@ -31,15 +30,16 @@ def test_floor_is_the_bulk_plus_the_negative_curvature() -> None:
     assert localization_floor(10.0, -1.0, -1.0, factor=5.0) == pytest.approx(10.0)  # λ̄ < 0 adds nothing
 
 
-def test_choice_is_the_larger_of_the_base_and_the_floor_and_says_which() -> None:
-    low = choose_localization(nbeta=10.0, mean_eigenvalue=1.0, lambda_min=0.1, horizon_localization=None)
-    assert low.localization == NO_HORIZON_LOCALIZATION and low.floor == pytest.approx(30.0)
-    assert "no-horizon default" in low.reason and "above the floor" in low.reason
+def test_choice_is_the_larger_of_the_horizon_and_the_floor_and_without_a_horizon_the_floor() -> None:
+    none = choose_localization(nbeta=10.0, mean_eigenvalue=1.0, lambda_min=0.1, horizon_localization=None)
+    assert none.localization == none.floor == pytest.approx(30.0)  # no constant: retraining's question, the floor
+    assert "no horizon and no run" in none.reason
     high = choose_localization(nbeta=100.0, mean_eigenvalue=1.0, lambda_min=-2.0, horizon_localization=50.0)
     assert high.localization == pytest.approx(100 * (3 + 2)) and high.floor == high.localization
     assert "the floor" in high.reason and "horizon's γ 50" in high.reason
-    horizon = choose_localization(nbeta=1.0, mean_eigenvalue=1.0, lambda_min=0.5, horizon_localization=7.0)
-    assert horizon.localization == 7.0
+    horizon = choose_localization(nbeta=1.0, mean_eigenvalue=1.0, lambda_min=0.5, horizon_localization=7.0,
+                                  horizon_source="run damping 1/S")
+    assert horizon.localization == 7.0 and "(run damping 1/S)" in horizon.reason
 
 
 def test_hutchinson_mean_is_exact_for_a_diagonal_and_close_for_a_dense_matrix() -> None:
@@ -72,7 +72,6 @@ def test_estimate_without_a_horizon_raises_gamma_to_the_floor_and_records_why() 
     assert tuning.mean_eigenvalue == pytest.approx(float(eigenvalues.mean()), rel=0.25)
     assert tuning.lambda_min == pytest.approx(float(eigenvalues[0]), rel=1e-6)
     floor = 80 * LOCALIZATION_FACTOR * tuning.mean_eigenvalue
-    assert floor > NO_HORIZON_LOCALIZATION  # the case under test: the floor binds
     assert tuning.localization_floor == pytest.approx(floor)
     assert result.config.localization == pytest.approx(floor) == tuning.chosen["localization"]
     assert "the floor" in tuning.reasons["localization"]
