@@ -6,16 +6,11 @@ Lightning-free: each check raises ``ValueError``, which the callback raises as a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
-import torch
 
 from ..estimation.calibration import calibrate as calibrate_step_size
 from ..viewers.charts import check_charts
-
-Groups = Sequence[int] | Sequence[str] | torch.Tensor | np.ndarray
 
 # calibrate()'s settings a user may pass through BIFCallback(calibrate={...}); the rest comes from the callback.
 CALIBRATION_OPTIONS = tuple(
@@ -71,30 +66,3 @@ def calibration_options(calibrate: bool | Mapping[str, Any]) -> dict[str, Any] |
     if unknown:
         raise ValueError(f"BIFCallback(calibrate=...): unknown setting(s) {unknown}; use {list(CALIBRATION_OPTIONS)}.")
     return dict(calibrate)
-
-
-def labels_per_example(groups: Groups | None, size: int, name: str, what: str) -> np.ndarray | None:
-    """``train_groups``/``probe_groups`` checked: one label per example as int64 or str, ``[size]``; ``None`` stays."""
-    if groups is None:
-        return None
-    if isinstance(groups, (list, tuple)) and len({isinstance(v, (str, np.str_)) for v in groups}) > 1:
-        raise ValueError(f"BIFCallback({name}=...) needs labels that are all integers or all strings.")
-    array = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
-    if array.ndim != 1 or array.shape[0] != size:
-        raise ValueError(
-            f"BIFCallback({name}=...) needs one label per example of {what} ({size}), got shape {array.shape}."
-        )
-    return array if array.dtype.kind in "US" else array.astype(np.int64)
-
-
-def display_texts(texts: Sequence | None, size: int, name: str, what: str, nested: bool) -> list | None:
-    """Display strings as lists, one entry per example (``nested``: a list of token strings per example)."""
-    if texts is None:
-        return None
-    if isinstance(texts, str) or len(texts) != size or not all(
-        not isinstance(entry, str) and all(isinstance(v, str) for v in entry) if nested else isinstance(entry, str)
-        for entry in texts
-    ):
-        kind = "a list of token strings" if nested else "a str"
-        raise ValueError(f"BIFCallback({name}=...) needs {kind} for each of the {size} examples of {what}, in order.")
-    return [list(entry) for entry in texts] if nested else list(texts)

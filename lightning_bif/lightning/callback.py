@@ -17,15 +17,16 @@ from ..config import SGLDConfig
 from ..curvature.cache import CurvatureCache
 from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn
-from ..log import LogWriter, RunIdentity
+from ..log import RunIdentity
 from ..schedule import Event, LogSpaced, SnapshotSchedule
 from ..snapshot.collectives import StrategyCollectives
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import SnapshotSink, Snapshotter, shown_setting, training_config, with_horizon
 from ..snapshot.threads import snapshot_threads
 from ..tuning.run_damping import RunLength
-from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
+from .argument_checks import calibration_options, check_options
 from .datamodule_examples import DataModuleExamples
+from .example_labels import ExampleLabels, Groups
 from .log_path import default_log_path
 from .loggers import LoggerChoice, check_loggers, chosen_loggers, logger_sinks
 from .snapshot_progress import progress_display
@@ -60,10 +61,8 @@ class BIFCallback(Callback):
         probes: Probe examples whose behaviour is explained (same kinds); P examples.
         loss_fn: ``loss_fn(model, batch) -> Tensor[B]``; default: the module's ``per_example_loss(batch)``.
         probe_fn: ``probe_fn(model, batch) -> Tensor[B]`` (``[B, T]`` with ``per_token``); default ``loss_fn``.
-        train_groups: A label per tracked example, ``[N]``.
-        probe_groups: A label per probe, ``[P]``.
-        train_group_names: Display names of train groups, ``{label: name}``.
-        probe_group_names: Display names of probe groups.
+        train_groups, probe_groups: A label per tracked example ``[N]`` / per probe ``[P]``.
+        train_group_names, probe_group_names: Display names of the group labels, ``{label: name}``.
         probe_tokens: Display strings of every probe token, ``[P][T]`` (needs ``SGLDConfig(per_token=True)``).
         train_text: Display text of every tracked example, ``[N]`` (cut to 1024 UTF-8 bytes).
         schedule: When to take snapshots: a :class:`~lightning_bif.SnapshotSchedule`.
@@ -152,18 +151,15 @@ class BIFCallback(Callback):
         self.train, self.probes, self.data = train, probes, data
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
-        self._groups_given = (train_groups, probe_groups)
-        self._texts_given = (probe_tokens, train_text)
-        self.train_ids = self.probe_ids = self.train_groups = self.probe_groups = None
-        self.probe_tokens = self.train_text = None
+        # Checked against the example sets once they are concrete (at setup for DataModuleExamples).
+        self._labels = ExampleLabels(train_groups, probe_groups, train_group_names, probe_group_names, probe_tokens,
+                                     train_text)
         self._curvature = CurvatureCache()  # curvature at w*, reused by later snapshots and pilots while fresh
         # What snapshots are taken of: made from train/probes (at setup for DataModuleExamples); its SGLD data
         # is the trainer's from train start on (unless `data` is given), its collectives the trainer's strategy.
         self._snapshotter: Snapshotter | None = None
         if not isinstance(train, DataModuleExamples) and not isinstance(probes, DataModuleExamples):
             self._use_examples(train, probes)
-        self.train_group_names = dict(train_group_names) if train_group_names else None
-        self.probe_group_names = dict(probe_group_names) if probe_group_names else None
         self.config = config or SGLDConfig()
         self.weight_decay_from_optimizer = weight_decay_from_optimizer
         self.precision_from_trainer = precision_from_trainer
@@ -195,19 +191,13 @@ class BIFCallback(Callback):
                                         train=_key(self.train), probes=_key(self.probes))
 
     def _use_examples(self, train: ExampleSource, probes: ExampleSource) -> None:
-        """Adopt concrete example sets: their ids, and the group labels checked against their sizes."""
-        train_set, probe_set = ExampleSet(train, "train"), ExampleSet(probes, "probes")
-        self._snapshotter = Snapshotter(self.loss_fn or module_per_example_loss, train, probes,
-                                        probe_fn=self.probe_fn, data=self.data, cache=self._curvature)
-        self.train_ids = train_set.ids().numpy()
-        self.probe_ids = probe_set.ids().numpy()
+        """Adopt concrete example sets, with their labels checked against their sizes."""
         try:
-            self.train_groups = labels_per_example(self._groups_given[0], len(train_set), "train_groups", "train")
-            self.probe_groups = labels_per_example(self._groups_given[1], len(probe_set), "probe_groups", "probes")
-            self.probe_tokens = display_texts(self._texts_given[0], len(probe_set), "probe_tokens", "probes", True)
-            self.train_text = display_texts(self._texts_given[1], len(train_set), "train_text", "train", False)
+            self._labels = self._labels.checked(ExampleSet(train, "train"), ExampleSet(probes, "probes"))
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
+        self._snapshotter = Snapshotter(self.loss_fn or module_per_example_loss, train, probes,
+                                        probe_fn=self.probe_fn, data=self.data, cache=self._curvature)
 
     def _resolve_examples(self, trainer: pl.Trainer) -> None:
         """Take ``DataModuleExamples`` from the trainer's dataloaders (after the DataModule's setup)."""
@@ -286,7 +276,7 @@ class BIFCallback(Callback):
         check_threads(trainer, pl_module, self.num_threads)
         if self._vectorized is None:
             self._decide_vectorized(pl_module)
-        self._check_log_continues(trainer)
+        self._last_step = self._sinks.check_continues(trainer, self._last_step)
         self._last_seen_step = trainer.global_step
         self._maybe_snapshot(trainer, pl_module, "fit_start")
 
@@ -367,7 +357,7 @@ class BIFCallback(Callback):
             self._tokens = self._snapshotter.check_losses(pl_module, self._config, pl_module.device)
         except (TypeError, ValueError) as error:
             raise MisconfigurationException(f"BIFCallback check at fit start failed: {error}") from error
-        check_probe_tokens(self.probe_tokens, self._tokens)
+        check_probe_tokens(self._labels.probe_tokens, self._tokens)
 
     def _decide_vectorized(self, pl_module: pl.LightningModule) -> None:
         """Decide once, before the first snapshot, whether chains run under vmap; rank 0's answer holds everywhere.
@@ -402,54 +392,30 @@ class BIFCallback(Callback):
             "data": "trainer training data" if self.data is None else "data argument",
             "horizon": self.horizon,
         }
-        return RunIdentity.for_snapshots(
-            self._snapshotter, self._config, tokens=self._tokens, settings={"callback": callback},
-            train_groups=self.train_groups, probe_groups=self.probe_groups, train_group_names=self.train_group_names,
-            probe_group_names=self.probe_group_names, probe_tokens=self.probe_tokens, train_text=self.train_text)
+        return RunIdentity.for_snapshots(self._snapshotter, self._config, tokens=self._tokens,
+                                         settings={"callback": callback}, **self._labels.as_keywords())
 
     def _open_log(self, trainer: pl.Trainer) -> None:
-        """Resolve the log path, open the log and the other sinks on rank 0, and agree on any error across ranks."""
+        """Resolve the log path; open the log and a sink per chosen logger (rank 0); stop every rank on an error."""
         path = self.log_path or self._resolved_log_path or default_log_path(trainer)
         self._resolved_log_path = path
-        self._sinks = SnapshotSinks(path)
-        error = None
-        if trainer.is_global_zero:
-            if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
-            try:
-                log = SnapshotSinks.open_log(path, self._identity(), if_exists,
-                                             self._last_step if self._resumed else None)
-                self._sinks = SnapshotSinks(path, self._build_sinks(trainer, log))
-            except ValueError as caught:
-                error = str(caught)
-        error = trainer.strategy.broadcast(error)
-        if error is not None:
-            self._sinks.close()
-            raise MisconfigurationException(error)
-        rank_zero_info(f"BIFCallback: writing influence snapshots to {path}")
+        if_exists = "resume" if self._resumed and self.if_exists != "overwrite" else self.if_exists
+        identity = self._identity()
+        self._sinks = SnapshotSinks.for_fit(trainer, path, identity, if_exists,
+                                            resumed_after=self._last_step if self._resumed else None,
+                                            viewers=lambda log: self._viewers(trainer, identity, log.path))
 
-    def _build_sinks(self, trainer: pl.Trainer, log: LogWriter) -> list[SnapshotSink]:
-        """Where each snapshot record goes (rank 0): the log and a sink per chosen logger of the trainer."""
-        sinks: list[SnapshotSink] = [log]
-        if self.tensorboard:
-            loggers, missing = chosen_loggers(trainer.loggers, self.loggers)
-            if missing:
-                rank_zero_warn(f"BIFCallback(loggers=...): the trainer has no {', '.join(k.__name__ for k in missing)}"
-                               "; those charts go nowhere.")
-            sinks.extend(logger_sinks(loggers, self._identity(), self.train_group_names, self.probe_group_names,
-                                      self.tensorboard, log_path=log.path))
-        return sinks
-
-    def _check_log_continues(self, trainer: pl.Trainer) -> None:
-        """Refuse to append to a log (``if_exists="resume"``) that already has snapshots at or after the start step."""
-        last = trainer.strategy.broadcast(self._sinks.last_step)
-        if last > self._last_step and last >= trainer.global_step:
-            self._sinks.close()
-            raise MisconfigurationException(
-                f"BIFCallback: the log {self._resolved_log_path} already has snapshots up to step {last}, but "
-                f"training starts at step {trainer.global_step}. To continue that run, resume from its checkpoint "
-                "(trainer.fit(..., ckpt_path=...)); to start over, pass if_exists='overwrite' or another log_path."
-            )
-        self._last_step = max(self._last_step, last)
+    def _viewers(self, trainer: pl.Trainer, identity: RunIdentity, log_path: Path) -> list[SnapshotSink]:
+        """A sink per chosen logger of the trainer (rank 0), beside the log."""
+        if not self.tensorboard:
+            return []
+        loggers, missing = chosen_loggers(trainer.loggers, self.loggers)
+        if missing:
+            rank_zero_warn(f"BIFCallback(loggers=...): the trainer has no {', '.join(k.__name__ for k in missing)}; "
+                           "those charts go nowhere.")
+        labels = self._labels
+        return logger_sinks(loggers, identity, labels.train_group_names, labels.probe_group_names, self.tensorboard,
+                            log_path=log_path)
 
     # ------------------------------------------------------------------ snapshots
 

@@ -6,9 +6,11 @@ many snapshots the log lacks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from ..log import LogWriteError, LogWriter, RunIdentity
@@ -56,6 +58,52 @@ class SnapshotSinks:
                 rank_zero_info(f"BIFCallback: resumed; removed {dropped} snapshot(s) after step {resumed_after} "
                                "written after the checkpoint.")
         return log
+
+    @classmethod
+    def for_fit(
+        cls, trainer: pl.Trainer, path: Path, identity: RunIdentity, if_exists: str, resumed_after: int | None,
+        viewers: Callable[[LogWriter], list[SnapshotSink]],
+    ) -> SnapshotSinks:
+        """Open a fit's sinks: on rank 0 the log (:meth:`open_log`) and ``viewers(log)``; none elsewhere.
+
+        Every rank calls this: an error opening the log on rank 0 stops every rank with the same message.
+
+        Raises:
+            MisconfigurationException: The log cannot be used (the message says what to do).
+        """
+        sinks, error = cls(path), None
+        if trainer.is_global_zero:
+            try:
+                log = cls.open_log(path, identity, if_exists, resumed_after)
+                sinks = cls(path, [log, *viewers(log)])
+            except ValueError as caught:
+                error = str(caught)
+        error = trainer.strategy.broadcast(error)
+        if error is not None:
+            sinks.close()
+            raise MisconfigurationException(error)
+        rank_zero_info(f"BIFCallback: writing influence snapshots to {path}")
+        return sinks
+
+    def check_continues(self, trainer: pl.Trainer, last_step: int) -> int:
+        """The last snapshot step of the run so far, after refusing a log that already runs past the start step.
+
+        Args:
+            trainer: The trainer at train start (every rank calls this).
+            last_step: The last snapshot step the callback knows of (from its checkpoint; -1 for none).
+
+        Raises:
+            MisconfigurationException: The log (``if_exists="resume"``) has snapshots at or after the start step.
+        """
+        last = trainer.strategy.broadcast(self.last_step)
+        if last > last_step and last >= trainer.global_step:
+            self.close()
+            raise MisconfigurationException(
+                f"BIFCallback: the log {self.path} already has snapshots up to step {last}, but training starts at "
+                f"step {trainer.global_step}. To continue that run, resume from its checkpoint "
+                "(trainer.fit(..., ckpt_path=...)); to start over, pass if_exists='overwrite' or another log_path."
+            )
+        return max(last_step, last)
 
     @property
     def last_step(self) -> int:
