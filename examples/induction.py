@@ -549,10 +549,15 @@ def main() -> None:
             print(f"  sign change between steps {flip['between']}: z = {flip['z_before']:+.1f} -> "
                   f"{flip['z_after']:+.1f}")
 
+        out = path.parent
+        plot_loss(out / "induction_loss.png", monitor, found, steps)
+        during = int(np.argmin(np.abs(steps - found.step)))
+        rows = {"before": int(np.flatnonzero(usable)[before]), "during": int(np.flatnonzero(usable)[during]),
+                "after": int(np.flatnonzero(usable)[after])}
+        plot_tokens(out / "induction_tokens.png", log, 0, rows, half)
         classical = None
         if args.cg:
-            config = log.config
-            damping = float(config.get("weight_decay") or 0.0) + float(np.nanmedian(log.localization)) / nbeta
+            damping = float(log.config["sgld"]["weight_decay"]) + float(np.nanmedian(log.localization)) / nbeta
             data = train.tensors[0][torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:256]]
             group_ids = {group: tracked_packs[np.array(tracked_groups) == group].reshape(-1, 2 * half)
                          for group in GROUPS}
@@ -574,12 +579,6 @@ def main() -> None:
                   + "  ".join(f"{s}: {v:+.2g}" for s, v in zip(classical["steps"], c, strict=True)))
             print(f"  largest |IF| at step {classical['steps'][int(np.argmax(np.abs(c)))]}")
 
-        out = path.parent
-        plot_loss(out / "induction_loss.png", monitor, found, steps)
-        during = int(np.argmin(np.abs(steps - found.step)))
-        rows = {"before": int(np.flatnonzero(usable)[before]), "during": int(np.flatnonzero(usable)[during]),
-                "after": int(np.flatnonzero(usable)[after])}
-        plot_tokens(out / "induction_tokens.png", log, 0, rows, half)
         plot_groups(out / "induction_groups.png", steps, curves, found, classical)
         print()
         print(format_view(token_view(log, 0, group="repeat", step=int(steps[during])), color=sys.stdout.isatty()))
