@@ -12,7 +12,7 @@ draws) runs through
 
 with the same chains, draws, step size, nβ, localization, minibatch size and evaluation set.
 ``ours`` and ``reference`` also draw the same minibatches and noise (per-chain generators seeded
-by ``lightning_bif.sampler.chain_seed``), so their influence matrices agree up to float rounding.
+by ``lightning_bif.estimation.sampler.chain_seed``), so their influence matrices agree up to float rounding.
 
 Workloads (``benchmarks/workloads.py``): ``gpt-small`` (3.4M parameters, 64-token context),
 ``gpt-29m`` (vocab 4096, 8 layers, d=512, 128-token context), ``mlp`` (modular addition, CPU
@@ -62,7 +62,7 @@ from workloads import (
 )
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.sampler import chain_seed
+from lightning_bif.estimation.sampler import chain_seed
 
 H100_BF16_DENSE_FLOPS = 989e12
 SEED = 0

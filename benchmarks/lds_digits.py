@@ -43,7 +43,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.calibration import calibrate
+from lightning_bif.estimation.calibration import calibrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lds_common import CacheKey, subset_masks
@@ -349,7 +349,7 @@ def score_bif(name: str, model: nn.Module, data: Digits, truth: torch.Tensor, co
               calibrated: bool = False) -> Row:
     """Our BIF at the final checkpoint with ``config``; the predicted loss contribution is the influence.
 
-    With ``calibrated`` the step size is first chosen by :func:`lightning_bif.calibration.calibrate`
+    With ``calibrated`` the step size is first chosen by :func:`lightning_bif.estimation.calibration.calibrate`
     from a ladder around ``config.step_size``; its CPU time is reported apart from the estimate's.
     """
     calibration: dict[str, object] = {}

@@ -19,7 +19,7 @@ The setup (issue 10; not the end-of-training digits MLP of ``lds_digits.py``):
 
 Methods at each checkpoint: our BIF as the callback runs it (``SGLDConfig()`` defaults plus the
 training weight decay, with the horizon read from the real ``torch.optim.SGD`` by
-``lightning_bif.horizon.optimizer_step``), the same without a horizon (today's γ), the gradient
+``lightning_bif.tuning.horizon.optimizer_step``), the same without a horizon (today's γ), the gradient
 dot product, TracIn summed over the actual continuation of the full-data run (an oracle: it uses
 the future weights), classical influence functions from the exact Hessian (negative eigenvalues
 clipped) with horizon damping (1 - μ)/(η·H) or 3 × the mean eigenvalue, the exact unrolled
@@ -56,7 +56,7 @@ from lds_common import CacheKey, ClassificationLosses, subset_masks
 from lds_digits import lds, seed_ceiling
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.horizon import horizon_damping, optimizer_step
+from lightning_bif.tuning.horizon import horizon_damping, optimizer_step
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"

@@ -22,7 +22,7 @@ of P A equals ``step``):
   Hessian preconditioner gives).
 
 Everything else as ``bif-fast`` in ``lds_digits.py``: full batch, nβ = 1e5, λ = 1e-3, no burn-in,
-draws accumulated with :class:`lightning_bif.accumulator.CovarianceAccumulator`. The chains are
+draws accumulated with :class:`lightning_bif.estimation.accumulator.CovarianceAccumulator`. The chains are
 vectorized with batched matmuls (not through ``estimate_bif``); ``none`` is the same code without
 preconditioning, so it is the fair comparison, and ``--product`` reruns ``bif-fast`` itself.
 
@@ -47,7 +47,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from lightning_bif import SGLDConfig
-from lightning_bif.accumulator import CovarianceAccumulator
+from lightning_bif.estimation.accumulator import CovarianceAccumulator
 
 NBETA = 1e5
 WEIGHT_DECAY = 1e-3

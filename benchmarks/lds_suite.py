@@ -4,7 +4,7 @@ Set-ups (issue 11; each one's protocol is in its own module, whose code and cach
 
 * ``midtrain`` — the **development** set-up: ``lds_midtrain.py``'s default configuration, a tanh MLP
   trained with minibatch momentum SGD, attributed at six checkpoints against continued training to
-  the next checkpoint (the horizon default of ``lightning_bif.horizon`` was developed on it);
+  the next checkpoint (the horizon default of ``lightning_bif.tuning.horizon`` was developed on it);
 * ``digits`` — held out: ``lds_digits.py``, an MLP trained full-batch with Adam and a cosine
   schedule, attributed at the end of training against retraining from scratch;
 * ``markov`` — held out: ``lds_markov.py``, a tiny causal transformer trained minibatch with AdamW
@@ -18,7 +18,7 @@ Methods, on every set-up and checkpoint:
   resolved by the callback's own code (the L2 prior read from the training optimizer's weight
   decay) and, where the training optimizer has a step at the snapshot, the callback's default
   horizon (``horizon="interval"``: H = the steps since the previous snapshot at the end of training,
-  to the next checkpoint mid-training; η and μ read by ``lightning_bif.horizon.optimizer_step``);
+  to the next checkpoint mid-training; η and μ read by ``lightning_bif.tuning.horizon.optimizer_step``);
 * named recipes from the command line, ``--bif NAME=key=value,...``: SGLDConfig fields set on top
   of that default config (``--bif lowrank=preconditioner=lowrank``);
 * the gradient dot product;
@@ -66,8 +66,8 @@ import lds_midtrain
 from lds_digits import lds, seed_ceiling
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.horizon import horizon_damping, optimizer_step
-from lightning_bif.snapshot import training_config, with_horizon
+from lightning_bif.snapshot.snapshotter import training_config, with_horizon
+from lightning_bif.tuning.horizon import horizon_damping, optimizer_step
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -183,7 +183,8 @@ def callback_config(problem: Problem) -> SGLDConfig:
 
     The L2 prior is read from the optimizer's weight decay, then the horizon (H, η, μ) is added
     where the optimizer has a step (exactly the callback's fit-start and per-snapshot resolution,
-    :func:`lightning_bif.snapshot.training_config` and :func:`~lightning_bif.snapshot.with_horizon`).
+    :func:`lightning_bif.snapshot.snapshotter.training_config` and
+    :func:`~lightning_bif.snapshot.snapshotter.with_horizon`).
     """
     config = training_config(SGLDConfig(), [problem.optimizer]).config
     resolved = with_horizon(config, [problem.optimizer], problem.horizon_steps, problem.checkpoint)

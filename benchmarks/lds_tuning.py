@@ -24,7 +24,7 @@ from lds_digits import lds
 from lds_midtrain import RESULTS, Setup, as_module, bif_scores, example_grads, load_data, run_and_truth
 
 from lightning_bif import SGLDConfig
-from lightning_bif.horizon import optimizer_step
+from lightning_bif.tuning.horizon import optimizer_step
 
 
 def parse_variants(text: str) -> dict[str, dict]:

@@ -4,7 +4,7 @@ c was chosen with this script on the development set-up ``midtrain`` only; the o
 ``lds_suite.py`` are held out (docs/self-tuning.md, "The localization floor"). c = 0 is the rule
 before the floor existed (the horizon's γ, or 100 without a horizon). Every row is the default BIF
 of ``lds_suite.py`` (the callback's config) with the module constant
-``lightning_bif.localization.LOCALIZATION_FACTOR`` set to c; LDS is the mean over checkpoints, each
+``lightning_bif.tuning.localization.LOCALIZATION_FACTOR`` set to c; LDS is the mean over checkpoints, each
 checkpoint's the mean over ``--seeds`` sampler seeds.
 
     python benchmarks/localization_sweep.py --setup midtrain --factors 0,1,3,10 --seeds 2
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds_suite
 
-from lightning_bif import localization
+from lightning_bif.tuning import localization
 
 
 def main(argv: list[str] | None = None) -> dict:

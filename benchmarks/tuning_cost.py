@@ -8,7 +8,7 @@ Two setups (``--setups``, default both):
   ``lds_digits.py`` (ReLU MLP 64-64-10, 4,810 parameters), three estimates of the same weights.
 
 Each runs once with a fresh measurement per estimate and once sharing one
-:class:`~lightning_bif.curvature_cache.CurvatureCache` across them, as the callback does.
+:class:`~lightning_bif.curvature.cache.CurvatureCache` across them, as the callback does.
 Prints wall seconds of the tuning (``Tuning.seconds``) and of the whole estimate (``Diagnostics.duration_s``).
 """
 
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lightning_bif import SGLDConfig, estimate_bif
-from lightning_bif.curvature_cache import CurvatureCache
-from lightning_bif.horizon import optimizer_step
+from lightning_bif.curvature.cache import CurvatureCache
+from lightning_bif.tuning.horizon import optimizer_step
 
 Estimate = tuple[str, torch.nn.Module, Callable, tuple, tuple, SGLDConfig]
 

@@ -1,7 +1,7 @@
 """Offline analysis of the influence log that examples/digits.py writes: what a researcher does next.
 
 Loads the log, finds the (probe, train) pairs whose influence changes sign and plots them with
-:mod:`lightning_bif.plot`, ranks the tracked training digits by their total influence on one probe
+:mod:`lightning_bif.viewers.plot`, ranks the tracked training digits by their total influence on one probe
 class, and shows the images of the most helpful and most harmful ones. Needs matplotlib and pandas (``pip install
 'lightning-bif[examples]'``); the figures go to ``--out``.
 
@@ -19,8 +19,9 @@ from pathlib import Path
 from digits import digits  # the example's own data split: the log's ids index into it
 from matplotlib.figure import Figure
 
-from lightning_bif import open_log, plot
+from lightning_bif import open_log
 from lightning_bif.log import InfluenceLog
+from lightning_bif.viewers import plot
 
 
 def newest_log(root: Path) -> Path:

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_bif import BIFCallback, LogSpaced, SGLDConfig, open_log
-from lightning_bif.plot import write_figures
+from lightning_bif.viewers.plot import write_figures
 
 
 class DigitsMLP(pl.LightningModule):

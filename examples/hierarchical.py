@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, SGLDConfig, open_log
-from lightning_bif.analysis import sign_changes
+from lightning_bif.log.summaries import sign_changes
 
 ITEMS = ("dog", "cat", "sparrow", "robin", "rose", "lily", "oak", "pine")
 #: The tree over ITEMS, level by level: every node is a contiguous block of items with its own feature.
@@ -217,7 +217,7 @@ def sign_change(steps: np.ndarray, influence: np.ndarray, stderr: np.ndarray, z:
 
     A turn is a snapshot significantly harmful (``influence > z·stderr``) after one significantly
     helpful (``influence < -z·stderr``); the step is where the curve crosses zero in between
-    (see :func:`lightning_bif.analysis.sign_changes`, which does this for every pair of a log).
+    (see :func:`lightning_bif.log.summaries.sign_changes`, which does this for every pair of a log).
     """
     changes = sign_changes(steps, influence[:, None, None], stderr[:, None, None], z=z)
     return next((change.crossing for change in changes if change.turns == "harmful"), None)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lightning_bif import BIFCallback, LogSpaced, SGLDConfig, open_log
-from lightning_bif.tokens import format_view, token_view, write_html
+from lightning_bif.viewers.tokens import format_view, token_view, write_html
 
 # Pure-Python modules whose docstrings are the corpus: a fixed selection, read from disk in this order.
 MODULES = ("heapq", "bisect", "textwrap", "calendar", "random", "statistics", "fractions", "shutil")

@@ -4,14 +4,15 @@ from typing import TYPE_CHECKING
 
 from .config import SGLDConfig
 from .log import DamagedLogError, open_log
-from .schedule import LogSpaced
+from .schedule import LogSpaced, SnapshotSchedule
+from .version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from .callback import BIFCallback
-    from .datamodule_source import DataModuleExamples
-    from .estimator import BIFResult, Diagnostics, estimate_bif
+    from .estimation.result import BIFResult, Diagnostics
+    from .lightning.callback import BIFCallback
+    from .lightning.datamodule_examples import DataModuleExamples
+    from .snapshot.estimate import estimate_bif
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BIFCallback",
@@ -21,6 +22,7 @@ __all__ = [
     "Diagnostics",
     "LogSpaced",
     "SGLDConfig",
+    "SnapshotSchedule",
     "estimate_bif",
     "open_log",
 ]
@@ -29,15 +31,19 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # BIFCallback imports Lightning and the estimator torch (seconds); open_log and the CLI need neither.
     if name == "BIFCallback":
-        from .callback import BIFCallback
+        from .lightning.callback import BIFCallback
 
         return BIFCallback
-    if name in ("BIFResult", "Diagnostics", "estimate_bif"):
-        from . import estimator
+    if name in ("BIFResult", "Diagnostics"):
+        from .estimation import result
 
-        return getattr(estimator, name)
+        return getattr(result, name)
+    if name == "estimate_bif":
+        from .snapshot.estimate import estimate_bif
+
+        return estimate_bif
     if name == "DataModuleExamples":
-        from .datamodule_source import DataModuleExamples
+        from .lightning.datamodule_examples import DataModuleExamples
 
         return DataModuleExamples
     raise AttributeError(f"module 'lightning_bif' has no attribute {name!r}")

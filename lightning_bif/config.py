@@ -43,20 +43,20 @@ class SGLDConfig:
         chains: Number of independent chains C. Two or more give per-entry standard errors; at
             equal cost many short chains from w* estimate better than a few long ones.
         draws: Draws D kept per chain after burn-in. ``None`` (default): 200 steps after burn-in divided by
-            ``thin`` (:mod:`lightning_bif.autotune`).
+            ``thin`` (:mod:`lightning_bif.tuning.autotune`).
         burn_in: SGLD steps discarded at the start of every chain. A chain started at w* needs
             none; ``preconditioner="rmsprop"`` is estimated during burn-in.
         thin: SGLD steps between two kept draws: a draw evaluates all tracked examples, a
             minibatch step only m of them, so thinning saves evaluations at little loss. ``None``
             (default): round((N + P)/(3·m)) in [1, 8], which balances the two costs (m is N with full-batch
-            SGLD; :mod:`lightning_bif.autotune`).
+            SGLD; :mod:`lightning_bif.tuning.autotune`).
         step_size: The SGLD step size ε. ``None`` (default): ε = 1/(nβ·λ_max + γ) with λ_max, the
             largest Hessian eigenvalue at w*, from a Lanczos run (ε·nβ·λ_max must stay well below the
-            stability bound 4; :mod:`lightning_bif.autotune`). A number is used as given.
+            stability bound 4; :mod:`lightning_bif.tuning.autotune`). A number is used as given.
         nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
             examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
         localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature. ``None``
-            (default): chosen per estimate (:mod:`lightning_bif.localization`): the horizon's γ, or 100 without a
+            (default): chosen per estimate (:mod:`lightning_bif.tuning.localization`): the horizon's γ, or 100 without a
             horizon, raised where needed to the floor nβ·(3·λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue
             at w*. A number is used as given, without the floor (with a horizon, the horizon's γ is then used as it is).
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
@@ -105,12 +105,12 @@ class SGLDConfig:
             and ``momentum`` μ. Sets γ = nβ·((1 - μ)/(η·H) + max(0, -λ_min)) (``localization`` is
             then unused; λ_min is the least Hessian eigenvalue, estimated per estimate by Lanczos), raised
             to the localization floor when ``localization`` is ``None``, and, unless ``step_size`` is set,
-            ε = 1/(nβ·λ_max + γ) (see :mod:`lightning_bif.horizon`). ``None`` (with the other two): ``localization``
-            is used as given (or chosen when ``None``).
+            ε = 1/(nβ·λ_max + γ) (see :mod:`lightning_bif.tuning.horizon`). ``None`` (with the other two):
+            ``localization`` is used as given (or chosen when ``None``).
         learning_rate: η of the training run's optimizer, as heavy-ball SGD (see
-            :func:`lightning_bif.horizon.optimizer_step`); set together with ``horizon_steps``.
+            :func:`lightning_bif.tuning.horizon.optimizer_step`); set together with ``horizon_steps``.
         momentum: μ of the training run's optimizer (0 ≤ μ < 1); set together with ``horizon_steps``.
-        control_variates: Subspace control variates (:mod:`lightning_bif.control_variates`): the linear
+        control_variates: Subspace control variates (:mod:`lightning_bif.estimation.control_variates`): the linear
             part of the BIF along the top ``preconditioner_rank`` Hessian eigenvectors keeps only its
             diagonal in that basis, which removes Monte-Carlo noise at the cost of one eigen-decomposition
             (shared with ``preconditioner="lowrank"``) and K directional derivatives of the tracked losses.

@@ -7,6 +7,7 @@ forward that updates a buffer in place leaves the model's own buffers alone).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .data import Batch
+from .example_sets import Batch
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -216,3 +217,14 @@ def _eager() -> AbstractContextManager[object]:
     """Ignore ``torch.compile`` inside the block (``torch.compiler.set_stance`` exists from torch 2.6 on)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return nullcontext() if set_stance is None else set_stance("force_eager")
+
+
+def float32_model(module: nn.Module) -> nn.Module:
+    """The module itself, or a float32 copy when its parameters are half precision (bf16-true, 16-true).
+
+    SGLD steps of size ε·∇ vanish in bf16/fp16 rounding, so the estimate runs on float32 weights.
+    Mixed-precision trainers keep float32 parameters and need no copy.
+    """
+    if all(p.dtype not in (torch.float16, torch.bfloat16) for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()

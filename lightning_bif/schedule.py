@@ -4,19 +4,15 @@ Steps count optimizer steps (Lightning's ``trainer.global_step``): a snapshot "a
 the weights after s optimizer steps, and step 0 is the untrained model. Under manual optimization
 every ``optimizer.step()`` of every optimizer counts (as for ``max_steps``), so a batch that steps
 two optimizers advances the step by 2; the callback then takes a step named inside a batch at the
-end of that batch, and sizes ``log_spaced`` in the same unit (:func:`manual_optimization_steps`).
+end of that batch, and sizes ``log_spaced`` in the same unit (``lightning_bif.lightning.training_length``).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    import lightning.pytorch as pl
+from typing import Any, Literal
 
 Event = Literal["fit_start", "step", "epoch_end", "fit_end"]
 
@@ -144,17 +140,32 @@ class SnapshotSchedule:
             object.__setattr__(self, "_log_steps", frozenset(self.log_spaced.steps()))
 
     @classmethod
-    def from_args(
-        cls,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        at_steps: Iterable[int] | None = None,
-        log_spaced: LogSpaced | int | None = None,
-        at_fit_start: bool = False,
-        at_fit_end: bool = False,
-    ) -> SnapshotSchedule:
-        """Build a schedule from optional arguments (``None`` meaning "not used")."""
-        return cls(every_n_steps, every_n_epochs, tuple(at_steps or ()), log_spaced, at_fit_start, at_fit_end)
+    def from_keywords(cls, schedule: SnapshotSchedule | None = None, **keywords: Any) -> SnapshotSchedule:
+        """``schedule``, or the schedule its keywords describe (``None`` and ``False`` meaning "not used").
+
+        ``BIFCallback``'s schedule keywords are a shorthand for this class: ``BIFCallback(every_n_steps=100)``
+        is ``BIFCallback(schedule=SnapshotSchedule(every_n_steps=100))``.
+
+        Args:
+            schedule: A schedule given as one value, or ``None``.
+            **keywords: This class's fields (``at_steps`` may be any iterable of steps).
+
+        Raises:
+            ValueError: Both a schedule and keywords are given, or ``schedule`` is not a ``SnapshotSchedule``.
+        """
+        given = {name: value for name, value in keywords.items() if value is not None and value is not False}
+        if schedule is None:
+            if "at_steps" in given:
+                given["at_steps"] = tuple(given["at_steps"])
+            return cls(**given)
+        if not isinstance(schedule, SnapshotSchedule):
+            raise ValueError(f"schedule must be a SnapshotSchedule, got {type(schedule).__name__}.")
+        if given:
+            raise ValueError(
+                f"schedule=SnapshotSchedule(...) and the schedule keyword(s) {', '.join(given)} were both given; "
+                "pass the schedule one way: put them into the SnapshotSchedule, or leave schedule= out."
+            )
+        return schedule
 
     @property
     def is_set(self) -> bool:
@@ -218,25 +229,3 @@ class SnapshotSchedule:
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0:
             return True
         return step in self.at_steps or step in (self._log_steps or ())
-
-
-def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> int | float:
-    """The training length in ``global_step`` units of a manually optimized fit.
-
-    Lightning's ``estimated_stepping_batches`` counts batches there, while ``global_step`` counts
-    every ``optimizer.step()``: the batches of the fit times the optimizer steps per batch seen so
-    far, capped by ``max_steps`` (which counts ``global_step`` too).
-
-    Args:
-        trainer: The trainer, during training.
-        steps_per_batch: Optimizer steps per training batch, measured at the first batch that stepped.
-
-    Returns:
-        The estimated number of optimizer steps of the whole fit (``inf`` when unbounded).
-    """
-    batches = trainer.num_training_batches
-    total = math.inf if trainer.max_epochs == -1 or not math.isfinite(batches) else batches * max(trainer.max_epochs, 1)
-    total = total * steps_per_batch
-    if trainer.max_steps != -1:
-        total = min(total, trainer.max_steps)
-    return total if math.isinf(total) else math.ceil(total)

@@ -20,7 +20,7 @@ snapshot, so a reader in another process sees each completed snapshot and a cras
 the snapshot in flight.
 """
 
-from ..record import SnapshotRecord as SnapshotRecord
+from ..snapshot.record import SnapshotRecord as SnapshotRecord
 from .reader import InfluenceLog as InfluenceLog
 from .reader import RowView as RowView
 from .reader import Snapshot as Snapshot

@@ -8,7 +8,7 @@ a test keeps the two equal) and TensorBoard's scalar charts (:attr:`Column.chart
 
 Adding a column is one ``Column(...)`` entry below: its dataset name, dtype, shape in the run's axes
 (:data:`AXES`), where the value comes from (``source``: an attribute path of the
-:class:`~lightning_bif.record.SnapshotRecord`, ``record.…``, or of its result, ``result.…``), a
+:class:`~lightning_bif.snapshot.record.SnapshotRecord`, ``record.…``, or of its result, ``result.…``), a
 description, and ``since``: the log format version that added it (a new stored column raises
 ``FORMAT_VERSION``; logs without it read it as ``None``). Then regenerate the docs table with
 ``python -m lightning_bif.log.columns docs/user-guide.md``.
@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..record import SnapshotRecord
+    from ..snapshot.record import SnapshotRecord
 
 #: The run's axes a column's shape is written in (the snapshot axis S comes first in every dataset).
 AXES = {
@@ -84,7 +84,7 @@ class Column:
             ``"json"`` a JSON object of at most ``width`` bytes (empty when there is none).
         shape: A row's shape in the run's :data:`AXES`, e.g. ``("P", "N")``; ``()`` for a scalar.
         source: Where the writer takes the value: ``record.<attr>`` of the
-            :class:`~lightning_bif.record.SnapshotRecord` or ``result.<attr>.<attr>`` of its result;
+            :class:`~lightning_bif.snapshot.record.SnapshotRecord` or ``result.<attr>.<attr>`` of its result;
             a method at the end of the path is called. A result column of a snapshot without a
             result, or a path that meets ``None``, stores NaN (float), False (bool) or "" (text, json).
         description: What it holds, for the docs and ``help(Snapshot)``.
@@ -266,6 +266,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("tuning", "json", (), "result.diagnostics.tuning.summary",
            "the settings the snapshot chose by itself and their evidence, or none", since=2, width=4096,
            see="[Self-tuning](self-tuning.md)", encode=_tuning_json),
+    Column("vectorized", "bool", (), "result.diagnostics.vectorized",
+           "whether the chains ran together under torch.func.vmap; else one after another, and under "
+           "`vectorize=\"auto\"` `message` says why", since=3,
+           see="[vmap](lightning.md#vmap-decided-once-for-every-function-a-snapshot-runs)"),
 )
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
 #: Deprecated reader names -> the current ones.

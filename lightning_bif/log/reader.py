@@ -12,11 +12,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..analysis import SignChange, sign_changes
 from . import tables
 from .columns import ALIASES, COLUMNS, Column
 from .recover import DamagedLogError, damage_as_error, first_inconsistent_row, open_swmr, salvage
 from .schema import PathLike, check_format, file_layout, read_group_names, read_labels, read_texts, stored_tokens
+from .summaries import SignChange, sign_changes
 
 
 @dataclass
@@ -347,14 +347,14 @@ class InfluenceLog:
     def sign_changes(self, z: float = 3.0) -> list[SignChange]:
         """Every (probe, train) pair whose influence changes sign significantly over the run.
 
-        Reads the ``ok`` snapshots one at a time; see :func:`lightning_bif.analysis.sign_changes`
+        Reads the ``ok`` snapshots one at a time; see :func:`lightning_bif.log.summaries.sign_changes`
         for what counts as a change and how often noise fakes one.
 
         Args:
             z: How many standard errors from zero an entry must be to count (default 3).
 
         Returns:
-            :class:`~lightning_bif.analysis.SignChange` records, earliest first: ``probe`` / ``train``
+            :class:`~lightning_bif.log.summaries.SignChange` records, earliest first: ``probe`` / ``train``
             are positions, ``probe_id`` / ``train_id`` the ids of the same pair.
         """
         changes = sign_changes(self.steps, self.influence, self.stderr, z=z, usable=self.status == "ok")

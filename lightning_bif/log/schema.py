@@ -2,7 +2,7 @@
 
 The writer and the reader share these; nothing outside :mod:`lightning_bif.log` should need them. The
 per-snapshot datasets are declared in :mod:`lightning_bif.log.columns`. :class:`RunIdentity` is what a
-run hands to the writer (and to the TensorBoard sink) once; :class:`~lightning_bif.record.SnapshotRecord`
+run hands to the writer (and to the TensorBoard sink) once; :class:`~lightning_bif.snapshot.record.SnapshotRecord`
 (re-exported here) what it hands them per snapshot.
 """
 
@@ -13,16 +13,20 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
-from ..record import SnapshotRecord as SnapshotRecord
+from ..snapshot.record import SnapshotRecord as SnapshotRecord
 from .columns import layout
 
+if TYPE_CHECKING:
+    from ..config import SGLDConfig
+    from ..snapshot.snapshotter import Snapshotter
+
 FORMAT = "lightning-bif"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 STATUSES = ("ok", "diverged", "failed")
 
 # Lowest HDF5 format that supports SWMR (readable by HDF5 >= 1.10). Files are opened without OS
@@ -75,6 +79,25 @@ class RunIdentity:
     probe_group_names: Any = None
     probe_tokens: Any = None
     train_text: Any = None
+
+    @classmethod
+    def for_snapshots(
+        cls, snapshotter: Snapshotter, config: SGLDConfig, *, tokens: int | None = None,
+        settings: dict[str, Any] | None = None, **labels: Any,
+    ) -> RunIdentity:
+        """The identity of a log of ``snapshotter``'s snapshots taken with ``config``.
+
+        Args:
+            snapshotter: The :class:`~lightning_bif.snapshot.snapshotter.Snapshotter` (its examples give the ids).
+            config: The snapshots' settings (stored as ``config["sgld"]``; C and D size the diagnostics).
+            tokens: Tokens per probe of a per-token config (``Snapshotter.check_losses`` returns it).
+            settings: More JSON-compatible settings stored next to ``"sgld"`` (e.g. the callback's).
+            **labels: The optional labels: ``train_groups``, ``probe_groups``, ``train_group_names``,
+                ``probe_group_names``, ``probe_tokens``, ``train_text``.
+        """
+        train_ids, probe_ids = snapshotter.example_ids()
+        return cls(config={"sgld": config.to_dict(), **(settings or {})}, train_ids=train_ids, probe_ids=probe_ids,
+                   chains=config.chains, draws=snapshotter.planned_draws(config), tokens=tokens, **labels)
 
     def __post_init__(self) -> None:
         try:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from .columns import COLUMNS
-
-if TYPE_CHECKING:
-    from .reader import InfluenceLog, RowView
 
 # Largest block of one dataset read at once when a selection spans many snapshots.
 _READ_BUDGET_BYTES = 64 << 20
@@ -30,6 +28,33 @@ class UnknownIdError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class SelectableLog(Protocol):
+    """What a selection reads of a log: :class:`~lightning_bif.log.reader.InfluenceLog` has all of it."""
+
+    path: Path
+    steps: np.ndarray
+    status: np.ndarray
+    train_ids: np.ndarray
+    probe_ids: np.ndarray
+    train_groups: np.ndarray | None
+    probe_groups: np.ndarray | None
+    train_group_names: dict[Any, str]
+    probe_group_names: dict[Any, str]
+    format_version: int
+
+    def __len__(self) -> int: ...
+
+    def nearest(self, step: int, *, clip: bool = False) -> int: ...
+
+
+class Rows(Protocol):
+    """A ``[S, ...]`` dataset read row block by row block (:class:`~lightning_bif.log.reader.RowView`)."""
+
+    dtype: np.dtype
+
+    def __getitem__(self, key: Any) -> np.ndarray: ...
 
 
 @dataclass
@@ -49,7 +74,7 @@ def _optional_import(module: str, extra: str, what: str) -> Any:
                           f"(or pip install {module}).") from error
 
 
-def ids_to_positions(log: InfluenceLog, kind: str, ids: Any) -> np.ndarray:
+def ids_to_positions(log: SelectableLog, kind: str, ids: Any) -> np.ndarray:
     """Positions of the ``kind`` (``"train"`` or ``"probe"``) examples with the given ids, in the given order.
 
     Raises:
@@ -92,7 +117,7 @@ def _positions(values: Any, size: int, name: str, instead: str) -> np.ndarray:
     return np.unique(array.astype(np.int64) % max(size, 1))
 
 
-def _members(log: InfluenceLog, kind: str, positions: Any, ids: Any, groups: Any) -> np.ndarray:
+def _members(log: SelectableLog, kind: str, positions: Any, ids: Any, groups: Any) -> np.ndarray:
     plural = "trains" if kind == "train" else "probes"
     given = [name for name, value in ((plural, positions), (f"{kind}_ids", ids), (f"{kind}_groups", groups))
              if value is not None]
@@ -115,7 +140,7 @@ def _members(log: InfluenceLog, kind: str, positions: Any, ids: Any, groups: Any
     return np.arange(size) if positions is None else _positions(positions, size, plural, f"ids with {kind}_ids=")
 
 
-def _rows(log: InfluenceLog, steps: Any, rows: Any) -> np.ndarray:
+def _rows(log: SelectableLog, steps: Any, rows: Any) -> np.ndarray:
     if steps is not None and rows is not None:
         raise ValueError("Pass at most one of steps= (training steps) or rows= (snapshot positions).")
     if rows is not None:
@@ -148,7 +173,7 @@ def _rows(log: InfluenceLog, steps: Any, rows: Any) -> np.ndarray:
 
 
 def select(
-    log: InfluenceLog, *, steps: Any = None, rows: Any = None, probes: Any = None, probe_ids: Any = None,
+    log: SelectableLog, *, steps: Any = None, rows: Any = None, probes: Any = None, probe_ids: Any = None,
     probe_groups: Any = None, trains: Any = None, train_ids: Any = None, train_groups: Any = None,
     include_failed: bool = False,
 ) -> Selection:
@@ -160,7 +185,7 @@ def select(
                      _members(log, "train", trains, train_ids, train_groups))
 
 
-def read(view: RowView, selection: Selection, budget: int = _READ_BUDGET_BYTES) -> np.ndarray:
+def read(view: Rows, selection: Selection, budget: int = _READ_BUDGET_BYTES) -> np.ndarray:
     """``view[rows][:, probes][:, :, trains]`` of a ``[S, P, N]`` view, reading only the selected rows.
 
     Each read covers the bounding box of the selected probes and training examples for a block of
@@ -186,7 +211,7 @@ def _names(labels: np.ndarray, names: dict[Any, str]) -> np.ndarray:
     return np.array([names.get(label, str(label)) for label in labels.tolist()], dtype=str)
 
 
-def _member_columns(log: InfluenceLog, kind: str, positions: np.ndarray) -> dict[str, np.ndarray]:
+def _member_columns(log: SelectableLog, kind: str, positions: np.ndarray) -> dict[str, np.ndarray]:
     """``{kind}_id``, ``{kind}_group`` and ``{kind}_group_name`` (those the log has) of the selected members."""
     ids = log.train_ids if kind == "train" else log.probe_ids
     groups = log.train_groups if kind == "train" else log.probe_groups
@@ -207,7 +232,7 @@ def _expand(pd: Any, values: np.ndarray, repeat: int, tile: int) -> Any:
     return pd.Categorical.from_codes(np.tile(np.repeat(codes.reshape(-1), repeat), tile), categories=categories)
 
 
-def to_dataframe(log: InfluenceLog, selection: Selection) -> Any:
+def to_dataframe(log: SelectableLog, selection: Selection) -> Any:
     """The long table of a selection; see :meth:`InfluenceLog.to_dataframe`."""
     pd = _optional_import("pandas", "pandas", "InfluenceLog.to_dataframe()")
     rows, probes, trains = selection.rows, selection.probes, selection.trains
@@ -225,7 +250,7 @@ def to_dataframe(log: InfluenceLog, selection: Selection) -> Any:
     return pd.DataFrame(columns)
 
 
-def to_xarray(log: InfluenceLog, selection: Selection) -> Any:
+def to_xarray(log: SelectableLog, selection: Selection) -> Any:
     """The selection as an ``xarray.Dataset``; see :meth:`InfluenceLog.to_xarray`."""
     xr = _optional_import("xarray", "xarray", "InfluenceLog.to_xarray()")
     rows, probes, trains = selection.rows, selection.probes, selection.trains

@@ -20,8 +20,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..analysis import flatten_config
-from ..record import SnapshotRecord
+from ..snapshot.record import SnapshotRecord
+from ..version import __version__
 from . import columns
 from .recover import (
     SalvageReport,
@@ -49,6 +49,7 @@ from .schema import (
     write_labels,
     write_texts,
 )
+from .summaries import flatten_config
 
 _MODES = ("error", "overwrite", "resume")
 # A snapshot is written only when the log's filesystem has this much more free space than the row
@@ -190,7 +191,6 @@ class LogWriter:
         return file
 
     def _build(self, path: Path) -> h5py.File:
-        from .. import __version__
 
         identity = self.identity
         file = h5py.File(path, "w", libver=LIBVER, locking=False)
@@ -338,7 +338,7 @@ class LogWriter:
         return row
 
     def write(self, record: SnapshotRecord) -> None:
-        """:meth:`append`, as a snapshot sink (:class:`~lightning_bif.snapshot.SnapshotSink`)."""
+        """:meth:`append`, as a snapshot sink (:class:`~lightning_bif.snapshot.snapshotter.SnapshotSink`)."""
         self.append(record)
 
     def _roll_back(self, row: int) -> None:

@@ -19,7 +19,7 @@ from helpers import (
 from scripts.toy import FAST, ToyClassifier, loader, toy_dataset, tracked_sets
 
 from lightning_bif import BIFCallback, SGLDConfig, estimate_bif, open_log
-from lightning_bif.estimator import BIFEstimator
+from lightning_bif.estimation.estimator import BIFEstimator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

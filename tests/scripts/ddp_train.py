@@ -19,7 +19,7 @@ from toy import FAST, ToyClassifier, class_losses, loader, toy_dataset, tracked_
 
 from lightning_bif import BIFCallback
 from lightning_bif.log import LogWriter
-from lightning_bif.tensorboard import TensorBoardSink
+from lightning_bif.viewers.tensorboard import TensorBoardSink
 
 CONFIG = FAST.replace(chains=4)
 
@@ -42,8 +42,8 @@ class Report(Callback):
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "losses": [float(x) for x in pl_module.losses],
-            "opened_log": any(isinstance(s, LogWriter) for s in self.bif._sinks),
-            "tensorboard": any(isinstance(s, TensorBoardSink) for s in self.bif._sinks),
+            "opened_log": any(isinstance(s, LogWriter) for s in self.bif._sinks.sinks),
+            "tensorboard": any(isinstance(s, TensorBoardSink) for s in self.bif._sinks.sinks),
             "step_size": self.bif.resolved_config.step_size,
             "collectives": [self.bif._snapshotter.collectives.rank, self.bif._snapshotter.collectives.world_size],
         }

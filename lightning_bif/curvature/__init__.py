@@ -1,0 +1,1 @@
+"""The curvature of the training objective at w*: Hessian-vector products, Lanczos, eigenpairs, stiffness."""

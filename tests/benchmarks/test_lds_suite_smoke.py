@@ -1,0 +1,119 @@
+"""CI-sized checks of the LDS suite (benchmarks/lds_suite.py) and its new set-up (benchmarks/lds_markov.py)."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from helpers import load_benchmark
+
+pytest.importorskip("sklearn")
+
+lds_suite = load_benchmark("lds_suite")
+lds_markov = sys.modules["lds_markov"]
+
+TINY = lds_markov.Setup(n_train=32, n_probes=6, steps=30, checkpoints=(10, 20), horizon=10, subsets=4, orders=2)
+
+
+def test_the_default_set_ups_keep_the_cache_file_names_and_subsets_keep_half() -> None:
+    """benchmarks/cache/ holds ground truths named by these keys: a changed key would recompute them (hours)."""
+    keys = {name: sys.modules[name].Setup().key() for name in ("lds_digits", "lds_markov", "lds_midtrain")}
+    assert keys == {"lds_digits": "b87d3e104bde", "lds_markov": "592288cda40e", "lds_midtrain": "880d30db6cd3"}
+    assert lds_markov.Setup(subsets=4).key() != keys["lds_markov"]
+    masks = sys.modules["lds_common"].subset_masks(5, 10, 0.5, torch.Generator().manual_seed(0))
+    assert masks.shape == (5, 10) and masks.sum(1).tolist() == [5] * 5 and len({tuple(m.tolist()) for m in masks}) > 1
+
+
+def test_recipes_are_typed_from_the_config_fields() -> None:
+    name, fields = lds_suite.parse_recipe("fast=chains=32,step_size=2e-5,batch_size=None,preconditioner=lowrank")
+    assert name == "fast"
+    assert fields == {"chains": 32, "step_size": 2e-5, "batch_size": None, "preconditioner": "lowrank"}
+    assert isinstance(fields["chains"], int)
+    with pytest.raises(ValueError, match="not key=value with a field of SGLDConfig"):
+        lds_suite.parse_recipe("bad=chain=3")
+    with pytest.raises(ValueError, match="NAME=key=value"):
+        lds_suite.parse_recipe("fast")
+    with pytest.raises(ValueError, match="not key=value"):  # the name is missing: "chains" is taken for it
+        lds_suite.parse_recipe("chains=3")
+    with pytest.raises(ValueError, match="cannot read"):
+        lds_suite.parse_recipe("bad=preconditioner=kfac")
+
+
+def test_continuing_a_checkpoint_restores_weights_and_adam_moments(tmp_path, monkeypatch) -> None:
+    """Continued on all data in the run's own batch order, checkpoint 10 reaches checkpoint 20 exactly."""
+    monkeypatch.setattr(lds_markov, "CACHE", tmp_path)
+    data = lds_markov.load_data(TINY)
+    run = lds_markov.run_and_truth(TINY, data, log=lambda _: None)
+    batches = lds_markov.batch_positions(TINY.n_train, TINY.steps, TINY, seed=99)
+    end, _ = lds_markov.train_stacked(TINY, run["checkpoints"][10], data.train[None], batches[10:20])
+    for name, value in end.items():
+        torch.testing.assert_close(value, run["checkpoints"][20][0][name], rtol=0, atol=0)
+    fresh = (run["checkpoints"][10][0], [{} for _ in run["checkpoints"][10][1]])
+    without_moments, _ = lds_markov.train_stacked(TINY, fresh, data.train[None], batches[10:20])
+    assert not torch.equal(without_moments["head.weight"], end["head.weight"])
+    assert run["truth"][10].shape == (4, 2, 6)
+
+
+def test_stacked_training_equals_each_model_alone() -> None:
+    data = lds_markov.load_data(TINY)
+    index = torch.stack([m.nonzero().flatten() for m in data.masks[:3]])
+    params, _ = torch.func.stack_module_state([lds_markov.new_model(TINY)])
+    start = ({k: v.detach() for k, v in params.items()}, [{} for _ in params])
+    order = lds_markov.batch_positions(index.shape[1], 5, TINY, seed=5)
+    together, _ = lds_markov.train_stacked(TINY, start, data.train[index], order)
+    alone, _ = lds_markov.train_stacked(TINY, start, data.train[index[1:2]], order)
+    for name, value in alone.items():
+        torch.testing.assert_close(together[name][1], value[0], rtol=1e-4, atol=1e-6)
+
+
+def test_default_config_is_the_callbacks(tmp_path, monkeypatch) -> None:
+    """The default BIF reads λ and the horizon's (η, μ) from the optimizer as BIFCallback does."""
+    monkeypatch.setattr(lds_markov, "CACHE", tmp_path)
+    problem = lds_suite.markov_problems(TINY)[0]
+    config = lds_suite.callback_config(problem)
+    found = lds_suite.optimizer_step(problem.optimizer)
+    assert config.weight_decay == TINY.weight_decay
+    assert config.horizon_steps == TINY.horizon
+    assert config.learning_rate == pytest.approx(found.learning_rate) and config.momentum == pytest.approx(0.9)
+    problem.optimizer.param_groups[0]["lr"] = 0.0  # the end of a cosine schedule: no step, no horizon
+    with pytest.warns(UserWarning, match="has no horizon"):
+        assert lds_suite.callback_config(problem).horizon_steps is None
+
+
+def test_tiny_suite_end_to_end(tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    with pytest.warns(UserWarning, match="has no horizon"):  # digits ends its cosine schedule at lr 0
+        report = lds_suite.main(["--tiny", "--cache", str(tmp_path / "cache"), "--setups", "digits,markov,midtrain",
+                                 "--no-kronfluence", "--default", "chains=2,draws=8", "--bif",
+                                 "two=chains=2,draws=4", "--seeds", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["roles"] == {"digits": "held out", "markov": "held out",
+                                                    "midtrain": "development"}
+    assert list(report["setups"]["midtrain"]) == [0, 20]
+    for setup, checkpoints in report["setups"].items():
+        for rows in checkpoints.values():
+            for method in (lds_suite.DEFAULT, "BIF recipe two", lds_suite.GRAD_DOT, lds_suite.BEST_IF):
+                assert math.isfinite(rows[method]["lds"]), (setup, method)
+            assert rows["BIF recipe two"]["details"]["config"]["draws"] == 4
+            per_seed = rows[lds_suite.DEFAULT]["details"]["lds_per_seed"]
+            assert len(per_seed) == 2 and rows[lds_suite.DEFAULT]["lds"] == pytest.approx(sum(per_seed) / 2)
+            # An attribution with the wrong sign or misaligned subsets would score near or below 0.
+            assert rows[lds_suite.BEST_IF]["lds"] > 0.3, setup
+        assert set(report["targets"][setup]) >= {"beats_gradient_dot", "split_half_min", "ratio_to_best_if_min"}
+    assert report["setups"]["markov"][20][lds_suite.DEFAULT]["details"]["horizon_steps"] == 10
+
+
+def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path, monkeypatch) -> None:
+    from lightning_bif.tuning import localization
+
+    sweep = load_benchmark("localization_sweep")
+    monkeypatch.setattr(sys.modules["lds_midtrain"], "CACHE", tmp_path)
+    before = localization.LOCALIZATION_FACTOR
+    report = sweep.main(["--setup", "midtrain", "--tiny", "--factors", "0,30", "--seeds", "1",
+                         "--out", str(tmp_path / "sweep.json")])
+    assert localization.LOCALIZATION_FACTOR == before
+    assert set(report["rows"]) == {"0", "30"}
+    gammas = {c: [r["localization"] for r in row["checkpoints"].values()] for c, row in report["rows"].items()}
+    assert all(high > low for low, high in zip(gammas["0"], gammas["30"], strict=True))  # c = 30 raises every γ
+    assert all(math.isfinite(r["lds"]) for row in report["rows"].values() for r in row["checkpoints"].values())
+    assert json.loads((tmp_path / "sweep.json").read_text())["setup"] == "midtrain"
