@@ -15,7 +15,7 @@ sequences, so one log entry with its own standard error is the influence of the 
 example also computes the classical influence function (damped Gauss-Newton, solved by conjugate gradients)
 of the same groups on the same probe tokens, with the damping the posterior has (λ + γ/nβ).
 
-    python examples/induction.py            # about 3-4 minutes of CPU; writes runs/induction/version_N/
+    python examples/induction.py            # about 4-5 minutes of CPU; writes runs/induction/version_N/
     python examples/induction.py --quick    # a shortened run (seconds): the pipeline, not the science
     lightning-bif summary runs/induction/version_0/influence.h5
     lightning-bif tokens runs/induction/version_0/influence.h5 --probe 0 --group repeat
@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_bif import BIFCallback, SGLDConfig, open_log
-from lightning_bif.tokens import format_view, token_view, write_html
+from lightning_bif.viewers.tokens import format_view, token_view, write_html
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -243,11 +243,11 @@ def fit(model: AttentionOnly, train: TensorDataset, steps: int, callbacks: list[
 
 
 def snapshot_steps(steps: int, found: Transition | None, sparse: int, dense: int) -> list[int]:
-    """Every ``sparse`` steps, and every ``dense`` steps from twice the 10 %-90 % window before to after it."""
+    """Every ``sparse`` steps, and every ``dense`` steps over the 10 %-90 % window widened by a quarter each side."""
     chosen = set(range(sparse, steps + 1, sparse))
     if found is not None and math.isfinite(found.start) and math.isfinite(found.end):
         width = max(found.end - found.start, dense)
-        low, high = found.start - 1.5 * width, found.end + 1.0 * width
+        low, high = found.start - 0.25 * width, found.end + 0.25 * width
         chosen |= {s for s in range(dense, steps + 1, dense) if low <= s <= high}
     return sorted(chosen)
 
@@ -446,8 +446,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=40, help="draws per chain and snapshot")
     parser.add_argument("--step-size", type=float, default=1e-5, help="SGLD step size ε")
     parser.add_argument("--sparse", type=int, default=150, help="snapshot interval away from the transition")
-    parser.add_argument("--dense", type=int, default=25, help="snapshot interval around the transition")
-    parser.add_argument("--cg", type=int, default=40, help="conjugate-gradient iterations of the classical IF "
+    parser.add_argument("--dense", type=int, default=50, help="snapshot interval around the transition")
+    parser.add_argument("--cg", type=int, default=20, help="conjugate-gradient iterations of the classical IF "
                         "(0: skip it)")
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
     args = parser.parse_args()
@@ -556,9 +556,10 @@ def main() -> None:
                 "after": int(np.flatnonzero(usable)[after])}
         plot_tokens(out / "induction_tokens.png", log, 0, rows, half)
         classical = None
+        classical_start = time.process_time()
         if args.cg:
             damping = float(log.config["sgld"]["weight_decay"]) + float(np.nanmedian(log.localization)) / nbeta
-            data = train.tensors[0][torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:256]]
+            data = train.tensors[0][torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:128]]
             group_ids = {group: tracked_packs[np.array(tracked_groups) == group].reshape(-1, 2 * half)
                          for group in GROUPS}
             classical = {"steps": [], "damping": damping, "cg_residual": 0.0,
@@ -579,6 +580,7 @@ def main() -> None:
                   + "  ".join(f"{s}: {v:+.2g}" for s, v in zip(classical["steps"], c, strict=True)))
             print(f"  largest |IF| at step {classical['steps'][int(np.argmax(np.abs(c)))]}")
 
+        classical_cpu = time.process_time() - classical_start
         plot_groups(out / "induction_groups.png", steps, curves, found, classical)
         print()
         print(format_view(token_view(log, 0, group="repeat", step=int(steps[during])), color=sys.stdout.isatty()))
@@ -590,7 +592,7 @@ def main() -> None:
     print(f"In a terminal:     lightning-bif tokens {path} --probe 0 --group repeat")
     print(f"TensorBoard:       tensorboard --logdir {args.root}")
     print(f"CPU time of this process: {time.process_time() - start:.0f} s (pilot {pilot_cpu:.0f} s, training with "
-          f"the callback {run_cpu:.0f} s)")
+          f"the callback {run_cpu:.0f} s, classical IF {classical_cpu:.0f} s)")
 
 
 def letters(ids: torch.Tensor) -> list[str]:
