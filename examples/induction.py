@@ -452,8 +452,8 @@ def main() -> None:
     parser.add_argument("--root", default="runs", help="directory for TensorBoard runs and the log")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.train_size, args.packs, args.pack, args.probes = 60, 512, 2, 4, 2
-        args.chains, args.draws, args.sparse, args.dense, args.cg = 2, 6, 30, 10, 3
+        args.steps, args.train_size, args.packs, args.pack, args.probes = 45, 512, 2, 4, 2
+        args.chains, args.draws, args.sparse, args.dense, args.cg = 2, 6, 15, 15, 3
     torch.set_num_threads(1)  # a tiny model: threads cost more than they give on a busy CPU
     start = time.process_time()
     half, batch_size = args.half, 64
