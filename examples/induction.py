@@ -377,13 +377,14 @@ def plot_loss(path: Path, monitor: Monitor, found: Transition, snapshots: np.nda
 def plot_tokens(path: Path, log: object, probe: int, rows: dict[str, int], half: int) -> None:
     """Per-token BIF of each group (mean per pack) on one probe at the before/during/after snapshots."""
     tokens = log.probe_tokens[probe]
-    fig, axes = plt.subplots(len(GROUPS), 1, figsize=(8.5, 3.6))
+    fig, axes = plt.subplots(len(GROUPS), 1, figsize=(9.2, 3.6))
     influence = np.asarray(log.token_influence[:])[:, probe]
     for axis, group in zip(axes, GROUPS, strict=True):
         packs = np.flatnonzero(log.train_groups == group)
         values = np.stack([influence[row][:, packs].mean(axis=1) for row in rows.values()])
         scale = np.abs(values).max()
-        axis.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
+        image = axis.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
+        fig.colorbar(image, ax=axis, pad=0.01, label="BIF")
         for (r, t), value in np.ndenumerate(values):
             axis.text(t, r, tokens[t], ha="center", va="center", fontsize=8,
                       color="white" if abs(value) > 0.6 * scale else "black")
@@ -425,7 +426,8 @@ def plot_groups(path: Path, steps: np.ndarray, curves: dict, found: Transition, 
                 axis.plot(classical["steps"], classical[group][name], color=colors[group], ls=styles[name],
                           marker=".", ms=3, lw=1, label=f"'{group}' on {name} tokens")
         axis.set_ylabel("classical IF per token")
-        axis.set_title("Classical IF at the same checkpoints: -(1/nβ) ∇φᵀ (G + λ + γ/nβ)⁻¹ ∇ℓ", fontsize=8)
+        axis.set_title("Classical IF at the same checkpoints: -(1/nβ) ∇φᵀ (G + λ + γ/nβ)⁻¹ ∇ℓ "
+                       "(note the scale: far smaller than the BIF)", fontsize=8)
         axis.legend(fontsize=7)
     axes[-1, 0].set_xlabel("training step")
     fig.tight_layout()
@@ -571,14 +573,21 @@ def main() -> None:
                 classical["cg_residual"] = max(classical["cg_residual"], residual)
                 for group in GROUPS:
                     for name, positions in classes.items():
-                        # A pack's influence is the group's divided by its number of packs (one pack's share).
-                        classical[group][name].append(float(values[group][:, positions].mean()) / args.packs)
+                        # ℓ_g is the mean loss of the group's packs, so its IF is the mean of the packs' IFs: the
+                        # same unit as the BIF curve (the mean over packs).
+                        classical[group][name].append(float(values[group][:, positions].mean()))
             results["classical"] = classical
             c = np.array(classical["repeat"]["repeated"])
             print(f"\nClassical IF (Gauss-Newton, damping λ + γ/nβ = {damping:.3g}, {args.cg} CG iterations, worst "
                   f"relative residual {classical['cg_residual']:.2g}), 'repeat' pack on repeated tokens: "
                   + "  ".join(f"{s}: {v:+.2g}" for s, v in zip(classical["steps"], c, strict=True)))
-            print(f"  largest |IF| at step {classical['steps'][int(np.argmax(np.abs(c)))]}")
+            top_if = int(np.argmax(np.abs(c)))
+            flips = [f"{classical['steps'][i]}-{classical['steps'][i + 1]}" for i in range(len(c) - 1)
+                     if np.sign(c[i]) != np.sign(c[i + 1])]
+            results["classical_peak_step"] = classical["steps"][top_if]
+            print(f"  largest |IF| at step {classical['steps'][top_if]} ({c[top_if]:+.2g}); sign changes between "
+                  f"steps {', '.join(flips) or 'none'}; BIF / IF at the BIF's peak (step {top_step}): "
+                  f"{main_curve[top] / c[top]:.0f}, at the end: {main_curve[after] / c[after]:.0f}")
 
         classical_cpu = time.process_time() - classical_start
         plot_groups(out / "induction_groups.png", steps, curves, found, classical)
