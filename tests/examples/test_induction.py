@@ -12,7 +12,7 @@ import numpy as np
 
 from lightning_bif import open_log
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "induction.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "induction.py"
 HALF, PACKS, PROBES = 12, 2, 2  # --quick: 12-token halves, 2 packs per group, 2 repeated + 2 random probes
 
 
