@@ -119,6 +119,12 @@ class SGLDConfig:
         max_token_entries: Largest C·P·T·N allowed with ``per_token``: the accumulator keeps that many
             float64 cross sums (default 2**26 = 512 MiB), and an estimate that needs more is refused
             before sampling.
+        shared_minibatch_order: Every chain draws the same minibatch at the same step (one index stream from
+            ``seed``; the chains differ only in their noise), as devinterp's ``bif()`` does by default
+            (``match_sampling_input_ids_across_chains=True``). ``False`` (default): each chain draws its own.
+            Matched minibatches make the chains share the minibatch-noise part of their paths, which the
+            covariance over draws keeps as a common term that more chains do not average away
+            (docs/how-it-works.md#coming-from-devinterp); it exists for comparisons with devinterp.
     """
 
     chains: int = 16
@@ -145,6 +151,7 @@ class SGLDConfig:
     learning_rate: float | None = None
     momentum: float | None = None
     control_variates: bool | None = None
+    shared_minibatch_order: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -216,6 +223,9 @@ class SGLDConfig:
         if self.control_variates and (self.per_token or self.preconditioner == "rmsprop"):
             raise ValueError("SGLDConfig.control_variates=True works in the Hessian eigenbasis, which per_token and "
                              "preconditioner='rmsprop' do not support; set control_variates=None or False.")
+        if not isinstance(self.shared_minibatch_order, bool):
+            raise ValueError(f"SGLDConfig.shared_minibatch_order must be True or False, "
+                             f"got {self.shared_minibatch_order!r}.")
         self._validate_horizon()
 
     def _validate_horizon(self) -> None:
