@@ -20,10 +20,13 @@ training examples as they are (devinterp drops the last partial batch of its one
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp's per-chain progress bars; read when tqdm is first imported
 
 import torch
 from torch import nn
