@@ -122,9 +122,10 @@ class SGLDConfig:
         shared_minibatch_order: Every chain draws the same minibatch at the same step (one index stream from
             ``seed``; the chains differ only in their noise), as devinterp's ``bif()`` does by default
             (``match_sampling_input_ids_across_chains=True``). ``False`` (default): each chain draws its own.
-            Matched minibatches make the chains share the minibatch-noise part of their paths, which the
-            covariance over draws keeps as a common term that more chains do not average away
-            (docs/how-it-works.md#coming-from-devinterp); it exists for comparisons with devinterp.
+            The chains then share the minibatch-noise part of their paths: the BIF, a covariance over draws,
+            gets no less noisy (that shared path is one realization more chains do not average away) and the
+            split-half reliability reads too high, as both halves contain it. For reproducing devinterp runs
+            (docs/how-it-works.md#coming-from-devinterp).
     """
 
     chains: int = 16
