@@ -158,7 +158,6 @@ VARIANTS = {
     "devinterp-unmatched": lambda *a, seed: run_devinterp(*a, seed=seed, match=False),
     "ours": lambda *a, seed: run_ours(*a, seed=seed),
     "ours-shared": lambda *a, seed: run_ours(*a, seed=seed, shared_minibatch_order=True),
-    "ours-fullbatch": lambda *a, seed: run_ours(*a, seed=seed, batch_size=None),
     # the same sampler, losses evaluated by this script, other estimators on the same draws
     "traces": lambda *a, seed: run_traces(*a, seed=seed, shared=False, how=None),
     "traces-chain-centred": lambda *a, seed: run_traces(*a, seed=seed, shared=False, how="chain"),
