@@ -10,9 +10,15 @@ draws) runs through
   devinterp   devinterp 2.0.1's ``devinterp.slt.bif.bif`` (only when it is installed:
               ``pip install -e ".[bench]"``)
 
-with the same chains, draws, step size, nβ, localization, minibatch size and evaluation set.
+with the same chains, draws, step size, nβ, localization, minibatch size and evaluation set: equal work,
+devinterp's arguments mapped onto ``SGLDConfig`` as docs/how-it-works.md ("Coming from devinterp") tabulates.
 ``ours`` and ``reference`` also draw the same minibatches and noise (per-chain generators seeded
 by ``lightning_bif.estimation.sampler.chain_seed``), so their influence matrices agree up to float rounding.
+devinterp draws its own: every chain its own minibatch order (``match_sampling_input_ids_across_chains=False``,
+as ours; its default gives all chains one order) and chain c seeded ``init_seed + c`` with ``init_seed =
+SEED · chains``. Its influence matrix is another Monte-Carlo draw of the same estimator, so its
+``agreement_vs_devinterp`` is only as high as the workload's seed-to-seed agreement (benchmarks/README.md,
+"Ours and devinterp at equal work").
 
 Workloads (``benchmarks/workloads.py``): ``gpt-small`` (3.4M parameters, 64-token context),
 ``gpt-29m`` (vocab 4096, 8 layers, d=512, 128-token context), ``mlp`` (modular addition, CPU
@@ -166,7 +172,8 @@ def run_devinterp(model: nn.Module, workload: Workload, data: torch.Tensor, trai
             {"train": (hf(train), len(train) // m), "probes": (hf(probes), len(probes) // m)},
             lr=workload.step_size, n_beta=float(workload.data), localization=workload.localization,
             num_chains=workload.chains, num_draws=workload.draws, batch_size=m, num_burnin_steps=0,
-            num_steps_bw_draws=1, num_init_loss_batches=1, init_seed=SEED, device=str(device),
+            num_steps_bw_draws=1, num_init_loss_batches=1, init_seed=SEED * workload.chains,
+            match_sampling_input_ids_across_chains=False, device=str(device),
             bif_device=str(device), correlation_method="sequence", compute_covariance=True,
             loss_fn=token_losses, output_path=output / "samples.zarr",
         )

@@ -35,7 +35,10 @@ Methods, on every set-up and checkpoint:
   λ/2·||w||²), damping swept; the table reports the damping with the best LDS — an oracle choice,
   flagged as such;
 * kronfluence 1.0.1 EK-FAC (true Fisher, seed 0) with its heuristic damping and with δ = λ (+ the
-  horizon damping where there is a horizon).
+  horizon damping where there is a horizon);
+* with ``--devinterp``: ``BIF plain SGLD`` (the default config without preconditioner and control
+  variates) and devinterp 2.0.1's ``bif()`` at that row's resolved settings, mapped
+  (``lds_devinterp.py``): the reference implementation beside ours at equal work.
 
 Scores follow ``lds_digits.py``'s convention (predicted contribution of including z_i to probe j's
 loss, positive = harmful); LDS = mean over probes of the Spearman correlation over subsets, ± the
@@ -90,6 +93,8 @@ MIDTRAIN_HELDOUT = dict(data_seed=1, lr=0.1, momentum=0.5, hidden=48)
 # Exact-Hessian influence function: damping δ in units of the mean eigenvalue (trace / D), swept.
 DAMPING_FACTORS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT = "BIF default"
+PLAIN = "BIF plain SGLD"
+DEVINTERP = "devinterp bif(), plain SGLD's settings"
 GRAD_DOT = "gradient dot product"
 BEST_IF = "IF, exact H, best damping (oracle)"
 EKFAC = "kronfluence EK-FAC"
@@ -272,7 +277,7 @@ def bif_score(problem: Problem, name: str, config: SGLDConfig) -> Score:
     cpu_s = time.process_time() - start
     d = result.diagnostics
     details = {"config": result.config.to_dict(), "split_half": d.split_half, "loss_rise": d.loss_rise,
-               "ess": d.ess, "diverged": int(d.diverged.sum()), "ok": result.ok}
+               "ess": d.ess, "diverged": int(d.diverged.sum()), "ok": result.ok, "nbeta": d.nbeta}
     if d.horizon is not None:
         details.update(horizon_steps=d.horizon.horizon_steps, damping=d.horizon.damping,
                        lambda_min=d.horizon.lambda_min, lambda_max=d.horizon.lambda_max)
@@ -401,18 +406,37 @@ def bif_rows(problem: Problem, name: str, config: SGLDConfig, seeds: int) -> dic
     return {"lds": mean, "se": se, "cpu_s": sum(run.cpu_s for run in runs) / seeds, "details": details}
 
 
+def devinterp_rows(problem: Problem, config: SGLDConfig, seeds: int) -> dict[str, dict]:
+    """``PLAIN`` (ours, plain SGLD) and ``DEVINTERP`` (devinterp's ``bif()`` at PLAIN's resolved settings, per seed)."""
+    from lds_devinterp import devinterp_influence
+
+    truth = problem.losses.mean(1)
+    plain = bif_rows(problem, PLAIN, config.replace(preconditioner="none", control_variates=False), seeds)
+    resolved = SGLDConfig(**{**plain["details"]["config"], "sample_params": None, "nbeta": plain["details"]["nbeta"]})
+    runs = [devinterp_influence(problem.model, problem.loss_fn, problem.train, problem.probes,
+                                resolved.replace(seed=config.seed + k)) for k in range(seeds)]
+    values = [lds(scores, problem.masks, truth)[0] for scores, _ in runs]
+    mean = sum(values) / seeds
+    se = lds(runs[0][0], problem.masks, truth)[1] if seeds == 1 else \
+        math.sqrt(sum((v - mean) ** 2 for v in values) / (seeds - 1) / seeds)
+    return {PLAIN: plain, DEVINTERP: {"lds": mean, "se": se, "cpu_s": sum(c for _, c in runs) / seeds,
+                                      "details": {"config": resolved.to_dict(), "lds_per_seed": values}}}
+
+
 def score_problem(problem: Problem, recipes: list[tuple[str, dict]], kronfluence: bool,
-                  default_fields: dict | None = None, seeds: int = 1) -> dict[str, dict]:
+                  default_fields: dict | None = None, seeds: int = 1, devinterp: bool = False) -> dict[str, dict]:
     """Every method's LDS, CPU s and details on ``problem``; the best damping of the IF sweep as its own row.
 
     ``default_fields`` replace fields of the default BIF's config (smoke runs shrink its draws);
-    every BIF row is the mean over ``seeds`` sampler seeds.
+    every BIF row is the mean over ``seeds`` sampler seeds; ``devinterp`` adds :func:`devinterp_rows`.
     """
     truth = problem.losses.mean(1)
     config = callback_config(problem).replace(**(default_fields or {}))
     rows: dict[str, dict] = {DEFAULT: bif_rows(problem, DEFAULT, config, seeds)}
     for name, fields in recipes:
         rows[f"BIF recipe {name}"] = bif_rows(problem, f"BIF recipe {name}", config.replace(**fields), seeds)
+    if devinterp:
+        rows.update(devinterp_rows(problem, config, seeds))
     scores = classical_scores(problem)
     if kronfluence:
         scores += ekfac_scores(problem)
@@ -562,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=1,
                         help="sampler seeds per BIF row: its LDS is then the mean ± s.e. over seeds")
     parser.add_argument("--no-kronfluence", action="store_true", help="skip kronfluence EK-FAC")
+    parser.add_argument("--devinterp", action="store_true",
+                        help="add our plain-SGLD BIF and devinterp 2.0.1's bif() at its settings (lds_devinterp.py)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes of every set-up (the smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/lds_suite_<time>.json)")
     parser.add_argument("--cache", type=Path, default=None,
@@ -583,11 +609,12 @@ def main(argv: list[str] | None = None) -> dict:
         report.setdefault("ground_truth_cpu_s", {})[name] = problems[0].truth_cpu_s
         report["setups"][name] = {}
         for problem in problems:
-            rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields, args.seeds)
+            rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields, args.seeds,
+                                 args.devinterp)
             report["setups"][name][problem.checkpoint] = rows
             print(f"{name} step {problem.checkpoint}: " + ", ".join(
                 f"{m} {r['lds']:.3f}" for m, r in rows.items() if m.startswith("BIF") or m in (
-                    GRAD_DOT, BEST_IF, f"{EKFAC}, best damping", "noise ceiling")), flush=True)
+                    DEVINTERP, GRAD_DOT, BEST_IF, f"{EKFAC}, best damping", "noise ceiling")), flush=True)
     report["targets"] = targets(report)
     report["wall_s"] = time.time() - wall
     print_table(report)

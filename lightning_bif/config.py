@@ -123,6 +123,13 @@ class SGLDConfig:
         horizon_source: Where the horizon came from, kept in the tuning record's reason for γ (e.g.
             ``BIFCallback`` sets "run damping 1/S: S = Σ η/(1 - μ) = ... over T = ... optimizer steps" for a
             snapshot whose horizon is the run itself, :mod:`lightning_bif.tuning.run_damping`). Informational.
+        shared_minibatch_order: Every chain draws the same minibatch at the same step (one index stream from
+            ``seed``; the chains differ only in their noise), as devinterp's ``bif()`` does by default
+            (``match_sampling_input_ids_across_chains=True``). ``False`` (default): each chain draws its own.
+            The chains then share the minibatch-noise part of their paths: the BIF, a covariance over draws,
+            gets no less noisy (that shared path is one realization more chains do not average away) and the
+            split-half reliability reads too high, as both halves contain it. For reproducing devinterp runs
+            (docs/how-it-works.md#coming-from-devinterp).
     """
 
     chains: int = 16
@@ -150,6 +157,7 @@ class SGLDConfig:
     momentum: float | None = None
     control_variates: bool | None = None
     horizon_source: str | None = None
+    shared_minibatch_order: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -221,6 +229,9 @@ class SGLDConfig:
         if self.control_variates and (self.per_token or self.preconditioner == "rmsprop"):
             raise ValueError("SGLDConfig.control_variates=True works in the Hessian eigenbasis, which per_token and "
                              "preconditioner='rmsprop' do not support; set control_variates=None or False.")
+        if not isinstance(self.shared_minibatch_order, bool):
+            raise ValueError(f"SGLDConfig.shared_minibatch_order must be True or False, "
+                             f"got {self.shared_minibatch_order!r}.")
         self._validate_horizon()
 
     def _validate_horizon(self) -> None:

@@ -24,6 +24,9 @@ ProgressFn = Callable[[int, int], None]
 # Minibatches' worth of SGLD examples whose Hessian the "lowrank" preconditioner uses: one minibatch
 # gives a noticeably worse preconditioner, all the data no better than four (docs/benchmarks.md).
 _CURVATURE_MINIBATCHES = 4
+# chain_seed's "chain" of the one minibatch-index stream all chains share with shared_minibatch_order
+# (negative: not a chain; -1 .. -4 seed the curvature and tuning streams).
+_SHARED_ORDER_STREAM = -5
 
 
 @dataclass
@@ -57,14 +60,22 @@ def chain_seed(seed: int, chain: int) -> int:
 
 
 class _ChainRandomness:
-    """Per-chain generators: minibatch indices on the CPU, Gaussian noise on the device."""
+    """Per-chain generators: minibatch indices on the CPU, Gaussian noise on the device.
 
-    def __init__(self, chains: list[int], seed: int, device: torch.device) -> None:
-        self.index_gens = [torch.Generator().manual_seed(chain_seed(seed, c)) for c in chains]
+    With ``shared_order`` one index stream, seeded from the seed alone, serves every chain: each
+    chain sees the same minibatch at the same step (whichever chains run together), and only the
+    noise differs between chains.
+    """
+
+    def __init__(self, chains: list[int], seed: int, device: torch.device, shared_order: bool = False) -> None:
+        self.shared_order = shared_order
+        streams = [_SHARED_ORDER_STREAM] if shared_order else chains
+        self.index_gens = [torch.Generator().manual_seed(chain_seed(seed, c)) for c in streams]
         self.noise_gens = [torch.Generator(device=device).manual_seed(chain_seed(seed, c) + 1) for c in chains]
         self.device = device
 
     def indices(self, n: int, m: int) -> torch.Tensor:
+        """The step's minibatch indices: ``[G·m]``, chain after chain, or ``[m]`` for all with ``shared_order``."""
         return torch.cat([torch.randint(n, (m,), generator=g) for g in self.index_gens])
 
     def noise(self, out: torch.Tensor) -> torch.Tensor:
@@ -222,14 +233,18 @@ class SGLDSampler:
             return self._full_batch, True
         m = self.minibatch
         flat = self.data.gather(rng.indices(len(self.data), m), self.fmodel.device)
+        if rng.shared_order:
+            return flat, True
         if vectorized:
             return _map_tensors(lambda t: t.view(chains, m, *t.shape[1:]), flat), False
         return [_rows(flat, g * m, (g + 1) * m) for g in range(chains)], False
 
     def example_minibatch(self, chains: int, vectorized: bool = True) -> tuple[Batch, bool]:
         """A minibatch for a batch of ``chains`` chains from throwaway generators (for checks and timing)."""
-        return self._minibatches(_ChainRandomness(list(range(chains)), self.config.seed, self.fmodel.device),
-                                 chains, vectorized)
+        return self._minibatches(self._randomness(list(range(chains))), chains, vectorized)
+
+    def _randomness(self, chains: list[int]) -> _ChainRandomness:
+        return _ChainRandomness(chains, self.config.seed, self.fmodel.device, self.config.shared_minibatch_order)
 
     def run(
         self, chains: list[int], vectorized: bool, progress: ProgressFn | None = None
@@ -253,7 +268,7 @@ class SGLDSampler:
         size = len(chains)
         center = fmodel.center
         buffers = fmodel.fresh_buffers()
-        rng = _ChainRandomness(chains, cfg.seed, fmodel.device)
+        rng = self._randomness(chains)
         chain_index = torch.as_tensor(chains, dtype=torch.long, device=fmodel.device)
         w = center.expand(size, -1).clone()
         noise = torch.empty_like(w)

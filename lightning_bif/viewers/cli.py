@@ -367,6 +367,9 @@ def _check_steps(log: InfluenceLog, args: argparse.Namespace) -> None:
     first, last = (int(log.steps[0]), int(log.steps[-1])) if len(log) else (None, None)
     for step in steps:
         if step is not None and first is not None and not first <= step <= last:
+            if first == last:
+                raise ValueError(f"{flag} {step} is outside {log.path}, whose only snapshot is at step {first}: "
+                                 f"pass {flag} {first}.")
             raise ValueError(f"{flag} {step} is outside {log.path}, which covers steps {first}..{last}: pass a step "
                              f"in that range, {last} for the last snapshot or {first} for the first.")
 
