@@ -11,6 +11,7 @@ from ..config import SGLDConfig
 from ..tuning.autotune import Tuning
 from ..tuning.horizon import HorizonCheck
 from .divergence import LOSS_RISE_MARGIN
+from .rounds import Precision
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Diagnostics:
             (:func:`lightning_bif.estimation.divergence.loss_rise_bound`); a chain beyond it makes the result diverged.
         constant_probes: How many probes took one value in every draw (their BIF is 0 and the
             split-half reliability cannot use them; NaN when every probe is constant).
+        precision: The rounds of chains (:class:`~lightning_bif.estimation.rounds.Precision`): the target, the
+            chains and draws used, and whether the budget ran out below the target; ``None`` when not recorded.
     """
 
     sampling_loss: torch.Tensor
@@ -53,6 +56,7 @@ class Diagnostics:
     tuning: Tuning | None = None
     loss_rise_bound: float = math.inf
     constant_probes: int = 0
+    precision: Precision | None = None
 
     @property
     def any_diverged(self) -> bool:
