@@ -82,6 +82,38 @@ def problem_curve(problem: lds_suite.Problem, chains: int, counts: list[int], dr
     return out
 
 
+def predicted_ratio(split_half: float) -> float:
+    """LDS over the noise-free snapshot's LDS that split-half ``r`` predicts: the correlation of the estimate with
+    its noise-free value, √ρ, where ρ = 2r/(1 + r) is the whole snapshot's reliability (Spearman–Brown)."""
+    return math.sqrt(max(2 * split_half / (1 + split_half), 0.0))
+
+
+def print_report(paths: list[Path]) -> None:
+    """Markdown tables of saved runs: per set-up and chain count, split-half and LDS as a share of the most chains'."""
+    print("| set-up | checkpoint | " + " | ".join(f"{k} chains" for k in (2, 4, 8, 16, 32, 64)) + " |")
+    print("|---|---|" + "---|" * 6)
+    pairs = []
+    for path in paths:
+        for curve in json.loads(path.read_text()):
+            top = curve["rows"][-1]["lds"]
+            cells = []
+            for row in curve["rows"]:
+                for group in row["groups"]:
+                    pairs.append((group["split_half"], group["lds"] / top, curve["setup"]))
+                cells.append(f"{row['split_half']:.2f} / {row['lds']:.3f} ({row['lds'] / top:.0%})")
+            print(f"| {curve['setup']} | {curve['checkpoint']} | " + " | ".join(cells) + " |")
+    print("\nsplit-half bin | groups | mean LDS / LDS(64 chains) | √(2r/(1+r)) at the bin's mean r")
+    for low, high in ((-1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8),
+                      (0.8, 0.9), (0.9, 1.01)):
+        for setups in (("midtrain",), ("midtrain-heldout", "markov", "digits")):
+            inside = [(r, q) for r, q, s in pairs if low <= r < high and s in setups]
+            if inside:
+                r = sum(p[0] for p in inside) / len(inside)
+                q = sum(p[1] for p in inside) / len(inside)
+                print(f"[{low:.1f}, {high:.1f}) {'+'.join(setups)}: {len(inside)} groups, LDS ratio {q:.3f}, "
+                      f"predicted {predicted_ratio(r):.3f} (mean r {r:.2f})")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setups", default="midtrain", help="comma-separated set-ups of lds_suite.py")
@@ -91,8 +123,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="also run chains/F chains with F times the draws (rounds of draws vs chains)")
     parser.add_argument("--checkpoints", default="", help="comma-separated checkpoints to keep (default all)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (smoke test)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file")
+    parser.add_argument("--out", type=Path, help="JSON file")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the tables of saved JSON files instead")
     args = parser.parse_args(argv)
+    if args.report:
+        print_report(args.report)
+        return []
+    if args.out is None:
+        parser.error("--out is required to run")
     torch.set_num_threads(1)
     counts = [int(k) for k in args.counts.split(",")]
     keep = {int(c) for c in args.checkpoints.split(",") if c}

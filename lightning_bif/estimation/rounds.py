@@ -66,6 +66,25 @@ class Precision:
         """Whether a target was set and not reached (NaN split-half included)."""
         return self.target is not None and not self.split_half >= self.target
 
+    def shortfall(self) -> str:
+        """What a snapshot below its target says (``""`` when it is not): by how much, what limited it, the fix."""
+        if not self.below_target:
+            return ""
+        limit = {"max_seconds": "its time budget (SGLDConfig.max_seconds, or BIFCallback(overhead=...))",
+                 "max_chains": "SGLDConfig.max_chains"}.get(self.limit, "its budget")
+        cost = (f"about {self.predicted_chains} chains would reach it ({self.predicted_chains / self.chains:.1f}x "
+                "this snapshot's sampling time)" if self.predicted_chains
+                else "the split-half shows no shared signal, so more chains may not reach it")
+        return (f"split-half {self.split_half:.2f} below the target {self.target:.2f} after {self.chains} chains "
+                f"x {self.draws} draws in {self.rounds} round(s): stopped by {limit}; {cost}")
+
+
+def chain_capacity(config: SGLDConfig) -> int:
+    """The most chains a snapshot with ``config`` runs (the log's chain axis): ``chains`` without rounds."""
+    if config.target_split_half is None and config.max_seconds is None:
+        return config.chains
+    return config.max_chains if config.max_chains is not None else DEFAULT_MAX_CHAINS_FACTOR * config.chains
+
 
 def chains_for_target(split_half: float, chains: int, target: float) -> int | None:
     """Chains whose split-half the Spearman–Brown formula predicts at ``target``, from ``split_half`` at ``chains``.
@@ -98,7 +117,7 @@ class RoundPlan:
                  started: float | None = None, max_chains: int | None = None) -> None:
         self.target = config.target_split_half
         self.max_seconds = config.max_seconds
-        cap = config.max_chains if config.max_chains is not None else DEFAULT_MAX_CHAINS_FACTOR * config.chains
+        cap = chain_capacity(config)
         self.max_chains = max(config.chains, min(cap, max_chains) if max_chains is not None else cap)
         self.clock = clock
         self.started = clock() if started is None else started

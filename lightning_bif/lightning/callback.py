@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +29,16 @@ from ..viewers.tensorboard import TensorBoardSink
 from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
+from .overhead_budget import OverheadBudget, check_overhead, planned_after
 from .snapshot_progress import progress_display
 from .snapshot_sinks import SnapshotSinks
-from .snapshot_warnings import calibration_rejected, low_split_half, several_steps_per_batch, unusable_snapshot
+from .snapshot_warnings import (
+    below_target,
+    calibration_rejected,
+    low_split_half,
+    several_steps_per_batch,
+    unusable_snapshot,
+)
 from .trainer_checks import (
     LOSS_HOOK,
     check_loss_hook,
@@ -84,6 +92,10 @@ class BIFCallback(Callback):
             (to the end), a number of steps, or ``None`` (the config's γ and ε).
         min_split_half: Warn once per fit below this split-half reliability; ``None``: never.
         num_threads: ``torch.set_num_threads`` during snapshots; ``None`` keeps torch's setting.
+        overhead: The fraction of the fit's wall time snapshots may take (e.g. 0.1), shared by the snapshots the
+            schedule plans: it sets each snapshot's ``SGLDConfig.max_seconds`` (:mod:`.overhead_budget`), and the
+            fit's end says what they spent. ``None`` (default): no time budget, so snapshots do not depend on the
+            machine's speed (their rounds stop at the config's ``target_split_half`` or ``max_chains``).
 
     Example::
 
@@ -122,9 +134,10 @@ class BIFCallback(Callback):
         tensorboard: bool | str | Sequence[str] = True,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
-        min_split_half: float | None = 0.3,
+        min_split_half: float | None = 0.5,
         num_threads: int | None = None,
         horizon: int | Literal["interval", "rest"] | None = "interval",
+        overhead: float | None = None,
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_keywords(
@@ -141,9 +154,12 @@ class BIFCallback(Callback):
             check_options(if_exists=if_exists, tensorboard=tensorboard, min_split_half=min_split_half,
                           num_threads=num_threads, horizon=horizon, loss_fn=loss_fn, probe_fn=probe_fn)
             self.calibrate = calibration_options(calibrate)
+            check_overhead(overhead)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.min_split_half, self.num_threads, self.horizon = min_split_half, num_threads, horizon
+        self.overhead = overhead
+        self._budget: OverheadBudget | None = None  # this fit's, from train start on
         self.train, self.probes, self.data = train, probes, data
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
@@ -282,6 +298,9 @@ class BIFCallback(Callback):
             self._decide_vectorized(pl_module)
         self._check_log_continues(trainer)
         self._last_seen_step = trainer.global_step
+        if self.overhead is not None:
+            self._budget = OverheadBudget(self.overhead)
+            self._budget.start(trainer.global_step)
         self._maybe_snapshot(trainer, pl_module, "fit_start")
 
     @override
@@ -309,6 +328,8 @@ class BIFCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_end rather than on_fit_end: the strategy (and its process group) is still up here.
         self._maybe_snapshot(trainer, pl_module, "fit_end")
+        if self._budget is not None:
+            rank_zero_info(self._budget.report())
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -463,13 +484,16 @@ class BIFCallback(Callback):
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
                 calibration = self._calibrate(pl_module, step)
-            config = self._with_horizon(trainer, self.resolved_config, step)
+            config = self._with_budget(trainer, self._with_horizon(trainer, self.resolved_config, step), step)
             taken = self._snapshotter.take(pl_module, config, device=pl_module.device, progress=progress,
                                            vectorized=self._vectorized, sequential_reason=self._sequential_reason)
         self._vectorized, self._sequential_reason = taken.vectorized, taken.sequential_reason
         record = taken.record(step, trainer.current_epoch, calibration)
         self._last_step = step
         self._snapshots += 1
+        if self._budget is not None:
+            precision = None if taken.result is None else taken.result.diagnostics.precision
+            self._budget.record(taken.duration_s, precision is not None and precision.below_target)
         written = self._sinks.write(record)
         self._report(record, written)
 
@@ -485,6 +509,17 @@ class BIFCallback(Callback):
             else:
                 self._warn_once("horizon", f"BIFCallback: {message} (Shown once.)")
         return resolved.config
+
+    def _with_budget(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
+        """``config`` with this snapshot's share of ``overhead`` as ``max_seconds`` (:mod:`.overhead_budget`)."""
+        if self._budget is None:
+            return config
+        total = trainer.estimated_stepping_batches
+        end = int(total) if math.isfinite(total) else None
+        per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+            if math.isfinite(trainer.num_training_batches) else 0
+        after = planned_after(self._active_schedule, step, per_epoch, end)
+        return config.replace(max_seconds=self._budget.snapshot_seconds(step, total, after))
 
     def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""
@@ -507,6 +542,9 @@ class BIFCallback(Callback):
         message = low_split_half(record, self.min_split_half)
         if message is not None:
             self._warn_once("split_half", message)
+        message = below_target(record, self.overhead)
+        if message is not None:
+            self._warn_once("below_target", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import shown_setting
+from .overhead_budget import FIRST_ROUND_ONLY
 
 
 def unusable_snapshot(record: SnapshotRecord) -> str:
@@ -46,6 +47,32 @@ def low_split_half(record: SnapshotRecord, min_split_half: float | None) -> str 
         "(most effective) or draws; see 'How much to trust a curve' in docs/user-guide.md. (Shown once per fit; "
         "the log's split_half column has every snapshot's value.)"
     )
+
+
+def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
+    """A snapshot whose rounds of chains stopped below the split-half target: by how much, the fix and its cost."""
+    precision = None if record.result is None else record.result.diagnostics.precision
+    if precision is None or not precision.below_target:
+        return None
+    factor = precision.predicted_chains / precision.chains if precision.predicted_chains else None
+    first_only = record.result.config.max_seconds is not None and record.result.config.max_seconds <= FIRST_ROUND_ONLY
+    if precision.limit == "max_seconds" and overhead is not None and first_only:
+        fix = ("nothing: before the first training step the callback knows nothing of the fit's speed and runs one "
+               "round of chains; later snapshots share overhead=" f"{overhead:g} of the fit (raise it, or "
+               "SGLDConfig.chains for this one)")
+    elif precision.limit == "max_seconds" and overhead is not None:
+        fix = ("raise BIFCallback(overhead=...) from " f"{overhead:g}" +
+               (f" (the target needs about {factor:.1f}x this snapshot's sampling, "
+                f"~{factor * record.duration_s:.1f} s instead of {record.duration_s:.1f} s)" if factor else ""))
+    elif precision.limit == "max_seconds":
+        fix = "raise SGLDConfig.max_seconds" + (f" about {factor:.1f}x" if factor else "")
+    else:
+        fix = (f"raise SGLDConfig.max_chains to about {precision.predicted_chains} "
+               f"({factor:.1f}x this snapshot's sampling time, ~{factor * record.duration_s:.1f} s)" if factor
+               else "check probe_fn and the step size: the halves share no signal, more chains may not help")
+    return (f"BIFCallback: the snapshot at step {record.step} stopped below its split-half target: "
+            f"{precision.shortfall()}. Fix: {fix}, or lower SGLDConfig.target_split_half. (Shown once per fit; "
+            "the log's below_target and chains_used columns have every snapshot's.)")
 
 
 def calibration_rejected(evidence: dict[str, Any], step: int, configured: float | None) -> str:

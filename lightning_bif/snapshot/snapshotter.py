@@ -279,6 +279,8 @@ class Snapshotter:
         status, message = ("ok", "") if result.ok else ("diverged", result.divergence)
         if sequential_reason is not None and not message:
             message = f"chains ran one after another: {sequential_reason}"
+        if not message and result.diagnostics.precision is not None:
+            message = result.diagnostics.precision.shortfall()
         return SnapshotOutcome(result, status, message, result.config.step_size, self.clock() - start,
                                None, vectorized, sequential_reason)
 

@@ -62,9 +62,11 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
     print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10} "
           f"{'step size':>9}  most helpful | most harmful (BIF: negative = helpful; {_IDS_NOTE})", file=out)
     rows = range(len(log)) if last is None else range(max(0, len(log) - last), len(log))
+    below = np.zeros(len(log), bool) if log.below_target is None else np.asarray(log.below_target, bool)
     for row in rows:
+        short = "!" if below[row] else " "  # stopped below its split-half target
         line = (f"{log.steps[row]:>8} {log.epochs[row]:>5}  {log.status[row]:<8} {log.duration_s[row]:>7.2f}s "
-                f"{log.split_half[row]:>10.3f} {log.loss_rise[row]:>10.3g} {log.step_size[row]:>9.3g}  ")
+                f"{log.split_half[row]:>9.3f}{short} {log.loss_rise[row]:>10.3g} {log.step_size[row]:>9.3g}  ")
         pairs = extremes(log.influence[row])
         if pairs is None:
             line += log.message[row][:80] or "no estimate"
@@ -73,6 +75,7 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
             line += f"{_pair(log, helpful.probe, helpful.train, helpful.influence)} | " \
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
+    _print_below_target(log, below, out)
     _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
     if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
@@ -84,6 +87,15 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
         print(" " * 12 + "".join(f"{name:>{width}}" for name in train_names), file=out)
         for name, values in zip(_group_names(log, "probe", means.probe_groups), means.means, strict=True):
             print(f"{name[:12]:<12}" + "".join(f"{value:>{width}.3g}" for value in values), file=out)
+
+
+def _print_below_target(log: InfluenceLog, below: np.ndarray, out: TextIO) -> None:
+    """The snapshots whose rounds of chains stopped below the split-half target (format 3), and why."""
+    rows = np.flatnonzero(below)
+    if not len(rows):
+        return
+    print(f"\n! {len(rows)} snapshot(s) stopped below their split-half target (their entries are noisier than "
+          f"asked); the last, at step {log.steps[rows[-1]]}: {log.message[rows[-1]]}", file=out)
 
 
 def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
