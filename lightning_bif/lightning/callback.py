@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from ..config import SGLDConfig
 from ..curvature.cache import CurvatureCache
+from ..estimation.rounds import chain_capacity
 from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn
 from ..log import LogWriter, RunIdentity
@@ -29,7 +30,7 @@ from ..viewers.tensorboard import TensorBoardSink
 from .argument_checks import Groups, calibration_options, check_options, display_texts, labels_per_example
 from .datamodule_examples import DataModuleExamples
 from .log_path import default_log_path
-from .overhead_budget import OverheadBudget, check_overhead, planned_after
+from .overhead_budget import OverheadBudget, SnapshotBudget, check_overhead, planned_after
 from .snapshot_progress import progress_display
 from .snapshot_sinks import SnapshotSinks
 from .snapshot_warnings import (
@@ -37,6 +38,7 @@ from .snapshot_warnings import (
     calibration_rejected,
     low_split_half,
     several_steps_per_batch,
+    skipped_snapshot,
     unusable_snapshot,
 )
 from .trainer_checks import (
@@ -479,12 +481,18 @@ class BIFCallback(Callback):
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take a snapshot at the current step (every rank), write its record (rank 0) and report it."""
         step = trainer.global_step
+        budget = self._plan_budget(trainer, step)
+        if budget is None:
+            return
         calibration = None
         progress = progress_display(trainer, step) if self.progress and trainer.is_global_zero else None
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
                 calibration = self._calibrate(pl_module, step)
-            config = self._with_budget(trainer, self._with_horizon(trainer, self.resolved_config, step), step)
+            config = self._with_horizon(trainer, self.resolved_config, step)
+            if budget.max_seconds is not None:  # the log's chain axis stays what the configured rounds may run
+                config = config.replace(chains=budget.chains, max_chains=chain_capacity(config),
+                                        max_seconds=budget.max_seconds)
             taken = self._snapshotter.take(pl_module, config, device=pl_module.device, progress=progress,
                                            vectorized=self._vectorized, sequential_reason=self._sequential_reason)
         self._vectorized, self._sequential_reason = taken.vectorized, taken.sequential_reason
@@ -493,7 +501,10 @@ class BIFCallback(Callback):
         self._snapshots += 1
         if self._budget is not None:
             precision = None if taken.result is None else taken.result.diagnostics.precision
-            self._budget.record(taken.duration_s, precision is not None and precision.below_target)
+            tuning = None if taken.result is None else taken.result.diagnostics.tuning
+            self._budget.record(taken.duration_s, getattr(tuning, "seconds", 0.0) or 0.0,
+                                0 if precision is None else precision.chains,
+                                precision is not None and precision.below_target)
         written = self._sinks.write(record)
         self._report(record, written)
 
@@ -510,16 +521,21 @@ class BIFCallback(Callback):
                 self._warn_once("horizon", f"BIFCallback: {message} (Shown once.)")
         return resolved.config
 
-    def _with_budget(self, trainer: pl.Trainer, config: SGLDConfig, step: int) -> SGLDConfig:
-        """``config`` with this snapshot's share of ``overhead`` as ``max_seconds`` (:mod:`.overhead_budget`)."""
+    def _plan_budget(self, trainer: pl.Trainer, step: int) -> SnapshotBudget | None:
+        """This snapshot's share of ``overhead`` (:mod:`.overhead_budget`), decided on rank 0; ``None``: skip it."""
         if self._budget is None:
-            return config
+            return SnapshotBudget(None, self.config.chains)
         total = trainer.estimated_stepping_batches
         end = int(total) if math.isfinite(total) else None
         per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
             if math.isfinite(trainer.num_training_batches) else 0
         after = planned_after(self._active_schedule, step, per_epoch, end)
-        return config.replace(max_seconds=self._budget.snapshot_seconds(step, total, after))
+        budget = self._budget.plan(step, total, after, self.resolved_config.chains) if trainer.is_global_zero \
+            else None
+        budget = trainer.strategy.broadcast(("plan", budget))[1]
+        if budget is None:
+            self._warn_once("skipped", skipped_snapshot(step, self.overhead))
+        return budget
 
     def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""

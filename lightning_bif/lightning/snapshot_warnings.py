@@ -10,7 +10,6 @@ from typing import Any
 
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import shown_setting
-from .overhead_budget import FIRST_ROUND_ONLY
 
 
 def unusable_snapshot(record: SnapshotRecord) -> str:
@@ -55,12 +54,7 @@ def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
     if precision is None or not precision.below_target:
         return None
     factor = precision.predicted_chains / precision.chains if precision.predicted_chains else None
-    first_only = record.result.config.max_seconds is not None and record.result.config.max_seconds <= FIRST_ROUND_ONLY
-    if precision.limit == "max_seconds" and overhead is not None and first_only:
-        fix = ("nothing: before the first training step the callback knows nothing of the fit's speed and runs one "
-               "round of chains; later snapshots share overhead=" f"{overhead:g} of the fit (raise it, or "
-               "SGLDConfig.chains for this one)")
-    elif precision.limit == "max_seconds" and overhead is not None:
+    if precision.limit == "max_seconds" and overhead is not None:
         fix = ("raise BIFCallback(overhead=...) from " f"{overhead:g}" +
                (f" (the target needs about {factor:.1f}x this snapshot's sampling, "
                 f"~{factor * record.duration_s:.1f} s instead of {record.duration_s:.1f} s)" if factor else ""))
@@ -73,6 +67,14 @@ def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
     return (f"BIFCallback: the snapshot at step {record.step} stopped below its split-half target: "
             f"{precision.shortfall()}. Fix: {fix}, or lower SGLDConfig.target_split_half. (Shown once per fit; "
             "the log's below_target and chains_used columns have every snapshot's.)")
+
+
+def skipped_snapshot(step: int, overhead: float | None) -> str:
+    """A scheduled snapshot skipped to keep snapshots within ``overhead`` of the fit."""
+    return (f"BIFCallback: skipped the snapshot scheduled at step {step}: overhead={overhead:g} has not yet earned "
+            "what the cheapest snapshot (its tuning and two chains) cost last time. Later ones are taken as the fit "
+            "earns them; raise overhead or schedule fewer snapshots to keep them all. (Shown once; the fit's end "
+            "says how many were skipped.)")
 
 
 def calibration_rejected(evidence: dict[str, Any], step: int, configured: float | None) -> str:
