@@ -102,16 +102,24 @@ def print_report(paths: list[Path]) -> None:
                     pairs.append((group["split_half"], group["lds"] / top, curve["setup"]))
                 cells.append(f"{row['split_half']:.2f} / {row['lds']:.3f} ({row['lds'] / top:.0%})")
             print(f"| {curve['setup']} | {curve['checkpoint']} | " + " | ".join(cells) + " |")
-    print("\nsplit-half bin | groups | mean LDS / LDS(64 chains) | √(2r/(1+r)) at the bin's mean r")
+    print("\n| split-half r | `midtrain` (dev): groups, mean r, LDS share | held out: groups, mean r, LDS share "
+          "| √(2r/(1 + r)) at dev / held-out mean r |")
+    print("|---|---|---|---|")
     for low, high in ((-1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8),
                       (0.8, 0.9), (0.9, 1.01)):
-        for setups in (("midtrain",), ("midtrain-heldout", "markov", "digits")):
-            inside = [(r, q) for r, q, s in pairs if low <= r < high and s in setups]
-            if inside:
-                r = sum(p[0] for p in inside) / len(inside)
-                q = sum(p[1] for p in inside) / len(inside)
-                print(f"[{low:.1f}, {high:.1f}) {'+'.join(setups)}: {len(inside)} groups, LDS ratio {q:.3f}, "
-                      f"predicted {predicted_ratio(r):.3f} (mean r {r:.2f})")
+        cells, predicted = [], []
+        for dev in (True, False):
+            inside = [(r, q) for r, q, name in pairs if low <= r < high and (name == "midtrain") == dev]
+            if not inside:
+                cells.append("—")
+                predicted.append("—")
+                continue
+            r = sum(p[0] for p in inside) / len(inside)
+            q = sum(p[1] for p in inside) / len(inside)
+            cells.append(f"{len(inside)}, {r:.2f}, {q:.3f}")
+            predicted.append(f"{predicted_ratio(r):.3f}")
+        label = f"< {high:.1f}" if low < 0 else (f"≥ {low:.1f}" if high > 1 else f"[{low:.1f}, {high:.1f})")
+        print(f"| {label} | {cells[0]} | {cells[1]} | {' / '.join(predicted)} |")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
