@@ -122,8 +122,8 @@ class SGLDConfig:
         target_split_half: Precision on demand (:mod:`lightning_bif.estimation.rounds`): after the first
             ``chains`` chains, more chains are run in rounds until the split-half reliability reaches this
             target (in (0, 1)), ``max_seconds`` is spent or ``max_chains`` are run, whichever comes first.
-            Each round adds the chains the Spearman–Brown formula predicts the target needs (at least
-            ``chains / 2``, at most 3 × the chains so far). ``None`` switches the target off. The default is
+            Each round adds the chains the Spearman–Brown formula predicts the target needs (at least half,
+            at most 3 × the chains so far). ``None`` switches the target off. The default is
             where entries stop being usable on the LDS suite's development set-up (docs/self-tuning.md,
             "Precision on demand").
         max_seconds: Wall-clock budget of the estimate in seconds (> 0), tuning included: no round starts
