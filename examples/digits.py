@@ -9,6 +9,7 @@ events, the HDF5 influence log ``influence.h5`` and its figures in ``figures/`` 
     python examples/digits.py --no-bif    # the same training without the callback (for timing)
     python examples/digits.py --preconditioner lowrank   # curvature-preconditioned SGLD
     python examples/digits.py --horizon none   # the config's γ and ε instead of the horizon's (docs/horizon.md)
+    python examples/digits.py --overhead 0.1   # snapshots may take 10 % of the fit (docs/self-tuning.md)
     tensorboard --logdir runs --samples_per_plugin images=100   # then http://localhost:6006/#scalars&_smoothingWeight=0
     lightning-bif summary runs/digits/version_0/influence.h5
     python examples/analyze_digits.py     # offline analysis of the newest log: sign changes, top digits
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
                              "'auto' uses it when it fits (docs/self-tuning.md)")
     parser.add_argument("--horizon", choices=["interval", "rest", "none"], default="interval",
                         help="the question a snapshot answers (docs/horizon.md); 'none': the config's γ and ε")
+    parser.add_argument("--overhead", type=float, default=None,
+                        help="the fraction of the fit's wall time snapshots may take (BIFCallback(overhead=...)); "
+                             "default: no time budget, so the snapshots do not depend on the machine's speed")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny model: threads cost more than they give
     start = time.perf_counter()
@@ -112,12 +116,15 @@ def main(argv: list[str] | None = None) -> None:
             config=SGLDConfig(chains=8, draws=100, burn_in=50, thin=1, localization=1000.0, batch_size=64,
                               preconditioner=None if args.preconditioner == "auto" else args.preconditioner),
             horizon=None if args.horizon == "none" else args.horizon,
+            overhead=args.overhead,
         ))
     logger = TensorBoardLogger(args.root, name="digits")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=callbacks, logger=logger, log_every_n_steps=10,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     model = DigitsMLP()
+    fit_start = time.perf_counter()
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(held_out, batch_size=512))
+    fit_s = time.perf_counter() - fit_start
 
     accuracy = float(trainer.callback_metrics["val/accuracy"])
     print(f"\nTrained {trainer.global_step} steps in {time.perf_counter() - start:.1f} s; "
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         last = log.influence[-1]
         same = log.probe_groups[:, None] == log.train_groups[None, :]
         print(f"Influence log: {path} ({len(log)} snapshots at steps {log.steps.tolist()})")
+        print(f"Snapshots took {log.duration_s.sum():.1f} s of the fit's {fit_s:.1f} s "
+              f"({log.duration_s.sum() / fit_s:.1%}); chains per snapshot {np.asarray(log.chains_used).astype(int)}")
         print(f"Final snapshot: mean BIF of a training digit on a probe of the same class {last[same].mean():+.2e}, "
               f"of another class {last[~same].mean():+.2e} (negative = helpful)")
         probe, train = np.unravel_index(np.abs(last).argmax(), last.shape)  # the final snapshot's largest |BIF|

@@ -130,6 +130,18 @@ class SGLDConfig:
             gets no less noisy (that shared path is one realization more chains do not average away) and the
             split-half reliability reads too high, as both halves contain it. For reproducing devinterp runs
             (docs/how-it-works.md#coming-from-devinterp).
+        target_split_half: Precision on demand (:mod:`lightning_bif.estimation.rounds`): after the first
+            ``chains`` chains, more chains are run in rounds until the split-half reliability reaches this
+            target (in (0, 1)), ``max_seconds`` is spent or ``max_chains`` are run, whichever comes first.
+            Each round adds the chains the Spearman–Brown formula predicts the target needs (at least half,
+            at most 3 × the chains so far). ``None`` switches the target off. The default is
+            where entries stop being usable on the LDS suite's development set-up (docs/self-tuning.md,
+            "Precision on demand").
+        max_seconds: Wall-clock budget of the estimate in seconds (> 0), tuning included: no round starts
+            that the chains' measured speed says would end past it (the first round always runs). ``None``
+            (default): no time budget, so the same seed gives the same numbers. A budget that stops the
+            rounds makes the result depend on the machine's speed; the result says whether it did.
+        max_chains: Most chains the rounds may run (at least ``chains``); ``None``: 4 × ``chains``.
     """
 
     chains: int = 16
@@ -158,6 +170,9 @@ class SGLDConfig:
     control_variates: bool | None = None
     horizon_source: str | None = None
     shared_minibatch_order: bool = False
+    target_split_half: float | None = 0.8
+    max_seconds: float | None = None
+    max_chains: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sample_params, (list, str)):
@@ -233,6 +248,19 @@ class SGLDConfig:
             raise ValueError(f"SGLDConfig.shared_minibatch_order must be True or False, "
                              f"got {self.shared_minibatch_order!r}.")
         self._validate_horizon()
+        self._validate_rounds()
+
+    def _validate_rounds(self) -> None:
+        target = self.target_split_half
+        if target is not None and (not _is_finite(target) or not 0 < target < 1):
+            raise ValueError(f"SGLDConfig.target_split_half must be a number in (0, 1) (a correlation to reach) or "
+                             f"None (no target), got {target!r}.")
+        if self.max_seconds is not None and (not _is_finite(self.max_seconds) or not self.max_seconds > 0):
+            raise ValueError(f"SGLDConfig.max_seconds must be a finite number of seconds > 0 or None (no budget), "
+                             f"got {self.max_seconds!r}.")
+        if self.max_chains is not None and (not _is_int(self.max_chains) or self.max_chains < self.chains):
+            raise ValueError(f"SGLDConfig.max_chains must be an integer >= chains ({self.chains}) or None "
+                             f"(4 x chains), got {self.max_chains!r}.")
 
     def _validate_horizon(self) -> None:
         horizon = {"horizon_steps": self.horizon_steps, "learning_rate": self.learning_rate, "momentum": self.momentum}

@@ -8,7 +8,9 @@ when the posterior spread of a loss is tiny compared to the loss itself.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ import torch
 from .control_variates import Subspace
 
 _SUMS = ("count", "sum_train", "sum_probe", "sumsq_train", "sumsq_probe", "cross")
+_STATE = (*_SUMS, "draw_loss", "sampling_loss", "sum_coordinates", "cross_coordinates")
 
 
 @dataclass
@@ -107,10 +110,39 @@ class CovarianceAccumulator:
             self.sum_coordinates.index_add_(0, chains, z)
             self.cross_coordinates.index_add_(0, chains, z.unsqueeze(2) * z.unsqueeze(1))
 
+    @property
+    def chains(self) -> int:
+        """Rows of the accumulator (chains run or still to run)."""
+        return self.count.shape[0]
+
+    def grow(self, chains: int) -> None:
+        """Make room for ``chains`` chains in all (a round of more chains); the rows added are zero."""
+        extra = chains - self.chains
+        if extra <= 0:
+            return
+        for name in _STATE:
+            tensor = getattr(self, name)
+            setattr(self, name, torch.cat([tensor, tensor.new_zeros((extra, *tensor.shape[1:]))]))
+
+    def mapped(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CovarianceAccumulator:
+        """A copy whose state tensors are ``fn`` of this one's (e.g. summed over DDP ranks); this one is unchanged."""
+        other = copy.copy(self)
+        for name in _STATE:
+            setattr(other, name, fn(getattr(self, name)))
+        return other
+
+    def split_half(self, probes: int | None = None) -> float:
+        """The split-half reliability of the healthy chains (:meth:`statistics`'s, without the rest)."""
+        ids = self.healthy_chains().nonzero().flatten()
+        return self._split_half(ids, probes) if ids.numel() >= 2 else math.nan
+
+    def _split_half(self, ids: torch.Tensor, probes: int | None) -> float:
+        half_a, half_b = (self._pooled(half)[0][:probes] for half in (ids[0::2], ids[1::2]))
+        return _pearson(half_a.flatten(), half_b.flatten())
+
     def tensors(self) -> list[torch.Tensor]:
         """The accumulated state; chains are disjoint across ranks, so summing these merges runs."""
-        return [getattr(self, name) for name in _SUMS] + [self.draw_loss, self.sampling_loss, self.sum_coordinates,
-                                                          self.cross_coordinates]
+        return [getattr(self, name) for name in _STATE]
 
     def _finite_chains(self) -> torch.Tensor:
         finite = torch.ones_like(self.count, dtype=torch.bool)
@@ -167,8 +199,7 @@ class CovarianceAccumulator:
         if ids.numel() >= 2:
             per_chain = torch.stack([self._pooled(c.view(1))[0] for c in ids])
             stderr = per_chain.std(dim=0, unbiased=True) / math.sqrt(ids.numel())
-            half_a, half_b = (self._pooled(half)[0][:split_half_probes] for half in (ids[0::2], ids[1::2]))
-            split_half = _pearson(half_a.flatten(), half_b.flatten())
+            split_half = self._split_half(ids, split_half_probes)
         else:
             stderr, split_half = nan, math.nan
         return BIFStatistics(-cov, correlation, stderr, split_half, mean_t, healthy, constant_probes=var_q == 0)

@@ -222,11 +222,32 @@ class BIFEstimator:
         """
         cfg = self.config
         accumulator = CovarianceAccumulator(cfg.chains, self.train_loss, self.probe_loss, cfg.draws, self.subspace)
-        sampled = run_chains(self.sampler, self.losses, cfg, accumulator, chains, self.vectorized, progress)
+        return self.sample_more(accumulator, chains, progress=progress)
+
+    def sample_more(self, accumulator: CovarianceAccumulator, chains: Sequence[int], total: int | None = None,
+                    progress: ProgressFn | None = None) -> CovarianceAccumulator:
+        """Run the chains ``chains`` into ``accumulator``: a round of more chains (:mod:`.rounds`).
+
+        Args:
+            accumulator: Where the draws go; grown to ``total`` rows first.
+            chains: This process's chains of the round.
+            total: The chains of every round so far, on every rank (the accumulators of the ranks are summed, so
+                they must have the same rows); default ``accumulator.chains``.
+            progress: Called as ``progress(done_steps, total_steps)`` for this round.
+        """
+        accumulator.grow(accumulator.chains if total is None else total)
+        sampled = run_chains(self.sampler, self.losses, self.config, accumulator, chains, self.vectorized, progress)
         self.vectorized = sampled.vectorized
         if sampled.sequential_reason is not None:
             self.sequential_reason = sampled.sequential_reason
         return sampled.accumulator
+
+    def max_chains(self) -> int | None:
+        """The most chains the per-token memory budget allows (``None`` without ``per_token``)."""
+        if self.tokens is None:
+            return None
+        return max(self.config.chains, self.config.max_token_entries // (len(self.probes) * self.tokens
+                                                                         * len(self.train)))
 
     def summarize(self, accumulator: CovarianceAccumulator, duration_s: float) -> BIFResult:
         """Turn (merged) accumulated draws into a :class:`BIFResult`

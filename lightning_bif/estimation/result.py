@@ -11,6 +11,7 @@ from ..config import SGLDConfig
 from ..tuning.autotune import Tuning
 from ..tuning.horizon import HorizonCheck
 from .divergence import LOSS_RISE_MARGIN, SUSPECT_MARGIN
+from .rounds import Precision
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Diagnostics:
             (and within ``loss_rise_bound``) makes the result suspect.
         constant_probes: How many probes took one value in every draw (their BIF is 0 and the
             split-half reliability cannot use them; NaN when every probe is constant).
+        precision: The rounds of chains (:class:`~lightning_bif.estimation.rounds.Precision`): the target, the
+            chains and draws used, and whether the budget ran out below the target; ``None`` when not recorded.
     """
 
     sampling_loss: torch.Tensor
@@ -57,6 +60,7 @@ class Diagnostics:
     loss_rise_bound: float = math.inf
     suspect_rise_bound: float = math.inf
     constant_probes: int = 0
+    precision: Precision | None = None
 
     @property
     def any_diverged(self) -> bool:

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ..config import SGLDConfig
 from ..curvature.cache import CurvatureCache
+from ..estimation.rounds import chain_capacity
 from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn
 from ..log import RunIdentity
@@ -29,9 +30,17 @@ from .datamodule_examples import DataModuleExamples
 from .example_labels import ExampleLabels, Groups
 from .log_path import default_log_path
 from .loggers import LoggerChoice, check_loggers, chosen_loggers, logger_sinks
+from .overhead_budget import OverheadBudget, SnapshotBudget, check_overhead, planned_after
 from .snapshot_progress import progress_display
 from .snapshot_sinks import SnapshotSinks
-from .snapshot_warnings import calibration_rejected, low_split_half, several_steps_per_batch, unusable_snapshot
+from .snapshot_warnings import (
+    below_target,
+    calibration_rejected,
+    low_split_half,
+    several_steps_per_batch,
+    skipped_snapshot,
+    unusable_snapshot,
+)
 from .trainer_checks import (
     LOSS_HOOK,
     check_loss_hook,
@@ -41,7 +50,7 @@ from .trainer_checks import (
     module_per_example_loss,
     trainer_data,
 )
-from .training_length import horizon_steps, manual_optimization_steps
+from .training_length import horizon_steps, manual_optimization_steps, schedule_span
 
 
 class BIFCallback(Callback):
@@ -86,6 +95,10 @@ class BIFCallback(Callback):
             (to the end), a number of steps, or ``None`` (the config's γ and ε).
         min_split_half: Warn once per fit below this split-half reliability; ``None``: never.
         num_threads: ``torch.set_num_threads`` during snapshots; ``None`` keeps torch's setting.
+        overhead: The fraction of the fit's wall time snapshots may take (e.g. 0.1), shared by the snapshots the
+            schedule plans: it sets each snapshot's ``SGLDConfig.max_seconds`` (:mod:`.overhead_budget`), and the
+            fit's end says what they spent. ``None`` (default): no time budget, so snapshots do not depend on the
+            machine's speed (their rounds stop at the config's ``target_split_half`` or ``max_chains``).
 
     Example::
 
@@ -125,9 +138,10 @@ class BIFCallback(Callback):
         loggers: Sequence[LoggerChoice] | LoggerChoice | None = None,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
-        min_split_half: float | None = 0.3,
+        min_split_half: float | None = 0.5,
         num_threads: int | None = None,
         horizon: int | Literal["interval", "rest"] | None = "interval",
+        overhead: float | None = None,
     ) -> None:
         try:
             self.schedule = SnapshotSchedule.from_keywords(
@@ -145,9 +159,12 @@ class BIFCallback(Callback):
                           num_threads=num_threads, horizon=horizon, loss_fn=loss_fn, probe_fn=probe_fn)
             self.calibrate = calibration_options(calibrate)
             self.loggers = check_loggers(loggers)
+            check_overhead(overhead)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         self.min_split_half, self.num_threads, self.horizon = min_split_half, num_threads, horizon
+        self.overhead = overhead
+        self._budget: OverheadBudget | None = None  # this fit's, from train start on
         self.train, self.probes, self.data = train, probes, data
         self.loss_fn = loss_fn
         self.probe_fn = probe_fn
@@ -278,6 +295,9 @@ class BIFCallback(Callback):
             self._decide_vectorized(pl_module)
         self._last_step = self._sinks.check_continues(trainer, self._last_step)
         self._last_seen_step = trainer.global_step
+        if self.overhead is not None:
+            self._budget = OverheadBudget(self.overhead)
+            self._budget.start(trainer.global_step)
         self._maybe_snapshot(trainer, pl_module, "fit_start")
 
     @override
@@ -306,6 +326,8 @@ class BIFCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_end rather than on_fit_end: the strategy (and its process group) is still up here.
         self._maybe_snapshot(trainer, pl_module, "fit_end")
+        if self._budget is not None:
+            rank_zero_info(self._budget.report())
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -436,18 +458,30 @@ class BIFCallback(Callback):
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take a snapshot at the current step (every rank), write its record (rank 0) and report it."""
         step = trainer.global_step
+        budget = self._plan_budget(trainer, step)
+        if budget is None:
+            return
         calibration = None
         progress = progress_display(trainer, step) if self.progress and trainer.is_global_zero else None
         with snapshot_threads(self.num_threads):
             if self.calibrate is not None and self._calibrated_step_size is None:
                 calibration = self._calibrate(pl_module, step)
             config = self._with_horizon(trainer, self.resolved_config, step)
+            if budget.max_seconds is not None:  # the log's chain axis stays what the configured rounds may run
+                config = config.replace(chains=budget.chains, max_chains=chain_capacity(config),
+                                        max_seconds=budget.max_seconds)
             taken = self._snapshotter.take(pl_module, config, device=pl_module.device, progress=progress,
                                            vectorized=self._vectorized, sequential_reason=self._sequential_reason)
         self._vectorized, self._sequential_reason = taken.vectorized, taken.sequential_reason
         record = taken.record(step, trainer.current_epoch, calibration)
         self._last_step = step
         self._snapshots += 1
+        if self._budget is not None:
+            precision = None if taken.result is None else taken.result.diagnostics.precision
+            tuning = None if taken.result is None else taken.result.diagnostics.tuning
+            self._budget.record(taken.duration_s, getattr(tuning, "seconds", 0.0) or 0.0,
+                                0 if precision is None else precision.chains,
+                                precision is not None and precision.below_target)
         written = self._sinks.write(record)
         self._report(record, written)
 
@@ -463,6 +497,19 @@ class BIFCallback(Callback):
             else:
                 self._warn_once("horizon", f"BIFCallback: {message} (Shown once.)")
         return resolved.config
+
+    def _plan_budget(self, trainer: pl.Trainer, step: int) -> SnapshotBudget | None:
+        """This snapshot's share of ``overhead`` (:mod:`.overhead_budget`), decided on rank 0; ``None``: skip it."""
+        if self._budget is None:
+            return SnapshotBudget(None, self.config.chains)
+        per_epoch, end = schedule_span(trainer)
+        after = planned_after(self._active_schedule, step, per_epoch, end)
+        budget = self._budget.plan(step, trainer.estimated_stepping_batches, after, self.resolved_config.chains) \
+            if trainer.is_global_zero else None
+        budget = trainer.strategy.broadcast(("plan", budget))[1]
+        if budget is None:
+            self._warn_once("skipped", skipped_snapshot(step, self.overhead))
+        return budget
 
     def _calibrate(self, pl_module: pl.LightningModule, step: int) -> dict[str, Any]:
         """Calibrate the step size (rank 0, broadcast); adopt an accepted one. Returns the evidence for the log."""
@@ -485,6 +532,9 @@ class BIFCallback(Callback):
         message = low_split_half(record, self.min_split_half)
         if message is not None:
             self._warn_once("split_half", message)
+        message = below_target(record, self.overhead)
+        if message is not None:
+            self._warn_once("below_target", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

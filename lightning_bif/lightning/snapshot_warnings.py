@@ -49,6 +49,35 @@ def low_split_half(record: SnapshotRecord, min_split_half: float | None) -> str 
     )
 
 
+def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
+    """A snapshot whose rounds of chains stopped below the split-half target: by how much, the fix and its cost."""
+    precision = None if record.result is None else record.result.diagnostics.precision
+    if precision is None or not precision.below_target:
+        return None
+    factor = precision.predicted_chains / precision.chains if precision.predicted_chains else None
+    if precision.limit == "max_seconds" and overhead is not None:
+        fix = ("raise BIFCallback(overhead=...) from " f"{overhead:g}" +
+               (f" (the target needs about {factor:.1f}x this snapshot's sampling, "
+                f"~{factor * record.duration_s:.1f} s instead of {record.duration_s:.1f} s)" if factor else ""))
+    elif precision.limit == "max_seconds":
+        fix = "raise SGLDConfig.max_seconds" + (f" about {factor:.1f}x" if factor else "")
+    else:
+        fix = (f"raise SGLDConfig.max_chains to about {precision.predicted_chains} "
+               f"({factor:.1f}x this snapshot's sampling time, ~{factor * record.duration_s:.1f} s)" if factor
+               else "check probe_fn and the step size: the halves share no signal, more chains may not help")
+    return (f"BIFCallback: the snapshot at step {record.step} stopped below its split-half target: "
+            f"{precision.shortfall()}. Fix: {fix}, or lower SGLDConfig.target_split_half. (Shown once per fit; "
+            "the log's below_target and chains_used columns have every snapshot's.)")
+
+
+def skipped_snapshot(step: int, overhead: float | None) -> str:
+    """A scheduled snapshot skipped to keep snapshots within ``overhead`` of the fit."""
+    return (f"BIFCallback: skipped the snapshot scheduled at step {step}: overhead={overhead:g} has not yet earned "
+            "what the cheapest snapshot (its tuning and two chains) cost last time. Later ones are taken as the fit "
+            "earns them; raise overhead or schedule fewer snapshots to keep them all. (Shown once; the fit's end "
+            "says how many were skipped.)")
+
+
 def calibration_rejected(evidence: dict[str, Any], step: int, configured: float | None) -> str:
     """Step-size calibration accepted no candidate: why, and that the configured step size stays."""
     reasons = evidence.get("error") or "; ".join(

@@ -31,6 +31,15 @@ def manual_optimization_steps(trainer: pl.Trainer, steps_per_batch: float) -> in
     return total if math.isinf(total) else math.ceil(total)
 
 
+def schedule_span(trainer: pl.Trainer) -> tuple[int, int | None]:
+    """Optimizer steps per epoch (0 when unknown) and the fit's last step (``None`` when unbounded)."""
+    total = trainer.estimated_stepping_batches
+    end = int(total) if math.isfinite(total) else None
+    per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
+        if math.isfinite(trainer.num_training_batches) else 0
+    return per_epoch, end
+
+
 def horizon_steps(trainer: pl.Trainer, horizon: int | str | None, schedule: SnapshotSchedule, step: int,
                   last_snapshot: int) -> int | None:
     """H for a snapshot at ``step``: fixed, to the next scheduled snapshot (``"interval"``) or to the end (``"rest"``).
@@ -47,10 +56,7 @@ def horizon_steps(trainer: pl.Trainer, horizon: int | str | None, schedule: Snap
     """
     if not isinstance(horizon, str):
         return horizon
-    total = trainer.estimated_stepping_batches
-    end = int(total) if math.isfinite(total) else None
-    per_epoch = int(trainer.num_training_batches) // max(trainer.accumulate_grad_batches, 1) \
-        if math.isfinite(trainer.num_training_batches) else 0
+    per_epoch, end = schedule_span(trainer)
     following = end if horizon == "rest" else schedule.next_step(step, per_epoch, end)
     if following is not None and following > step:
         return following - step

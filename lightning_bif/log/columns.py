@@ -272,6 +272,20 @@ COLUMNS: tuple[Column, ...] = (
            "whether the chains ran together under torch.func.vmap; else one after another, and under "
            "`vectorize=\"auto\"` `message` says why", since=3,
            see="[vmap](lightning.md#vmap-decided-once-for-every-function-a-snapshot-runs)"),
+    *(Column(name, dtype, (), f"result.diagnostics.precision.{attr}", description, since=3, chart=chart,
+             see="[Precision on demand](self-tuning.md#precision-on-demand)")
+      for name, dtype, attr, description, chart in (
+          ("target_split_half", "float64", "target", "the split-half reliability the rounds of chains aimed at; NaN "
+           "without a target", None),
+          ("chains_used", "float64", "chains", "chains the snapshot ran, over all rounds (the chain axis C is the "
+           "most the rounds may run; the rows beyond are NaN)", Chart("chains_used", default=True)),
+          ("draws_used", "float64", "draws", "draws kept per chain", None),
+          ("rounds", "float64", "rounds", "rounds of chains (1: no chains added)", None),
+          ("budget_ran_out", "bool", "budget_ran_out", "the time budget (`max_seconds`, the callback's `overhead`) or "
+           "`max_chains` stopped the rounds before the target", None),
+          ("below_target", "bool", "below_target", "the split-half stayed below the target (`message` says by how "
+           "much, what limited it and what reaching it would cost)", Chart("below_target", default=True)),
+      )),
 )
 BY_NAME: dict[str, Column] = {column.name: column for column in COLUMNS}
 #: Deprecated reader names -> the current ones.

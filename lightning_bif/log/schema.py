@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from ..estimation.rounds import chain_capacity
 from ..snapshot.record import SnapshotRecord as SnapshotRecord
 from .columns import layout
 
@@ -98,7 +99,7 @@ class RunIdentity:
         """
         train_ids, probe_ids = snapshotter.example_ids()
         return cls(config={"sgld": config.to_dict(), **(settings or {})}, train_ids=train_ids, probe_ids=probe_ids,
-                   chains=config.chains, draws=snapshotter.planned_draws(config), tokens=tokens, **labels)
+                   chains=chain_capacity(config), draws=snapshotter.planned_draws(config), tokens=tokens, **labels)
 
     def __post_init__(self) -> None:
         try:

@@ -401,6 +401,8 @@ class LogWriter:
                 values[name] = column.fill(tail)
                 continue
             stored = column.encode_value(raw)
+            if column.shape[:1] == ("C",) and stored.shape[0] < tail[0]:  # fewer chains than rounds may run
+                stored = np.concatenate([stored, column.fill((tail[0] - stored.shape[0], *stored.shape[1:]))])
             if column.shape and stored.shape != tail:
                 raise ValueError(
                     f"{name} has shape {stored.shape} but the log {self.path} stores {tail} per snapshot "

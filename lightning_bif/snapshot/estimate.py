@@ -30,8 +30,10 @@ def estimate_bif(
 ) -> BIFResult:
     """Estimate the local Bayesian influence of each training example on each probe.
 
-    Runs ``config.chains`` localized SGLD chains from the model's current weights w* and
-    returns ``BIF(z_i → φ_j) = -Cov(ℓ_i(w), φ_j(w))`` over the draws, with correlations,
+    Runs ``config.chains`` localized SGLD chains from the model's current weights w* (then more, in rounds, until
+    the split-half reliability reaches ``config.target_split_half`` or ``max_seconds`` / ``max_chains`` is spent;
+    ``result.diagnostics.precision`` says how it went) and returns
+    ``BIF(z_i → φ_j) = -Cov(ℓ_i(w), φ_j(w))`` over the draws, with correlations,
     per-entry standard errors and sampler diagnostics. The model is left exactly as it was
     (parameters, gradients, buffers, train/eval mode) and the global RNG is not advanced. A
     half-precision model is sampled as a float32 copy (:class:`~lightning_bif.snapshot.snapshotter.Snapshotter`).

@@ -12,7 +12,7 @@ derive the config a snapshot runs with from the training run's optimizer; the re
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -22,9 +22,11 @@ from torch import nn
 
 from ..config import SGLDConfig
 from ..curvature.cache import CurvatureCache
+from ..estimation.accumulator import CovarianceAccumulator
 from ..estimation.calibration import calibrate as calibrate_step_size
 from ..estimation.estimator import BIFEstimator
 from ..estimation.result import BIFResult
+from ..estimation.rounds import RoundPlan
 from ..estimation.sampler import ProgressFn
 from ..example_sets import ExampleSet, ExampleSource
 from ..functional import LossFn, float32_model, preserved_state
@@ -92,6 +94,8 @@ class Snapshotter:
         data: Where SGLD minibatches come from; default ``train``.
         collectives: The ranks sharing the chains (chain c runs on rank c mod world size); default one process.
         cache: Curvature shared by the snapshots (:mod:`lightning_bif.curvature.cache`); ``None`` measures anew.
+        clock: Seconds, monotonic: the snapshot's duration and ``SGLDConfig.max_seconds``
+            (:class:`~lightning_bif.estimation.rounds.RoundPlan`); tests pass a fake one.
 
     Example:
         >>> import torch
@@ -113,6 +117,7 @@ class Snapshotter:
     data: ExampleSource | None = None
     collectives: Collectives = field(default_factory=SingleProcess)
     cache: CurvatureCache | None = None
+    clock: Callable[[], float] = time.perf_counter
 
     def _estimator(
         self, model: nn.Module, config: SGLDConfig, device: torch.device | str | None = None,
@@ -222,37 +227,55 @@ class Snapshotter:
         Returns:
             The :class:`SnapshotOutcome`.
         """
-        start = time.perf_counter()
+        start = self.clock()
         collectives, world = self.collectives, self.collectives.world_size
-        chains = [c for c in range(config.chains) if c % world == collectives.rank]
         model = float32_model(model)
         estimator: BIFEstimator | None = None
         error: Exception | None = None
+        plan = RoundPlan(config, self.clock, start)
         with torch.inference_mode(False):  # SGLD needs gradients, also inside a validation hook
             try:
                 estimator = self._estimator(model, config, device, vectorized)
                 threads = default_snapshot_threads(model, estimator.device)
                 with preserved_state(model, [estimator.device]), snapshot_threads(threads):
                     estimator.prepare()
+                    plan = RoundPlan(config, self.clock, start, estimator.max_chains())
+                    plan.begin_round(config.chains)
                     # The runaway rerun is decided per process; under DDP every rank must sample alike.
                     sample = estimator.sample_checked if world == 1 else estimator.sample
-                    accumulator = sample(chains, progress)
+                    accumulator = sample(self._rank_chains(0, config.chains), progress)
             except Exception as caught:  # a failed snapshot is recorded; training goes on
                 error = caught
-            failed = error is not None
+            failed = collectives.any(error is not None) if world > 1 else error is not None
+            while not failed:
+                merged = self._merged(accumulator)
+                add = 0
+                if plan.active:  # rank 0 decides (on its clock), so every rank runs the same rounds
+                    add = collectives.broadcast(plan.next_chains(merged.split_half(len(estimator.probes)))
+                                                if collectives.rank == 0 else None)
+                if not add:
+                    accumulator = merged
+                    break
+                plan.begin_round(add)
+                try:
+                    with preserved_state(model, [estimator.device]):
+                        estimator.sample_more(accumulator, self._rank_chains(plan.chains - add, plan.chains),
+                                              plan.chains, progress)
+                except Exception as caught:
+                    error = caught
+                failed = collectives.any(error is not None) if world > 1 else error is not None
             if world > 1:
                 # A rank whose chains fell back from vmap makes every rank's result count as sequential.
                 if collectives.any(not failed and bool(vectorized) and not estimator.vectorized) and not failed:
                     estimator.vectorized = False
-                failed = collectives.any(failed)
             if failed:
                 message = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-                return SnapshotOutcome(None, "failed", message, config.step_size, time.perf_counter() - start, error,
+                return SnapshotOutcome(None, "failed", message, config.step_size, self.clock() - start, error,
                                        vectorized, sequential_reason)
-            if world > 1:
-                for tensor in accumulator.tensors():  # chains are disjoint across ranks: the sum is their union
-                    tensor.copy_(collectives.sum(tensor))
-            result = estimator.summarize(accumulator, time.perf_counter() - start)
+            if plan.chains != estimator.config.chains:
+                estimator.config = estimator.config.replace(chains=plan.chains)
+            result = estimator.summarize(accumulator, self.clock() - start)
+            result.diagnostics.precision = plan.outcome(result.diagnostics.split_half, estimator.config.draws)
         if vectorized is None:  # decided by this snapshot
             vectorized, sequential_reason = result.diagnostics.vectorized, estimator.sequential_reason
         elif vectorized and not result.diagnostics.vectorized:
@@ -262,8 +285,20 @@ class Snapshotter:
         status, message = result.status, result.divergence or result.suspicion or ""
         if sequential_reason is not None and not message:
             message = f"chains ran one after another: {sequential_reason}"
-        return SnapshotOutcome(result, status, message, result.config.step_size, time.perf_counter() - start,
+        if not message and result.diagnostics.precision is not None:
+            message = result.diagnostics.precision.shortfall()
+        return SnapshotOutcome(result, status, message, result.config.step_size, self.clock() - start,
                                None, vectorized, sequential_reason)
+
+    def _rank_chains(self, first: int, end: int) -> list[int]:
+        """This rank's share of the chains ``first .. end - 1`` (chain c runs on rank c mod world size)."""
+        return [c for c in range(first, end) if c % self.collectives.world_size == self.collectives.rank]
+
+    def _merged(self, accumulator: CovarianceAccumulator) -> CovarianceAccumulator:
+        """The union of every rank's chains (disjoint across ranks: their sum); this rank's is left as it is."""
+        if self.collectives.world_size == 1:
+            return accumulator
+        return accumulator.mapped(lambda tensor: self.collectives.sum(tensor.clone()))
 
 
 class ConfigFromTraining(NamedTuple):

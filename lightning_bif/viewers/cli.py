@@ -66,9 +66,11 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
     print(f"\n{'step':>8} {'epoch':>5}  {'status':<8} {'duration':>8} {'split-half':>10} {'loss rise':>10} "
           f"{'step size':>9}  most helpful | most harmful (BIF: negative = helpful; {_IDS_NOTE})", file=out)
     rows = range(len(log)) if last is None else range(max(0, len(log) - last), len(log))
+    below = np.zeros(len(log), bool) if log.below_target is None else np.asarray(log.below_target, bool)
     for row in rows:
+        short = "!" if below[row] else " "  # stopped below its split-half target
         line = (f"{log.steps[row]:>8} {log.epochs[row]:>5}  {log.status[row]:<8} {log.duration_s[row]:>7.2f}s "
-                f"{log.split_half[row]:>10.3f} {log.loss_rise[row]:>10.3g} {log.step_size[row]:>9.3g}  ")
+                f"{log.split_half[row]:>9.3f}{short} {log.loss_rise[row]:>10.3g} {log.step_size[row]:>9.3g}  ")
         pairs = extremes(log.influence[row])
         if pairs is None:
             line += log.message[row][:80] or "no estimate"
@@ -78,9 +80,10 @@ def summary(log: InfluenceLog, out: TextIO, last: int | None = None) -> None:
                     f"{_pair(log, harmful.probe, harmful.train, harmful.influence)}"
         print(line, file=out)
     print(f"split-half: {BY_NAME['split_half'].description}; near 1: reproducible, near 0: mostly noise "
-          "(BIFCallback warns below min_split_half=0.3).\n"
+          "(BIFCallback warns below its min_split_half).\n"
           f"loss rise: {BY_NAME['loss_rise'].description}; large means drift or too large a step size.", file=out)
     _print_not_ok(log, rows, out)
+    _print_below_target(log, below, out)
     _print_tuning(log, out)
     usable = np.flatnonzero(log.status != "failed")
     if (log.train_groups is not None or log.probe_groups is not None) and len(usable):
@@ -108,6 +111,15 @@ def _print_not_ok(log: InfluenceLog, rows: range, out: TextIO) -> None:
         if found:
             print(f"{status} ({len(found)}, last at step {log.steps[found[-1]]}): {meaning}. "
                   f"{log.message[found[-1]][:200]}", file=out)
+
+
+def _print_below_target(log: InfluenceLog, below: np.ndarray, out: TextIO) -> None:
+    """The snapshots whose rounds of chains stopped below the split-half target (format 3), and why."""
+    rows = np.flatnonzero(below)
+    if not len(rows):
+        return
+    print(f"\n! {len(rows)} snapshot(s) stopped below their split-half target (their entries are noisier than "
+          f"asked); the last, at step {log.steps[rows[-1]]}: {log.message[rows[-1]]}", file=out)
 
 
 def _print_tuning(log: InfluenceLog, out: TextIO) -> None:

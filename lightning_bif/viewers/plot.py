@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("png", "pdf", "svg")
 FIGURES = ("groups", "pairs", "matrix", "sign_changes", "top_examples")
-SPLIT_HALF_WARN = 0.3  # BIFCallback's default min_split_half: below it a snapshot's ranking is mostly noise
+SPLIT_HALF_WARN = 0.5  # BIFCallback's default min_split_half: below it a snapshot loses > 1/5 of its LDS to noise
 _LINE_STYLES = ("-", "--", ":", "-.")
 _NON_OK = "#9e9e9e"
 # A suspect snapshot has numbers that may be inflated, not none: marked apart from diverged and failed ones.
@@ -232,6 +232,12 @@ def _header(figure: Figure | SubFigure, log: InfluenceLog) -> tuple[Axes, Axes]:
     loss_axis.legend(loc="best", fontsize="small", frameon=False)
     strip.plot(steps[rows], log.split_half[rows], "o-", color="tab:green", ms=3, lw=1.2)
     strip.axhline(SPLIT_HALF_WARN, color="tab:red", lw=0.8, ls=":")
+    if log.below_target is not None:  # format 3: snapshots whose budget ran out below the target
+        short = rows[np.asarray(log.below_target, bool)[rows]]
+        strip.plot(steps[short], log.split_half[short], "x", color="tab:red", ms=6,
+                   label="below target (budget ran out)")
+        if len(short):
+            strip.legend(loc="lower right", fontsize="x-small", frameon=False)
     strip.set_ylim(min(0.0, float(np.nanmin(log.split_half[rows], initial=0.0))) - 0.05, 1.05)
     strip.set_ylabel("split-\nhalf", rotation=0, ha="right", va="center", fontsize="small")
     strip.tick_params(labelsize="small")

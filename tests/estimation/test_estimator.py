@@ -18,8 +18,9 @@ from lightning_bif.estimation.accumulator import CovarianceAccumulator
 from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.example_sets import ExampleSet
 
+# One round of chains (no split-half target): these tests check one estimate's steps (test_rounds.py the rounds).
 FAST = SGLDConfig(chains=2, draws=8, burn_in=4, thin=1, step_size=1e-3, localization=100.0,
-                  batch_size=16, seed=0)
+                  batch_size=16, seed=0, target_split_half=None)
 
 
 @pytest.fixture(scope="module")

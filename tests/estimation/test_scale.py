@@ -59,7 +59,8 @@ def test_sampling_a_subset_keeps_the_chain_state_at_the_subsets_size_and_leaves_
 
 def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_gives_the_same_result_as_smaller_batches() -> None:
     model, train, probes = problem()
-    config = SGLDConfig(chains=4, draws=6, burn_in=2, step_size=1e-3, vectorize=True)
+    # One round: added chains would run in other vmap batches than the halves' (equal only up to rounding).
+    config = SGLDConfig(chains=4, draws=6, burn_in=2, step_size=1e-3, vectorize=True, target_split_half=None)
     state = {"armed": False, "fired": False}
 
     def progress(done: int, total: int) -> None:

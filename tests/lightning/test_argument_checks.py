@@ -1,4 +1,4 @@
-"""BIFCallback's argument checks (lightning/argument_checks.py): what passes, and errors that name the argument."""
+"""BIFCallback's argument and label checks (argument_checks.py, example_labels.py): errors name the argument."""
 
 from __future__ import annotations
 
@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_bif.lightning.argument_checks import (
-    CALIBRATION_OPTIONS,
-    calibration_options,
-    check_options,
-    display_texts,
-    labels_per_example,
-)
+from lightning_bif.lightning.argument_checks import CALIBRATION_OPTIONS, calibration_options, check_options
+from lightning_bif.lightning.example_labels import display_texts, labels_per_example
 
 VALID = dict(if_exists="error", tensorboard=True, min_split_half=None, num_threads=None, horizon="interval",
              loss_fn=None, probe_fn=None)

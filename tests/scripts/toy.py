@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_bif import SGLDConfig
 
-FAST = SGLDConfig(chains=2, draws=10, burn_in=5, thin=1, step_size=1e-4, batch_size=32, localization=100.0)
+FAST = SGLDConfig(chains=2, draws=10, burn_in=5, thin=1, step_size=1e-4, batch_size=32, localization=100.0,
+                  target_split_half=None)
 
 
 def toy_dataset(n: int = 192, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:

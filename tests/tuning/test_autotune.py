@@ -163,7 +163,8 @@ def test_calibration_pilots_measure_the_curvature_once(monkeypatch) -> None:
 
 def test_tuning_is_logged_and_summarized_and_a_version_1_log_reads_none(tmp_path, capsys) -> None:
     model, train, probes = _trained_mlp()
-    result = estimate_bif(model, cross_entropy, train, probes, config=SGLDConfig(chains=2, burn_in=2, draws=4))
+    result = estimate_bif(model, cross_entropy, train, probes, config=SGLDConfig(chains=2, burn_in=2, draws=4,
+                                                                                    target_split_half=None))
     path = tmp_path / "bif.h5"
     identity = RunIdentity({"sgld": result.config.to_dict()}, np.arange(96), np.arange(6), chains=2, draws=4)
     with LogWriter(path, identity) as writer:
