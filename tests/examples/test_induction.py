@@ -50,11 +50,11 @@ def test_token_classes_separate_first_occurrences_from_copyable_repeats():
 
 def test_repeats_start_at_random_offsets_with_random_lengths_so_position_cannot_predict_the_copy():
     example = _example()
-    ids, spans = example.sequences(2000, LENGTH, True, torch.Generator().manual_seed(0), (4, 10))
+    ids, spans = example.sequences(2000, LENGTH, True, torch.Generator().manual_seed(0))
     for row, (r, m) in zip(ids.tolist(), spans.tolist(), strict=True):
-        assert 4 <= m <= 10 and 0 <= r <= LENGTH - 2 * m and row[r + m:r + 2 * m] == row[r:r + m]
+        assert 6 <= m <= 11 and 0 <= r <= LENGTH - 2 * m and row[r + m:r + 2 * m] == row[r:r + m]
     # Offsets and lengths both vary, so neither where the copy starts nor how far back its source lies is fixed.
-    assert len(set(spans[:, 0].tolist())) >= 10 and set(spans[:, 1].tolist()) == set(range(4, 11))
+    assert len(set(spans[:, 0].tolist())) >= 10 and set(spans[:, 1].tolist()) == set(range(6, 12))
     ids, spans = example.sequences(5, LENGTH, False, torch.Generator().manual_seed(0))
     assert ids.shape == (5, LENGTH) and not spans.any()
 
