@@ -19,7 +19,7 @@ sequences, so one log entry with its own standard error is the influence of the 
 example also computes the classical influence function (damped Gauss-Newton, solved by conjugate gradients)
 of the same groups on the same probe tokens, with the damping the posterior has (λ + γ/nβ).
 
-    python examples/induction.py            # about 3-4 minutes of CPU; writes runs/induction/version_N/
+    python examples/induction.py            # about 3.5 minutes of CPU; writes runs/induction/version_N/
     python examples/induction.py --quick    # a shortened run (seconds): the pipeline, not the science
     lightning-bif summary runs/induction/version_0/influence.h5
     lightning-bif tokens runs/induction/version_0/influence.h5 --probe 0 --group repeat
