@@ -1,12 +1,16 @@
 """Influence dynamics across induction-head formation in a two-layer attention-only transformer.
 
-The Olsson et al. (2022) toy: half of the training sequences repeat a random first half ("abc...abc..."),
-the other half are random throughout. A two-layer attention-only transformer (pure torch, random init,
-nothing downloaded) sits on a loss plateau, then learns an induction circuit (a previous-token head in
-layer 0 composed with an induction head in layer 1) and the loss on the repeated tokens drops sharply.
+The Olsson et al. (2022) toy: half of the training sequences are random letters except for one span of random
+length (6-11 tokens) at a random offset that is repeated at once ("..xabcdabcdy.."); the other half are random
+throughout. Because neither where the copy starts nor how far back its first occurrence lies is fixed, position
+alone cannot predict the copy: the model has to find the current token's earlier occurrence and read the token
+after it. A two-layer attention-only transformer (pure torch, random init, nothing downloaded) sits on a loss
+plateau, then forms that circuit (a previous-token head in layer 0 composed with an induction head in layer 1),
+and the loss on the repeated tokens drops sharply while both heads' scores rise.
 
 The transition is measured without the BIF: a pilot run (the same seed, no callback) records the loss on
-first-occurrence and repeated tokens and the layer-1 heads' prefix-matching score on held-out sequences; the
+first-occurrence and repeated tokens and both layers' head scores (layer 0: previous token; layer 1: prefix
+matching) on held-out repeated sequences; the
 midpoint of the repeated-token loss drop is the transition step, with a bootstrap standard error over the
 held-out sequences. The BIF run then takes snapshots dense around it. ``BIFCallback`` with
 ``SGLDConfig(per_token=True)`` tracks *packs* of training sequences (a pack's loss is the mean loss of its 8
@@ -15,12 +19,12 @@ sequences, so one log entry with its own standard error is the influence of the 
 example also computes the classical influence function (damped Gauss-Newton, solved by conjugate gradients)
 of the same groups on the same probe tokens, with the damping the posterior has (λ + γ/nβ).
 
-    python examples/induction.py            # about 3-4 minutes of CPU; writes runs/induction/version_N/
+    python examples/induction.py            # about 3.5 minutes of CPU; writes runs/induction/version_N/
     python examples/induction.py --quick    # a shortened run (seconds): the pipeline, not the science
     lightning-bif summary runs/induction/version_0/influence.h5
     lightning-bif tokens runs/induction/version_0/influence.h5 --probe 0 --group repeat
 
-Outputs next to the log: ``induction_loss.png`` (loss on first-occurrence vs repeated tokens, prefix matching),
+Outputs next to the log: ``induction_loss.png`` (loss on first-occurrence vs repeated tokens, both head scores),
 ``induction_tokens.png`` (per-token BIF of each group on a probe before, during and after the transition),
 ``induction_groups.png`` (group curves with the transition marked, and the classical IF), ``tokens.html`` and
 ``results.json`` (every number printed). docs/induction.md discusses what they show.
@@ -58,21 +62,40 @@ VOCAB = list("abcdefghijklmnopqrstuvwxyzABCDEF")
 GROUPS = ("repeat", "random")
 
 
-def sequences(count: int, half: int, repeat: bool, generator: torch.Generator) -> torch.Tensor:
-    """``count`` sequences of ``2 * half`` tokens: a random first half, then a copy of it (``repeat``) or more noise."""
-    first = torch.randint(len(VOCAB), (count, half), generator=generator)
-    second = first if repeat else torch.randint(len(VOCAB), (count, half), generator=generator)
-    return torch.cat([first, second], dim=1)
+def sequences(count: int, length: int, repeat: bool, generator: torch.Generator,
+              spans: tuple[int, int] = (6, 11)) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` random sequences of ``length`` tokens; with ``repeat``, each contains one span that repeats at once.
 
-
-def token_classes(half: int) -> dict[str, np.ndarray]:
-    """Which token-loss positions (targets t + 1 of a ``2 * half`` sequence) are first occurrences or repeats.
-
-    Target ``half`` starts the copy and cannot be predicted (the model cannot know where a repeat starts), so it
-    is in neither class; targets ``half + 1 ...`` can be copied by an induction head.
+    A repeat sequence is noise, except that a span of random length ``m`` (``spans[0] ... spans[1]``) starting at a
+    random offset ``r`` is followed by a copy of itself (tokens ``r ... r + m - 1`` again at ``r + m ... r + 2m -
+    1``), then noise again. Neither where the copy starts nor how far back its first occurrence lies is fixed, so
+    position alone cannot predict the copy: a model must find the current token's earlier occurrence and read the
+    token after it (a previous-token head composed with an induction head). Returns the ids ``[count, length]``
+    and the spans ``[count, 2]`` (``r``, ``m``; ``0, 0`` for sequences without a repeat).
     """
-    targets = np.arange(1, 2 * half)
-    return {"first": np.flatnonzero(targets < half), "repeated": np.flatnonzero(targets > half)}
+    ids = torch.randint(len(VOCAB), (count, length), generator=generator)
+    span = torch.zeros(count, 2, dtype=torch.long)
+    if repeat:
+        span[:, 1] = torch.randint(spans[0], spans[1] + 1, (count,), generator=generator)
+        span[:, 0] = (torch.rand(count, generator=generator) * (length - 2 * span[:, 1] + 1)).long()
+        for row, (r, m) in enumerate(span.tolist()):
+            ids[row, r + m:r + 2 * m] = ids[row, r:r + m]
+    return ids, span
+
+
+def token_classes(spans: torch.Tensor, length: int) -> dict[str, np.ndarray]:
+    """Which token losses (targets t + 1 of each ``length``-token sequence) are first occurrences or repeats.
+
+    Boolean masks ``[count, length - 1]`` per class: ``first`` the targets inside the first occurrence of the span
+    (``r + 1 ... r + m - 1``: the span's first token follows noise), ``repeated`` the copy from its second token on
+    (``r + m + 1 ... r + 2m - 1``: those an induction head can predict). The copy's first token cannot be predicted
+    (nothing says where a repeat starts) and is in neither class, nor is any noise.
+    """
+    targets = torch.arange(1, length)
+    r, m = spans[:, :1], spans[:, 1:]
+    first = (targets > r) & (targets < r + m)
+    repeated = (targets > r + m) & (targets < r + 2 * m)
+    return {"first": first.numpy(), "repeated": repeated.numpy()}
 
 
 def next_token_losses(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
@@ -110,7 +133,7 @@ class AttentionOnly(pl.LightningModule):
     tracked training "examples" are such packs, so one BIF entry is the influence of K sequences together).
     """
 
-    def __init__(self, length: int, width: int = 64, heads: int = 2, layers: int = 2, lr: float = 1e-3,
+    def __init__(self, length: int, width: int = 64, heads: int = 2, layers: int = 2, lr: float = 3e-3,
                  weight_decay: float = 0.01) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -156,8 +179,9 @@ class Monitor(pl.Callback):
     token after its first occurrence). Also keeps a copy of the weights at ``keep_steps`` (for the classical IF).
     """
 
-    def __init__(self, held_out: torch.Tensor, every: int, keep_steps: tuple[int, ...] = ()) -> None:
-        self.held_out, self.every, self.keep_steps = held_out, every, set(keep_steps)
+    def __init__(self, held_out: tuple[torch.Tensor, torch.Tensor], every: int,
+                 keep_steps: tuple[int, ...] = ()) -> None:
+        (self.held_out, self.spans), self.every, self.keep_steps = held_out, every, set(keep_steps)
         self.steps: list[int] = []
         self.first: list[np.ndarray] = []
         self.repeated: list[np.ndarray] = []
@@ -169,19 +193,25 @@ class Monitor(pl.Callback):
     def measure(self, model: AttentionOnly, step: int) -> None:
         was_training = model.training
         model.eval()
-        ids = self.held_out
-        half = ids.shape[1] // 2
+        ids, spans = self.held_out, self.spans
         patterns: list[torch.Tensor] = []
         logits = model(ids[:, :-1], patterns)
         losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        classes = token_classes(half)
-        # Query positions whose token is a repeat with a successor inside the input: half ... 2 * half - 2.
-        query = torch.arange(half, 2 * half - 1)
+        classes = {name: torch.from_numpy(mask).float() for name, mask in token_classes(spans, ids.shape[1]).items()}
+        # Prefix matching: from a repeated token (input position q, whose target q + 1 is in the "repeated"
+        # class) to the token after its first occurrence, q - m + 1. Previous token: from every position q ≥ 1
+        # to q - 1.
+        count, heads, length, _ = patterns[1].shape
+        query = torch.arange(length)
+        key = (query - spans[:, 1:] + 1).clamp(min=0)  # [count, length]
+        matching = patterns[1].gather(-1, key[:, None, :, None].expand(count, heads, length, 1))[..., 0]
+        repeated = classes["repeated"][:, None, :]
+        previous = patterns[0][:, :, query[1:], query[1:] - 1]
         self.steps.append(step)
-        self.first.append(losses[:, classes["first"]].mean(dim=1).numpy())
-        self.repeated.append(losses[:, classes["repeated"]].mean(dim=1).numpy())
-        self.previous_token.append(patterns[0][:, :, query, query - 1].mean(dim=2).numpy())
-        self.prefix_matching.append(patterns[1][:, :, query, query - half + 1].mean(dim=2).numpy())
+        self.first.append(((losses * classes["first"]).sum(1) / classes["first"].sum(1)).numpy())
+        self.repeated.append(((losses * classes["repeated"]).sum(1) / classes["repeated"].sum(1)).numpy())
+        self.previous_token.append(previous.mean(dim=2).numpy())
+        self.prefix_matching.append(((matching * repeated).sum(2) / repeated.sum(2)).numpy())
         model.train(was_training)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: AttentionOnly) -> None:
@@ -197,7 +227,8 @@ class Monitor(pl.Callback):
 
 @dataclass
 class Transition:
-    """The transition step from the held-out repeated-token loss: the midpoint of its drop, with a bootstrap SE."""
+    """The transition step from the held-out repeated-token loss minus the first-occurrence loss: the midpoint of
+    its drop, with a bootstrap SE."""
 
     step: float
     stderr: float
@@ -222,8 +253,18 @@ def crossing(steps: np.ndarray, curve: np.ndarray, fraction: float) -> float:
     return float(np.interp(level, [curve[i], curve[i - 1]], [steps[i], steps[i - 1]]))
 
 
+def in_context_advantage(monitor: Monitor) -> np.ndarray:
+    """Per held-out sequence and measurement, ``[S, n]``: the loss on repeated tokens minus that on first occurrences.
+
+    The difference takes out what the model learns without the circuit (letter frequencies, in the first ~100
+    steps), which lowers both losses alike; what remains falls only when copying starts.
+    """
+    return np.stack(monitor.repeated) - np.stack(monitor.first)
+
+
 def transition(steps: np.ndarray, per_sequence: np.ndarray, resamples: int = 200) -> Transition:
-    """The transition of the mean repeated-token loss ``per_sequence [S, n]``; the SE resamples the n sequences."""
+    """The transition of the mean of ``per_sequence [S, n]`` (e.g. ``in_context_advantage``); the SE resamples the n
+    sequences."""
     rng = np.random.default_rng(0)
     curve = per_sequence.mean(axis=1)
     boot = [crossing(steps, per_sequence[:, rng.integers(0, per_sequence.shape[1], per_sequence.shape[1])]
@@ -317,6 +358,9 @@ def classical_influence(model: AttentionOnly, weights: dict[str, torch.Tensor], 
 def group_curves(log: object, classes: dict[str, np.ndarray], probe_rows: np.ndarray) -> dict[str, dict]:
     """Per snapshot, the mean per-token BIF of one pack of each group on each token class of ``probe_rows``.
 
+    ``classes`` are the probes' token masks ``{class: [P, T]}`` (``token_classes``); the mean is over the masked
+    tokens of all ``probe_rows`` together and over the group's packs.
+
     Returns ``{group: {class: [S]}}`` and, under ``{group: {class + "_se": [S]}}``, the mean of the entries'
     standard errors: an upper bound of the standard error of the mean (the entries share draws; the log keeps no
     per-chain values to give the exact one), so the z-scores below are lower bounds.
@@ -327,9 +371,10 @@ def group_curves(log: object, classes: dict[str, np.ndarray], probe_rows: np.nda
     for group in GROUPS:
         packs = np.flatnonzero(log.train_groups == group)
         curves[group] = {}
-        for name, positions in classes.items():
-            curves[group][name] = influence[:, :, positions][..., packs].mean(axis=(1, 2, 3))
-            curves[group][name + "_se"] = stderr[:, :, positions][..., packs].mean(axis=(1, 2, 3))
+        for name, mask in classes.items():
+            chosen = mask[probe_rows]
+            curves[group][name] = influence[:, chosen][..., packs].mean(axis=(1, 2))
+            curves[group][name + "_se"] = stderr[:, chosen][..., packs].mean(axis=(1, 2))
     return curves
 
 
@@ -345,6 +390,27 @@ def sign_changes(steps: np.ndarray, values: np.ndarray, stderr: np.ndarray) -> l
     return [{"between": [int(steps[i]), int(steps[i + 1])], "z_before": float(values[i] / stderr[i]),
              "z_after": float(values[i + 1] / stderr[i + 1])}
             for i in range(len(values) - 1) if np.sign(values[i]) != np.sign(values[i + 1])]
+
+
+def head_scores(monitor: Monitor, found: Transition, evaluation: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """Each layer's best head score at step 0, before (10 % of the loss drop) and after (90 %) the transition, at
+    the end, and the midpoint of its rise (``crossing`` of the negated curve), with the scores of uniform attention.
+    """
+    steps = np.array(monitor.steps)
+    before = int(steps[steps <= found.start][-1]) if (steps <= found.start).any() else 0
+    after = int(steps[steps >= found.end][0]) if (steps >= found.end).any() else int(steps[-1])
+    result: dict = {"before_step": before, "after_step": after}
+    for name in ("previous_token", "prefix_matching"):
+        best = np.stack(getattr(monitor, name)).mean(axis=1).max(axis=1)  # [steps]: the best head per step
+        result[name] = {"start": float(best[0]), "before": float(best[steps == before][0]),
+                        "after": float(best[steps == after][0]), "end": float(best[-1]),
+                        "midpoint": crossing(steps, -best, 0.5), "curve": best.tolist()}
+    ids, spans = evaluation
+    query = np.arange(ids.shape[1] - 1)
+    repeated = token_classes(spans, ids.shape[1])["repeated"]
+    result["previous_token_uniform"] = float(np.mean(1 / (query[1:] + 1)))
+    result["prefix_matching_uniform"] = float((repeated / (query + 1)).sum() / repeated.sum())
+    return result
 
 
 def plot_loss(path: Path, monitor: Monitor, found: Transition, snapshots: np.ndarray) -> None:
@@ -374,7 +440,7 @@ def plot_loss(path: Path, monitor: Monitor, found: Transition, snapshots: np.nda
     plt.close(fig)
 
 
-def plot_tokens(path: Path, log: object, probe: int, rows: dict[str, int], half: int) -> None:
+def plot_tokens(path: Path, log: object, probe: int, rows: dict[str, int], span: tuple[int, int]) -> None:
     """Per-token BIF of each group (mean per pack) on one probe at the before/during/after snapshots."""
     tokens = log.probe_tokens[probe]
     fig, axes = plt.subplots(len(GROUPS), 1, figsize=(9.2, 3.6))
@@ -388,13 +454,16 @@ def plot_tokens(path: Path, log: object, probe: int, rows: dict[str, int], half:
         for (r, t), value in np.ndenumerate(values):
             axis.text(t, r, tokens[t], ha="center", va="center", fontsize=8,
                       color="white" if abs(value) > 0.6 * scale else "black")
-        axis.axvline(half - 1.5, color="k", lw=1)
+        start, size = span  # the repeated span's first occurrence: targets start ... start + size - 1
+        for target, style in ((start, ":"), (start + size, "-"), (start + 2 * size, ":")):
+            axis.axvline(target - 1.5, color="k", lw=1, ls=style)
         axis.set_yticks(range(len(rows)), [f"{label} (step {int(log.steps[row])})" for label, row in rows.items()],
                        fontsize=7)
         axis.set_xticks([])
         axis.set_title(f"BIF of one '{group}' pack on each token of probe {probe} (blue helps, red harms; "
                        f"|max| = {scale:.2g})", fontsize=8)
-    axes[-1].set_xlabel("probe tokens (the letter is the target; the copy starts right of the line)", fontsize=8)
+    axes[-1].set_xlabel("probe tokens (the letter is the target): first occurrence between the dotted line and the "
+                        "solid one, its copy from the solid line to the next dotted one", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -439,15 +508,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a shortened run (seconds): checks the pipeline only")
     parser.add_argument("--steps", type=int, default=1500, help="AdamW steps")
-    parser.add_argument("--half", type=int, default=12, help="tokens in the first half of a sequence")
+    parser.add_argument("--length", type=int, default=24, help="tokens per sequence")
     parser.add_argument("--train-size", type=int, default=8192, help="training sequences (half of them repeat)")
     parser.add_argument("--packs", type=int, default=4, help="tracked packs per group")
     parser.add_argument("--pack", type=int, default=8, help="training sequences per tracked pack")
     parser.add_argument("--probes", type=int, default=6, help="held-out repeated probe sequences (plus 2 random)")
-    parser.add_argument("--chains", type=int, default=4)
-    parser.add_argument("--draws", type=int, default=40, help="draws per chain and snapshot")
+    parser.add_argument("--chains", type=int, default=6)
+    parser.add_argument("--draws", type=int, default=80, help="draws per chain and snapshot")
     parser.add_argument("--step-size", type=float, default=1e-5, help="SGLD step size ε")
-    parser.add_argument("--sparse", type=int, default=150, help="snapshot interval away from the transition")
+    parser.add_argument("--sparse", type=int, default=300, help="snapshot interval away from the transition")
     parser.add_argument("--dense", type=int, default=50, help="snapshot interval around the transition")
     parser.add_argument("--cg", type=int, default=20, help="conjugate-gradient iterations of the classical IF "
                         "(0: skip it)")
@@ -458,29 +527,30 @@ def main() -> None:
         args.chains, args.draws, args.sparse, args.dense, args.cg = 2, 6, 15, 15, 3
     torch.set_num_threads(1)  # a tiny model: threads cost more than they give on a busy CPU
     start = time.process_time()
-    half, batch_size = args.half, 64
+    length, batch_size = args.length, 64
     generator = torch.Generator().manual_seed(0)
-    by_group = {group: sequences(args.train_size // 2, half, group == "repeat", generator) for group in GROUPS}
+    by_group = {group: sequences(args.train_size // 2, length, group == "repeat", generator)[0] for group in GROUPS}
     train = TensorDataset(torch.cat([by_group[group] for group in GROUPS]))
     tracked_packs = torch.stack([by_group[group][i * args.pack:(i + 1) * args.pack]
                                  for group in GROUPS for i in range(args.packs)])
     tracked_groups = [group for group in GROUPS for _ in range(args.packs)]
     held_out = torch.Generator().manual_seed(1)
-    probe_ids = torch.cat([sequences(args.probes, half, True, held_out), sequences(2, half, False, held_out)])
+    probes = [sequences(args.probes, length, True, held_out), sequences(2, length, False, held_out)]
+    probe_ids, probe_spans = (torch.cat(parts) for parts in zip(*probes, strict=True))
     probe_groups = ["repeat"] * args.probes + ["random"] * 2
-    evaluation = sequences(512, half, True, held_out)
-    classes = token_classes(half)
+    evaluation = sequences(512, length, True, held_out)
+    classes = token_classes(probe_spans, length)  # {class: [probes, length - 1]} masks
 
     # Pilot: the transition from the loss alone, before any BIF, to place the snapshots.
     pl.seed_everything(0, verbose=False)
     pilot = Monitor(evaluation, every=10)
-    fit(AttentionOnly(2 * half - 1), train, args.steps, [pilot], False, batch_size)
-    pilot_transition = transition(np.array(pilot.steps), np.stack(pilot.repeated))
+    fit(AttentionOnly(length - 1), train, args.steps, [pilot], False, batch_size)
+    pilot_transition = transition(np.array(pilot.steps), in_context_advantage(pilot))
     at_steps = snapshot_steps(args.steps, pilot_transition, args.sparse, args.dense)
     pilot_cpu = time.process_time() - start
 
     pl.seed_everything(0, verbose=False)
-    nbeta = float(len(train) * (2 * half - 1))  # training tokens: the likelihood is a sum over tokens
+    nbeta = float(len(train) * (length - 1))  # training tokens: the likelihood is a sum over tokens
     bif = BIFCallback(
         train=TensorDataset(tracked_packs),
         probes=TensorDataset(probe_ids),
@@ -497,25 +567,32 @@ def main() -> None:
     )
     monitor = Monitor(evaluation, every=10, keep_steps=tuple(at_steps))
     logger = TensorBoardLogger(args.root, name="induction")
-    model = AttentionOnly(2 * half - 1)
+    model = AttentionOnly(length - 1)
     trainer = fit(model, train, args.steps, [bif, monitor], logger, batch_size)
     run_cpu = time.process_time() - start - pilot_cpu
     steps_seen = np.array(monitor.steps)
-    found = transition(steps_seen, np.stack(monitor.repeated))
+    found = transition(steps_seen, in_context_advantage(monitor))
     repeat_drift = float(np.abs(np.stack(monitor.repeated) - np.stack(pilot.repeated)).max())
     print(f"\nTrained a {sum(p.numel() for p in model.parameters()):,}-parameter two-layer attention-only transformer "
-          f"on {len(train)} sequences of {2 * half} tokens (half repeat a random first half): {trainer.global_step} "
+          f"on {len(train)} sequences of {length} tokens (half contain a span of random length at a random offset, "
+          f"repeated at once): {trainer.global_step} "
           f"steps, {len(at_steps)} BIF snapshots. The pilot run without the callback gave the same held-out loss "
           f"curve up to {repeat_drift:.1e}.")
-    print(f"Transition (held-out repeated-token loss, midpoint of its drop): step {found.step:.0f} ± "
-          f"{found.stderr:.1f} (bootstrap SE over 512 held-out sequences); 10 %-90 % of the drop: steps "
-          f"{found.start:.0f}-{found.end:.0f}.")
-    prefix = np.stack(monitor.prefix_matching).mean(axis=1).max(axis=1)
-    print(f"Best layer-1 prefix-matching score: {prefix[0]:.2f} at step 0, {prefix[-1]:.2f} at the end "
-          f"(uniform attention over the prefix would give about {2 / (3 * half):.2f}).")
+    print(f"Transition (held-out repeated-token loss minus first-occurrence loss, midpoint of its drop): step "
+          f"{found.step:.0f} ± {found.stderr:.1f} (bootstrap SE over 512 held-out sequences); 10 %-90 % of the "
+          f"drop: steps {found.start:.0f}-{found.end:.0f}.")
+    scores = head_scores(monitor, found, evaluation)
+    print(f"Head scores (held-out repeated sequences, best head of the layer; uniform causal attention would give "
+          f"{scores['previous_token_uniform']:.2f} and {scores['prefix_matching_uniform']:.2f}):")
+    for name, layer in (("previous_token", "layer-0 previous-token"), ("prefix_matching", "layer-1 prefix-matching")):
+        print(f"  {layer:24s} step 0: {scores[name]['start']:.2f}, before the transition (step "
+              f"{scores['before_step']}): {scores[name]['before']:.2f}, after it (step {scores['after_step']}): "
+              f"{scores[name]['after']:.2f}, end: {scores[name]['end']:.2f}; rise midpoint at step "
+              f"{scores[name]['midpoint']:.0f}")
 
     path = Path(bif.resolved_log_path)
-    results: dict[str, object] = {"transition": vars(found), "snapshot_steps": at_steps}
+    results: dict[str, object] = {"transition": vars(found), "head_scores": scores, "snapshot_steps": at_steps,
+                                  "probe_spans": probe_spans.tolist()}
     with open_log(path) as log:
         usable = log.status == "ok"
         print(f"Influence log: {path} ({len(log)} snapshots, status {sorted(set(log.status.tolist()))}, "
@@ -556,13 +633,13 @@ def main() -> None:
         during = int(np.argmin(np.abs(steps - found.step)))
         rows = {"before": int(np.flatnonzero(usable)[before]), "during": int(np.flatnonzero(usable)[during]),
                 "after": int(np.flatnonzero(usable)[after])}
-        plot_tokens(out / "induction_tokens.png", log, 0, rows, half)
+        plot_tokens(out / "induction_tokens.png", log, 0, rows, tuple(probe_spans[0].tolist()))
         classical = None
         classical_start = time.process_time()
         if args.cg:
             damping = float(log.config["sgld"]["weight_decay"]) + float(np.nanmedian(log.localization)) / nbeta
             data = train.tensors[0][torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:128]]
-            group_ids = {group: tracked_packs[np.array(tracked_groups) == group].reshape(-1, 2 * half)
+            group_ids = {group: tracked_packs[np.array(tracked_groups) == group].reshape(-1, length)
                          for group in GROUPS}
             classical = {"steps": [], "damping": damping, "cg_residual": 0.0,
                          **{g: {name: [] for name in classes} for g in GROUPS}}
@@ -572,10 +649,10 @@ def main() -> None:
                 classical["steps"].append(int(step))
                 classical["cg_residual"] = max(classical["cg_residual"], residual)
                 for group in GROUPS:
-                    for name, positions in classes.items():
+                    for name, mask in classes.items():
                         # ℓ_g is the mean loss of the group's packs, so its IF is the mean of the packs' IFs: the
-                        # same unit as the BIF curve (the mean over packs).
-                        classical[group][name].append(float(values[group][:, positions].mean()))
+                        # same unit as the BIF curve (the mean over packs and the masked probe tokens).
+                        classical[group][name].append(float(values[group][mask[repeat_rows]].mean()))
             results["classical"] = classical
             c = np.array(classical["repeat"]["repeated"])
             print(f"\nClassical IF (Gauss-Newton, damping λ + γ/nβ = {damping:.3g}, {args.cg} CG iterations, worst "

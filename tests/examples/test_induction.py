@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lightning_bif import open_log
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "induction.py"
-HALF, PACKS, PROBES = 12, 2, 2  # --quick: 12-token halves, 2 packs per group, 2 repeated + 2 random probes
+LENGTH, PACKS, PROBES = 24, 2, 2  # --quick: 24-token sequences, 2 packs per group, 2 repeated + 2 random probes
 
 
 def _example():
@@ -40,8 +41,22 @@ def test_transition_is_the_midpoint_of_the_drop_with_a_bootstrap_error():
 
 
 def test_token_classes_separate_first_occurrences_from_copyable_repeats():
-    classes = _example().token_classes(4)  # targets 1..7 of "abcdabcd": b c d | a | b c d
-    assert classes["first"].tolist() == [0, 1, 2] and classes["repeated"].tolist() == [4, 5, 6]
+    # "xabcabcyz" (r = 1, m = 3): targets 1..8 are a b c | a | b c | y z; loss index = target - 1.
+    classes = _example().token_classes(torch.tensor([[1, 3], [0, 0]]), 9)
+    assert np.flatnonzero(classes["first"][0]).tolist() == [1, 2]
+    assert np.flatnonzero(classes["repeated"][0]).tolist() == [4, 5]
+    assert not classes["first"][1].any() and not classes["repeated"][1].any()  # no repeat, no classes
+
+
+def test_repeats_start_at_random_offsets_with_random_lengths_so_position_cannot_predict_the_copy():
+    example = _example()
+    ids, spans = example.sequences(2000, LENGTH, True, torch.Generator().manual_seed(0))
+    for row, (r, m) in zip(ids.tolist(), spans.tolist(), strict=True):
+        assert 6 <= m <= 11 and 0 <= r <= LENGTH - 2 * m and row[r + m:r + 2 * m] == row[r:r + m]
+    # Offsets and lengths both vary, so neither where the copy starts nor how far back its source lies is fixed.
+    assert len(set(spans[:, 0].tolist())) >= 10 and set(spans[:, 1].tolist()) == set(range(6, 12))
+    ids, spans = example.sequences(5, LENGTH, False, torch.Generator().manual_seed(0))
+    assert ids.shape == (5, LENGTH) and not spans.any()
 
 
 def test_quick_run_logs_per_token_influence_measures_the_transition_and_writes_the_figures(tmp_path):
@@ -58,15 +73,16 @@ def test_quick_run_logs_per_token_influence_measures_the_transition_and_writes_t
     with open_log(path) as log:
         assert len(log) == len(results["snapshot_steps"]) and (log.status == "ok").all()
         assert log.steps.tolist() == results["snapshot_steps"] == results["bif_steps"]
-        assert log.token_influence.shape == (len(log), 2 * PROBES, 2 * HALF - 1, 2 * PACKS)
+        assert log.token_influence.shape == (len(log), 2 * PROBES, LENGTH - 1, 2 * PACKS)
         assert np.isfinite(log.token_influence[:]).all() and (log.token_stderr[:] > 0).all()
-        assert "".join(log.probe_tokens[0]).isalpha() and len(log.probe_tokens[0]) == 2 * HALF - 1
+        assert "".join(log.probe_tokens[0]).isalpha() and len(log.probe_tokens[0]) == LENGTH - 1
         assert log.train_groups.tolist() == ["repeat"] * PACKS + ["random"] * PACKS
         # The group curve is the mean of the log's entries over the repeat probes' copyable tokens.
-        repeated = _example().token_classes(HALF)["repeated"]
-        expected = np.asarray(log.token_influence[:])[:, :PROBES][:, :, repeated][..., :PACKS].mean(axis=(1, 2, 3))
+        repeated = _example().token_classes(torch.tensor(results["probe_spans"]), LENGTH)["repeated"][:PROBES]
+        expected = np.asarray(log.token_influence[:])[:, :PROBES][:, repeated][..., :PACKS].mean(axis=(1, 2))
     np.testing.assert_allclose(results["curves"]["repeat"]["repeated"], expected, rtol=1e-4,
                                atol=1e-4 * abs(expected).max())
+    assert set(results["head_scores"]) >= {"previous_token", "prefix_matching"}
     assert set(results["change_in_se"]) == {"peak", "end"} and results["bif_peak_step"] in results["bif_steps"]
     classical = results["classical"]
     assert classical["steps"] == results["bif_steps"]
