@@ -106,12 +106,13 @@ def peak_memory(device: torch.device) -> int:
 
 
 def config_for(workload: Workload, autocast: str | None = None) -> SGLDConfig:
-    """The estimator configuration of a workload: no burn-in, thin 1, nβ = size of the SGLD data."""
+    """The estimator configuration of a workload: no burn-in, thin 1, nβ = size of the SGLD data, one round."""
     return SGLDConfig(chains=workload.chains, draws=workload.draws, burn_in=0, thin=1,
                       step_size=workload.step_size, nbeta=float(workload.data),
                       localization=workload.localization, batch_size=workload.batch_size,
                       eval_batch_size=EVAL_BATCH, seed=SEED, autocast=autocast,
-                      preconditioner="none", control_variates=False)  # the reference loop is plain SGLD
+                      preconditioner="none", control_variates=False,  # the reference loop is plain SGLD
+                      target_split_half=None)  # fixed work: exactly the workload's chains (no rounds)
 
 
 def run_ours(model: nn.Module, workload: Workload, data: torch.Tensor, train: torch.Tensor,

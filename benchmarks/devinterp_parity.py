@@ -107,7 +107,7 @@ def rise_and_trend(draw_loss: torch.Tensor, at_center: torch.Tensor) -> tuple[fl
 def run_ours(model, data, train, probes, args, seed: int, **changes) -> tuple[torch.Tensor, float, float]:
     config = SGLDConfig(chains=args.chains, draws=args.draws, burn_in=0, thin=1, step_size=args.step_size,
                         nbeta=args.nbeta, localization=args.localization, batch_size=args.batch_size, seed=seed,
-                        preconditioner="none", control_variates=False).replace(**changes)
+                        preconditioner="none", control_variates=False, target_split_half=None).replace(**changes)
     start = time.process_time()
     result = estimate_bif(model, sequence_loss, (train,), (probes,), data=(data,), config=config)
     cpu = time.process_time() - start
@@ -119,7 +119,8 @@ def our_traces(model, data, train, probes, args, seed: int, shared: bool) -> tup
     """Our sampler's draws, losses evaluated here: ``[C, D, N + P]`` (for estimators other than the pooled one)."""
     config = SGLDConfig(chains=args.chains, draws=args.draws, burn_in=0, thin=1, step_size=args.step_size,
                         nbeta=args.nbeta, localization=args.localization, batch_size=args.batch_size, seed=seed,
-                        preconditioner="none", control_variates=False, shared_minibatch_order=shared)
+                        preconditioner="none", control_variates=False, shared_minibatch_order=shared,
+                        target_split_half=None)
     start = time.process_time()
     fmodel = FunctionalModel(model, None, torch.device("cpu"))
     sampler = SGLDSampler(fmodel, ExampleSet((data,), "data"), sequence_loss, config, args.nbeta)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -277,10 +278,41 @@ def preserved_state(model: nn.Module, devices: list[torch.device]) -> Iterator[N
                 module.training = training
 
 
-def _eager() -> AbstractContextManager[object]:
-    """Ignore ``torch.compile`` inside the block (``torch.compiler.set_stance`` exists from torch 2.6 on)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return nullcontext() if set_stance is None else set_stance("force_eager")
+class _EagerStance:
+    """Ignore ``torch.compile`` inside the block (``torch.compiler.set_stance`` exists from torch 2.6 on).
+
+    The stance is global to the process: blocks that overlap (snapshots in several threads) share one
+    ``force_eager`` entry, and the last to leave restores the stance the first one found. Each restoring
+    its own would leave the process eager when they interleave.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._entered: AbstractContextManager[object] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is None:
+            yield
+            return
+        with self._lock:
+            if self._depth == 0:
+                self._entered = set_stance("force_eager")
+                self._entered.__enter__()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._entered is not None:
+                    self._entered.__exit__(None, None, None)
+                    self._entered = None
+
+
+_eager = _EagerStance()
 
 
 def float32_model(module: nn.Module) -> nn.Module:

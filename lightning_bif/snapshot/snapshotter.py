@@ -258,7 +258,7 @@ class Snapshotter:
                     break
                 plan.begin_round(add)
                 try:
-                    with preserved_state(model, [estimator.device]):
+                    with preserved_state(model, [estimator.device]), snapshot_threads(threads):
                         estimator.sample_more(accumulator, self._rank_chains(plan.chains - add, plan.chains),
                                               plan.chains, progress)
                 except Exception as caught:

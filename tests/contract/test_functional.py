@@ -130,3 +130,23 @@ def test_preserved_state_restores_each_modules_mode_and_the_global_rng() -> None
         torch.rand(100)
     assert [m.training for m in model.modules()] == [True, True, False]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_overlapping_eager_blocks_restore_the_compile_stance_whatever_the_order_they_leave_in() -> None:
+    """Snapshots in two threads overlap: A enters, B enters, A leaves, B leaves. torch.compile must work after."""
+    from lightning_bif.functional import _eager
+
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    first, second = _eager(), _eager()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    torch._dynamo.reset()
+    torch.compile(lambda x: x * 2 + 1, backend=backend)(torch.ones(3))
+    assert len(graphs) == 1  # compiled: the process is not left in force_eager
