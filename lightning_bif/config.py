@@ -23,6 +23,11 @@ def _is_finite(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Split-half reliability below which a snapshot's single entries are mostly noise: it has lost more than a fifth
+# of its LDS (LDS ∝ √(2r/(1 + r)), measured on the LDS suite's development set-up; docs/self-tuning.md).
+MIN_SPLIT_HALF = 0.5
+
+
 @dataclass(frozen=True)
 class SGLDConfig:
     """Hyperparameters of the localized SGLD chains behind a BIF estimate.

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
-from ..config import SGLDConfig
+from ..config import MIN_SPLIT_HALF, SGLDConfig
 from ..curvature.cache import CurvatureCache
 from ..estimation.rounds import chain_capacity
 from ..example_sets import ExampleSet, ExampleSource
@@ -138,7 +138,7 @@ class BIFCallback(Callback):
         loggers: Sequence[LoggerChoice] | LoggerChoice | None = None,
         progress: bool = True,
         calibrate: bool | Mapping[str, Any] = False,
-        min_split_half: float | None = 0.5,
+        min_split_half: float | None = MIN_SPLIT_HALF,
         num_threads: int | None = None,
         horizon: int | Literal["interval", "rest"] | None = "interval",
         overhead: float | None = None,

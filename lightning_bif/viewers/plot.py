@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import MIN_SPLIT_HALF
 from ..log import InfluenceLog, PathLike, open_log
 from ..log.summaries import group_labels, group_means
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 FORMATS = ("png", "pdf", "svg")
 FIGURES = ("groups", "pairs", "matrix", "sign_changes", "top_examples")
-SPLIT_HALF_WARN = 0.5  # BIFCallback's default min_split_half: below it a snapshot loses > 1/5 of its LDS to noise
+SPLIT_HALF_WARN = MIN_SPLIT_HALF  # BIFCallback's default min_split_half (lightning_bif.config)
 _LINE_STYLES = ("-", "--", ":", "-.")
 _NON_OK = "#9e9e9e"
 # A suspect snapshot has numbers that may be inflated, not none: marked apart from diverged and failed ones.
