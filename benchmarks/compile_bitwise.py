@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> float:
         model = ToyClassifier()
         model.net = torch.compile(model.net, backend=args.backend)
         callbacks = [BIFCallback(train, probes, every_n_steps=2, config=FAST.replace(vectorize=vectorize),
-                                 log_path=Path(root) / "influence.h5")] if snapshots else []
+                                 log_path=Path(root) / "influence.h5", min_split_half=None)] if snapshots else []
         trainer = pl.Trainer(max_steps=args.steps, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                              default_root_dir=root)

@@ -286,7 +286,7 @@ def test_callback_logs_token_influence_and_refuses_an_oversized_token_axis_at_fi
     def fit(config: SGLDConfig, name: str) -> None:
         pl.seed_everything(0)
         callback = BIFCallback(TRAIN, PROBES, probe_fn=masked_token_losses, config=config, every_n_steps=3,
-                               log_path=tmp_path / name, tensorboard=False)
+                               log_path=tmp_path / name, tensorboard=False, min_split_half=None)
         trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
         trainer.fit(CharModel(), DataLoader(TRAIN, batch_size=8))
