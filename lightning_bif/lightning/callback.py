@@ -274,7 +274,7 @@ class BIFCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warned -= {"split_half", "calibration"}  # these warnings are once per fit
+        self._warned -= {"split_half", "calibration", "below_target"}  # these warnings are once per fit
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
             self._check_losses_at_start(pl_module)

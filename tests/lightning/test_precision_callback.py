@@ -97,3 +97,20 @@ def test_a_snapshot_below_target_is_warned_once_with_the_fix_and_its_cost(tmp_pa
 def test_an_overhead_outside_zero_one_is_refused_before_training(overhead):
     with pytest.raises(MisconfigurationException, match="overhead"):
         BIFCallback(TRAIN, PROBES, every_n_steps=1, overhead=overhead)
+
+
+def test_the_below_target_warning_comes_once_in_each_fit(tmp_path):
+    config = FAST.replace(target_split_half=0.999, max_chains=2)
+    callback = BIFCallback(TRAIN, PROBES, log_path=tmp_path / "bif.h5", every_n_steps=4, config=config,
+                           min_split_half=None)
+    pl.seed_everything(0)
+    model = ToyClassifier()
+    trainer = pl.Trainer(callbacks=[callback], max_steps=8, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    for max_steps in (8, 16):  # a second fit continues training and the log, and warns again, once
+        trainer.fit_loop.epoch_loop.max_steps = max_steps
+        with every_warning() as caught:
+            trainer.fit(model, loader(DATA))
+        assert sum("below its split-half target" in str(w.message) for w in caught) == 1
+    with open_log(tmp_path / "bif.h5") as log:
+        assert log.steps.tolist() == [4, 8, 12, 16]
