@@ -150,20 +150,15 @@ class RoundPlan:
             self.limit = "max_chains"
             return 0
         add = min(wanted, room)
+        if wanted > room:
+            self.limit = "max_chains"
         if self.max_seconds is not None:
             per_chain = (now - self._round_started) / max(self._round_chains, 1)
             left = self.max_seconds - (now - self.started)
             affordable = math.floor(left / per_chain) if per_chain > 0 else add
-            if affordable < add:
+            if affordable < add:  # this round is cut short, or not run, by the time budget
                 add = max(affordable, 0)
-                if add < 1:
-                    self.limit = "max_seconds"
-                    return 0
-                self.limit = "max_seconds"  # this round is cut short by the budget
-            elif wanted > room:
-                self.limit = "max_chains"
-        elif wanted > room:
-            self.limit = "max_chains"
+                self.limit = "max_seconds"
         return add
 
     def _wanted(self, split_half: float) -> int:

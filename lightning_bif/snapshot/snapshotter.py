@@ -232,7 +232,6 @@ class Snapshotter:
         model = float32_model(model)
         estimator: BIFEstimator | None = None
         error: Exception | None = None
-        plan = RoundPlan(config, self.clock, start)
         with torch.inference_mode(False):  # SGLD needs gradients, also inside a validation hook
             try:
                 estimator = self._estimator(model, config, device, vectorized)
