@@ -107,12 +107,14 @@ def optimizer(setup: Setup, params) -> torch.optim.AdamW:
 State = tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]  # stacked parameters, AdamW state per tensor
 
 
-def train_stacked(setup: Setup, start: State, sequences: torch.Tensor, positions: torch.Tensor) -> State:
+def train_stacked(setup: Setup, start: State, sequences: torch.Tensor, positions: torch.Tensor,
+                  record: list[tuple[dict[str, torch.Tensor], float]] | None = None) -> State:
     """Continue S stacked models from ``start`` (leading axis 1: broadcast) on ``sequences [S, n, T + 1]``.
 
     Model s trains on ``sequences[s]``, all in the same batch order ``positions [steps, batch]``;
     AdamW is elementwise, so one optimizer over the stacked parameters trains each as if alone.
-    Returns the parameters and the optimizer state after the last step.
+    Returns the parameters and the optimizer state after the last step. ``record``: a list that gets,
+    before each step, the parameters (detached copies) and the step's learning rate (TracIn's trajectory).
     """
     base = new_model(setup)
     buffers = dict(base.named_buffers())
@@ -129,6 +131,8 @@ def train_stacked(setup: Setup, start: State, sequences: torch.Tensor, positions
 
     batched = vmap(one)
     for index in positions:
+        if record is not None:
+            record.append(({k: v.detach().clone() for k, v in params.items()}, opt.param_groups[0]["lr"]))
         opt.zero_grad(set_to_none=True)
         batched(params, sequences[:, index]).sum().backward()
         opt.step()

@@ -31,6 +31,13 @@ Methods, on every set-up and checkpoint:
 * named recipes from the command line, ``--bif NAME=key=value,...``: SGLDConfig fields set on top
   of that default config (``--bif lowrank=preconditioner=lowrank``);
 * the gradient dot product;
+* ``TracIn over the continuation (oracle)`` — time-resolved set-ups only (``midtrain``, ``midtrain-heldout``,
+  ``momentum-late``, ``markov``: the ground truth continues training from the checkpoint): TracIn (Pruthi et
+  al. 2020), −Σ_t η_t ∇φ_j(w_t)·∇ℓ_i(w_t) over the H steps the ground truth continues, along the full-data run
+  continued from the checkpoint (its optimizer with its momentum buffers or AdamW moments, its learning rate
+  and its own batch order); η_t is the per-step learning rate (heavy-ball SGD: η, not η/(1 − μ); AdamW: lr_t);
+  the gradients are taken at every 5th step (``--tracin-every``), each weighted by its block's Σ η_t. An
+  oracle: it uses the future weights. Issue 24's target is the BIF default ≥ it at every checkpoint;
 * the classical influence function with the exact Hessian of the training objective (mean loss +
   λ/2·||w||²), damping swept; the table reports the damping with the best LDS — an oracle choice,
   flagged as such;
@@ -98,6 +105,11 @@ DEVINTERP = "devinterp bif(), plain SGLD's settings"
 GRAD_DOT = "gradient dot product"
 BEST_IF = "IF, exact H, best damping (oracle)"
 EKFAC = "kronfluence EK-FAC"
+TRACIN = "TracIn over the continuation (oracle)"
+# TracIn's gradients are taken at every TRACIN_EVERY-th step of the continuation, each standing for its block
+# of steps (weight: the block's Σ η_t). k = 5 against k = 1 at one checkpoint of each time-resolved set-up: LDS
+# within 0.0004, at a third of the CPU s (benchmarks/README.md, "TracIn over the continuation").
+TRACIN_EVERY = 5
 
 
 @dataclass
@@ -122,6 +134,9 @@ class Problem:
         truth_cpu_s: CPU s the set-up's ground truth took to compute (once; it is cached).
         run: The steps of the training run as the callback would have accumulated them (end-of-training set-ups).
         task: kronfluence's ``Task`` factory where it is neither classification nor the Markov sequences.
+        continuation: Time-resolved set-ups: the full-data run continued from the checkpoint over the ground
+            truth's H steps, computed on call: per step, the weights before its update (one vector in
+            ``model.parameters()`` order) and its learning rate η_t (what TracIn sums over).
     """
 
     setup: str
@@ -140,6 +155,7 @@ class Problem:
     truth_cpu_s: float = math.nan
     run: RunLength | None = None
     task: Callable[[], object] | None = None
+    continuation: Callable[[], list[tuple[torch.Tensor, float]]] | None = None
 
 
 @dataclass
@@ -196,8 +212,31 @@ def midtrain_problems(setup: lds_midtrain.Setup, name: str) -> list[Problem]:
         problems.append(Problem(name, step, model, lds_midtrain.per_example_loss, (data.x_train, data.y_train),
                                 (data.x_probe, data.y_probe), data.masks, run["truth"]["interval"][step],
                                 setup.weight_decay, optimizer, setup.horizon(step, "interval"), True,
-                                truth_cpu_s=run["run_cpu_s"] + run["truth_cpu_s"]))
+                                truth_cpu_s=run["run_cpu_s"] + run["truth_cpu_s"],
+                                continuation=lambda step=step: midtrain_continuation(setup, data, run, step)))
     return problems
+
+
+def midtrain_continuation(setup: lds_midtrain.Setup, data: lds_midtrain.Data, run: dict,
+                          step: int) -> list[tuple[torch.Tensor, float]]:
+    """The full-data run continued from checkpoint ``step`` (weights and momentum buffers) for the ground truth's H.
+
+    On all training examples in the run's own batch order (``positions(..., seed=99)`` from ``step`` on): the
+    run itself between this checkpoint and the next. Heavy-ball ``torch.optim.SGD`` with a constant learning
+    rate: η_t = ``setup.lr``, the per-step learning rate (not η/(1 − μ)).
+    """
+    weights, buffers = run["checkpoints"][step]
+    batches = lds_midtrain.positions(setup.n_train, setup.total_steps, setup.batch, seed=99)
+    end = step + setup.horizon(step, "interval")
+    _, _, trajectory = lds_midtrain.train(setup, weights, buffers, data.x_train[None], data.y_train[None],
+                                          batches[step:end], record=True)
+    sizes = [p[0].numel() for p in weights]
+    out = []
+    for flat in trajectory[:-1]:  # the weights before each of the H updates
+        model = lds_midtrain.as_module(setup, [t.view(1, *p.shape[1:])
+                                               for t, p in zip(flat[0].split(sizes), weights, strict=True)])
+        out.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), setup.lr))
+    return out
 
 
 def markov_problems(setup: lds_markov.Setup) -> list[Problem]:
@@ -209,8 +248,25 @@ def markov_problems(setup: lds_markov.Setup) -> list[Problem]:
         model, optimizer = lds_markov.checkpoint_model(setup, run["checkpoints"][step])
         problems.append(Problem("markov", step, model, lds_markov.per_example_loss, (data.train,), (data.probes,),
                                 data.masks, run["truth"][step], setup.weight_decay, optimizer, setup.horizon, False,
-                                truth_cpu_s=run["cpu_s"]))
+                                truth_cpu_s=run["cpu_s"],
+                                continuation=lambda step=step: markov_continuation(setup, data, run, step)))
     return problems
+
+
+def markov_continuation(setup: lds_markov.Setup, data: lds_markov.Data, run: dict,
+                        step: int) -> list[tuple[torch.Tensor, float]]:
+    """The full-data run continued from checkpoint ``step`` (weights and AdamW moments) for H steps.
+
+    On all training sequences in the run's own batch order (``batch_positions(..., seed=99)`` from ``step`` on,
+    which the run's 400 steps define beyond its last checkpoint). AdamW with a constant learning rate: η_t is the
+    optimizer's lr_t (TracIn's plain learning rate, not Adam's per-coordinate step).
+    """
+    batches = lds_markov.batch_positions(setup.n_train, setup.steps, setup, seed=99)
+    trajectory: list[tuple[dict[str, torch.Tensor], float]] = []
+    lds_markov.train_stacked(setup, run["checkpoints"][step], data.train[None], batches[step:step + setup.horizon],
+                             record=trajectory)
+    names = [name for name, _ in lds_markov.new_model(setup).named_parameters()]
+    return [(torch.cat([params[name][0].reshape(-1) for name in names]), lr) for params, lr in trajectory]
 
 
 # --- the BIF as the callback configures it ---------------------------------------------------------
@@ -298,11 +354,21 @@ def _double(batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     return [t.double() if t.is_floating_point() else t for t in batch]
 
 
-def example_grads(problem: Problem, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """∇_w ℓ(w*, z) of every example, ``[B, D]`` (float64)."""
+def _example_grads_at(problem: Problem) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+    """w* as one float64 vector and ``grads(w, batch)``: ∇_w ℓ(w, z) of every example of ``batch``, ``[B, D]``."""
     flat, losses = _flat(problem.model, problem.loss_fn)
     one = lambda w, *example: losses(w, [t[None] for t in example])[0]  # noqa: E731
-    return vmap(grad(one), in_dims=(None, *[0] * len(batch)))(flat, *_double(batch))
+
+    def grads(w: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return vmap(grad(one), in_dims=(None, *[0] * len(batch)))(w, *_double(batch))
+
+    return flat, grads
+
+
+def example_grads(problem: Problem, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """∇_w ℓ(w*, z) of every example, ``[B, D]`` (float64)."""
+    flat, grads = _example_grads_at(problem)
+    return grads(flat, batch)
 
 
 def exact_hessian(problem: Problem, chunk: int = 128) -> torch.Tensor:
@@ -346,6 +412,30 @@ def classical_scores(problem: Problem) -> list[Score]:
         out.append(Score(f"IF, exact H clipped, damping {label}", scores, grad_s + hessian_s,
                          {**info, "damping": damping}))
     return out
+
+
+def tracin_scores(problem: Problem, every: int = TRACIN_EVERY) -> Score:
+    """TracIn (Pruthi et al. 2020) over the ground truth's continuation: −Σ_t η_t ∇φ_j(w_t)·∇ℓ_i(w_t).
+
+    An oracle: ``problem.continuation`` trains the full-data run on from the checkpoint for the H steps the
+    ground truth continues (same optimizer, schedule and batch order as the run), and the sum runs over the
+    weights w_t before each of those updates. η_t is the optimizer's per-step learning rate (heavy-ball SGD: η,
+    not η/(1 − μ); AdamW: lr_t, not Adam's per-coordinate step; the paper's plain learning rate). Every example
+    counts at every step (the checkpoint form, not only the examples of step t's minibatch). The gradients are
+    taken at every ``every``-th step only, each standing for its block of ``every`` steps (weight Σ η_t over the
+    block). The sign is the gradient dot product's: positive = harmful. CPU s include the continued training.
+    """
+    start = time.process_time()
+    steps = problem.continuation()
+    _, grads = _example_grads_at(problem)
+    total = torch.zeros(len(problem.probes[0]), len(problem.train[0]), dtype=torch.float64)
+    for first in range(0, len(steps), every):
+        weights = steps[first][0].double()
+        block_lr = sum(lr for _, lr in steps[first:first + every])
+        total -= block_lr * (grads(weights, problem.probes) @ grads(weights, problem.train).T)
+    return Score(TRACIN, total, time.process_time() - start,
+                 {"steps": len(steps), "every": every, "evaluated": len(range(0, len(steps), every)),
+                  "lr_sum": sum(lr for _, lr in steps)})
 
 
 def ekfac_scores(problem: Problem) -> list[Score]:
@@ -424,11 +514,13 @@ def devinterp_rows(problem: Problem, config: SGLDConfig, seeds: int) -> dict[str
 
 
 def score_problem(problem: Problem, recipes: list[tuple[str, dict]], kronfluence: bool,
-                  default_fields: dict | None = None, seeds: int = 1, devinterp: bool = False) -> dict[str, dict]:
+                  default_fields: dict | None = None, seeds: int = 1, devinterp: bool = False,
+                  tracin_every: int = TRACIN_EVERY) -> dict[str, dict]:
     """Every method's LDS, CPU s and details on ``problem``; the best damping of the IF sweep as its own row.
 
     ``default_fields`` replace fields of the default BIF's config (smoke runs shrink its draws);
-    every BIF row is the mean over ``seeds`` sampler seeds; ``devinterp`` adds :func:`devinterp_rows`.
+    every BIF row is the mean over ``seeds`` sampler seeds; ``devinterp`` adds :func:`devinterp_rows`;
+    time-resolved problems (with a continuation) get TracIn over it, its gradients at every ``tracin_every``-th step.
     """
     truth = problem.losses.mean(1)
     config = callback_config(problem).replace(**(default_fields or {}))
@@ -438,6 +530,8 @@ def score_problem(problem: Problem, recipes: list[tuple[str, dict]], kronfluence
     if devinterp:
         rows.update(devinterp_rows(problem, config, seeds))
     scores = classical_scores(problem)
+    if problem.continuation is not None:
+        scores.insert(1, tracin_scores(problem, tracin_every))
     if kronfluence:
         scores += ekfac_scores(problem)
     for score in scores:
@@ -468,6 +562,9 @@ def targets(report: dict) -> dict[str, dict]:
         entry = {"beats_gradient_dot": all(m > 0 for m in margin), "margin_vs_gradient_dot_min": min(margin),
                  "split_half_min": min(split), "split_half_max": max(split), "split_half_ok": min(split) >= 0.5,
                  "ratio_to_best_if_min": min(ratio), "ratio_ok": min(ratio) >= 0.8}
+        if all(TRACIN in r for r in rows):  # issue 24: ≥ TracIn over the continuation at every checkpoint
+            tracin = [r[DEFAULT]["lds"] - r[TRACIN]["lds"] for r in rows]
+            entry.update(at_least_tracin=all(m >= 0 for m in tracin), margin_vs_tracin_min=min(tracin))
         for which in ("heuristic damping", "best damping"):
             ekfac = f"{EKFAC}, {which}"
             if not all(ekfac in r for r in rows):
@@ -495,6 +592,9 @@ def print_table(report: dict) -> None:
     for checkpoints in setups.values():
         for rows in checkpoints.values():
             methods += [m for m in rows if m not in methods]
+    if TRACIN in methods and GRAD_DOT in methods:  # beside the gradient dot product, also where digits comes first
+        methods.remove(TRACIN)
+        methods.insert(methods.index(GRAD_DOT) + 1, TRACIN)
     # The damping sweep's rows are in the JSON and the per-checkpoint tables; the summary shows its best.
     summary = [m for m in methods if not (m.startswith("IF, exact H clipped") or m.startswith("influence function"))]
     print("\nLDS ± se (time-resolved set-ups: mean over checkpoints (min–max)) | CPU s per estimate (mean)")
@@ -528,6 +628,11 @@ def print_table(report: dict) -> None:
         chosen = sorted({rows[BEST_IF]["details"]["chosen"] for rows in setups[setup].values()})
         print(f"  {setup}: {json.dumps(entry, default=lambda x: round(x, 3) if isinstance(x, float) else x)}; "
               f"best IF damping (oracle): {chosen}")
+    tracin = {s: e for s, e in report["targets"].items() if "at_least_tracin" in e}
+    if tracin:
+        print(f"\nBIF default ≥ {TRACIN} at every checkpoint (min margin): " + "; ".join(
+            f"{s} {'met' if e['at_least_tracin'] else 'missed'} ({e['margin_vs_tracin_min']:+.3f})"
+            for s, e in tracin.items()))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -588,6 +693,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-kronfluence", action="store_true", help="skip kronfluence EK-FAC")
     parser.add_argument("--devinterp", action="store_true",
                         help="add our plain-SGLD BIF and devinterp 2.0.1's bif() at its settings (lds_devinterp.py)")
+    parser.add_argument("--tracin-every", type=int, default=TRACIN_EVERY,
+                        help="TracIn's gradients at every k-th step of the continuation, weighted by the block's Σ η "
+                             "(1: every step)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes of every set-up (the smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/lds_suite_<time>.json)")
     parser.add_argument("--cache", type=Path, default=None,
@@ -610,11 +718,11 @@ def main(argv: list[str] | None = None) -> dict:
         report["setups"][name] = {}
         for problem in problems:
             rows = score_problem(problem, recipes, not args.no_kronfluence, default_fields, args.seeds,
-                                 args.devinterp)
+                                 args.devinterp, args.tracin_every)
             report["setups"][name][problem.checkpoint] = rows
             print(f"{name} step {problem.checkpoint}: " + ", ".join(
                 f"{m} {r['lds']:.3f}" for m, r in rows.items() if m.startswith("BIF") or m in (
-                    DEVINTERP, GRAD_DOT, BEST_IF, f"{EKFAC}, best damping", "noise ceiling")), flush=True)
+                    DEVINTERP, GRAD_DOT, TRACIN, BEST_IF, f"{EKFAC}, best damping", "noise ceiling")), flush=True)
     report["targets"] = targets(report)
     report["wall_s"] = time.time() - wall
     print_table(report)

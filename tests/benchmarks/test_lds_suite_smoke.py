@@ -1,5 +1,6 @@
 """CI-sized checks of the LDS suite (benchmarks/lds_suite.py) and its new set-up (benchmarks/lds_markov.py)."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -83,6 +84,39 @@ def test_default_config_is_the_callbacks(tmp_path, monkeypatch) -> None:
         assert lds_suite.callback_config(problem).horizon_steps is None
 
 
+TINY_MIDTRAIN = dict(n_train=60, n_probes=6, hidden=6, total_steps=40, checkpoints=(0, 20), subsets=8, orders=2)
+
+
+def test_tracin_is_minus_the_learning_rate_times_the_gradient_dot_product_summed(tmp_path, monkeypatch) -> None:
+    """One step of TracIn is η × the gradient dot product's scores (same sign: positive = harmful)."""
+    monkeypatch.setattr(lds_midtrain, "CACHE", tmp_path)
+    setup = lds_midtrain.Setup(**TINY_MIDTRAIN)
+    problem = lds_suite.midtrain_problems(setup, "midtrain")[1]
+    grad_dot = lds_suite.classical_scores(problem)[0]
+    assert grad_dot.method == lds_suite.GRAD_DOT
+    steps = problem.continuation()
+    assert len(steps) == setup.horizon(20, "interval") == 20 and {lr for _, lr in steps} == {setup.lr}
+    # The continuation starts at the checkpoint's weights and follows the full-data run (its cached trajectory).
+    run = lds_midtrain.run_and_truth(setup, lds_midtrain.load_data(setup))
+    sizes = [p[0].numel() for p in run["checkpoints"][0][0]]
+    for t in (0, 7, 19):
+        at = lds_midtrain.as_module(setup, [w.view(1, *p.shape[1:]) for w, p in zip(
+            run["trajectory"][20 + t].split(sizes), run["checkpoints"][0][0], strict=True)])
+        torch.testing.assert_close(steps[t][0], torch.cat([p.detach().reshape(-1) for p in at.parameters()]))
+    torch.testing.assert_close(steps[0][0], torch.cat([p.detach().reshape(-1) for p in problem.model.parameters()]))
+
+    one_step = dataclasses.replace(problem, continuation=lambda: steps[:1])
+    tracin = lds_suite.tracin_scores(one_step, every=1)
+    torch.testing.assert_close(tracin.scores, setup.lr * grad_dot.scores)
+    # One block of all 20 steps: the gradients at the checkpoint, weighted by Σ η_t.
+    block = lds_suite.tracin_scores(problem, every=len(steps))
+    torch.testing.assert_close(block.scores, 20 * setup.lr * grad_dot.scores)
+    assert block.details["evaluated"] == 1
+    truth = problem.losses.mean(1)
+    full = lds_suite.tracin_scores(problem, every=1)
+    assert lds_digits.lds(full.scores, problem.masks, truth)[0] > 0.3  # a flipped sign would score below 0
+
+
 def test_tiny_suite_end_to_end(tmp_path) -> None:
     out = tmp_path / "rows.json"
     report = lds_suite.main(["--tiny", "--cache", str(tmp_path / "cache"), "--setups",
@@ -106,6 +140,17 @@ def test_tiny_suite_end_to_end(tmp_path) -> None:
             assert rows[lds_suite.BEST_IF]["lds"] > 0.3, setup
         assert set(report["targets"][setup]) >= {"beats_gradient_dot", "split_half_min", "ratio_to_best_if_min"}
     assert report["setups"]["markov"][20][lds_suite.DEFAULT]["details"]["horizon_steps"] == 10
+    # TracIn over the continuation: only where the ground truth continues training from a checkpoint.
+    for setup in ("markov", "midtrain", "momentum-late"):
+        for rows in report["setups"][setup].values():
+            assert rows[lds_suite.TRACIN]["lds"] > 0, setup  # the gradient dot product's sign
+            assert rows[lds_suite.TRACIN]["cpu_s"] > 0
+        assert "at_least_tracin" in report["targets"][setup]
+        assert report["targets"][setup]["margin_vs_tracin_min"] == pytest.approx(min(
+            r[lds_suite.DEFAULT]["lds"] - r[lds_suite.TRACIN]["lds"] for r in report["setups"][setup].values()))
+    for setup in ("digits", "regression"):
+        (rows,) = report["setups"][setup].values()
+        assert lds_suite.TRACIN not in rows and "at_least_tracin" not in report["targets"][setup]
 
 
 def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path, monkeypatch) -> None:
