@@ -107,8 +107,8 @@ BEST_IF = "IF, exact H, best damping (oracle)"
 EKFAC = "kronfluence EK-FAC"
 TRACIN = "TracIn over the continuation (oracle)"
 # TracIn's gradients are taken at every TRACIN_EVERY-th step of the continuation, each standing for its block
-# of steps (weight: the block's Σ η_t). k = 5 against k = 1 at one checkpoint of each time-resolved set-up: LDS
-# within 0.0004, at a third of the CPU s (benchmarks/README.md, "TracIn over the continuation").
+# of steps (weight: the block's Σ η_t). k = 5 against k = 1 at six checkpoints of the four time-resolved set-ups:
+# LDS within 0.003, at a third of the CPU s (benchmarks/README.md, "TracIn over the continuation").
 TRACIN_EVERY = 5
 
 
