@@ -58,8 +58,10 @@ class SGLDConfig:
         step_size: The SGLD step size ε. ``None`` (default): ε = 1/(nβ·λ_max + γ) with λ_max, the
             largest Hessian eigenvalue at w*, from a Lanczos run (ε·nβ·λ_max must stay well below the
             stability bound 4; :mod:`lightning_bif.tuning.autotune`). A number is used as given.
-        nbeta: The inverse temperature times the data size, nβ. ``None`` means the number of
-            examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior).
+        nbeta: The inverse temperature times the data size, nβ. ``None`` (default): n, the number of
+            examples SGLD minibatches are drawn from (β = 1, the Bayesian posterior), raised where the tracked
+            losses are not linear enough across the posterior (:mod:`lightning_bif.tuning.locality`); the
+            result is then reported at nβ = n, -(nβ/n)·Cov. A number is used as given (the result is -Cov).
         localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature. ``None``
             (default): chosen per estimate (:mod:`lightning_bif.tuning.localization`): the horizon's γ (in a fit with
             no steps ahead, the run's own, :mod:`lightning_bif.tuning.run_damping`), raised where needed to the floor
@@ -83,8 +85,10 @@ class SGLDConfig:
             ``None`` uses 10 × the mean eigenvalue of the Hessian (estimated from the same
             products). It is raised to γ/nβ when below, which keeps every direction no stiffer
             than the stiffest (δ = γ/nβ equalises all of them; a larger δ equalises less).
-        batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch).
-            Minibatch gradient noise grows with nβ/m: with nβ ≫ n use the full batch.
+        batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch). ``"auto"``
+            (default): the smallest m ≥ 64 whose gradient noise along the stiffest direction stays below a tenth
+            of the noise SGLD injects, at most the tracked examples' count, the full batch where that covers the
+            data (:mod:`lightning_bif.tuning.minibatch`). Minibatch gradient noise grows with ε·nβ²/m.
         eval_batch_size: Batch size of the per-draw evaluation of tracked losses.
         seed: Seed of the sampler's own random generators; chain c always gets the same stream.
         sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay
@@ -160,7 +164,7 @@ class SGLDConfig:
     preconditioner: Preconditioner | None = None
     preconditioner_rank: int = 50
     preconditioner_damping: float | None = None
-    batch_size: int | None = 64
+    batch_size: int | Literal["auto"] | None = "auto"
     eval_batch_size: int = 1024
     seed: int = 0
     sample_params: tuple[str, ...] | None = None
@@ -228,8 +232,9 @@ class SGLDConfig:
             )
         if self.preconditioner == "rmsprop" and self.burn_in < 1:
             raise ValueError("SGLDConfig.preconditioner='rmsprop' is estimated during burn-in: set burn_in >= 1.")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
-            raise ValueError(f"SGLDConfig.batch_size must be a positive integer or None, got {self.batch_size!r}.")
+        if self.batch_size not in (None, "auto") and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"SGLDConfig.batch_size must be a positive integer, None (full batch) or 'auto', "
+                             f"got {self.batch_size!r}.")
         if self.vectorize not in (True, False, "auto"):
             raise ValueError(f"SGLDConfig.vectorize must be True, False or 'auto', got {self.vectorize!r}.")
         if self.chains_per_batch is not None and (not _is_int(self.chains_per_batch) or self.chains_per_batch < 1):

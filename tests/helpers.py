@@ -285,3 +285,18 @@ class TanhOnceDifferentiable(torch.autograd.Function):
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
         return grad_output * (1 - y.square())
+
+
+class NoForwardMode(torch.autograd.Function):
+    """tanh as an autograd.Function without functorch support: jvp and vmap refuse it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out.square())

@@ -16,6 +16,7 @@ from ..example_sets import ExampleSet, ExampleSource
 from ..functional import FunctionalModel, LossFn
 from ..tuning.autotune import Tuning, budget_minibatch, resolve_budget
 from ..tuning.horizon import HorizonCheck
+from ..tuning.minibatch import largest_minibatch
 from .accumulator import CovarianceAccumulator
 from .control_variates import Subspace
 from .result import BIFResult
@@ -143,8 +144,13 @@ class BIFEstimator:
         Call check_losses first.
         """
         start = time.perf_counter()
-        settings = TuningRun(self.losses, self.sampler, self.nbeta, self.tuning, self.cache).run(self.config)
+        automatic = self.config.nbeta is None and "nbeta" not in self.tuning.chosen  # chosen once per estimate
+        data_nbeta = float(len(self.data)) if automatic else None
+        self.sampler.nbeta = self.nbeta
+        run = TuningRun(self.losses, self.sampler, self.nbeta, self.tuning, self.cache, data_nbeta)
+        settings = run.run(self.config)
         self.config, self.horizon, self.subspace = settings.config, settings.horizon, settings.subspace
+        self.nbeta = settings.nbeta
         self.tuning.seconds = time.perf_counter() - start  # recorded, never decides anything
 
     def decide_vectorized(self) -> bool:
@@ -175,6 +181,8 @@ class BIFEstimator:
                                     self.probes.batches(cfg.eval_batch_size, self.device),
                                     self.loss_fn, self.probe_fn, cfg.per_token)
         self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
+        if cfg.batch_size == "auto":
+            self.sampler.largest_minibatch = largest_minibatch(len(self.train) + len(self.probes))
 
     def _choose_vectorized(self) -> None:
         """Set :attr:`vectorized` and :attr:`sequential_reason`: the decision passed to the constructor, or
@@ -202,7 +210,10 @@ class BIFEstimator:
                                                      "sampled again with plain SGLD")
         if self.cache is not None:  # later estimates of the run skip straight to plain SGLD
             self.cache.lowrank_runaway = reason
-        unset = {name: None for name in ("step_size", "control_variates") if name in self.tuning.chosen}
+        unset: dict[str, object] = {name: None for name in ("step_size", "control_variates")
+                                    if name in self.tuning.chosen}
+        if "batch_size" in self.tuning.chosen:
+            unset["batch_size"] = "auto"
         self.config = self.config.replace(preconditioner="none", **unset)
         self._build()
         self.subspace = None
@@ -255,4 +266,10 @@ class BIFEstimator:
         return summarize(accumulator, probes=len(self.probes), tokens=self.tokens, train_loss=self.train_loss,
                          probe_loss=self.probe_loss, dim=self.fmodel.dim, nbeta=self.nbeta,
                          vectorized=self.vectorized, horizon=self.horizon, tuning=self.tuning, config=self.config,
-                         duration_s=duration_s)
+                         duration_s=duration_s, data_nbeta=self.raised_from)
+
+    @property
+    def raised_from(self) -> float | None:
+        """n, where the locality rule raised nβ above it (the result is then reported at nβ = n); else ``None``."""
+        data_nbeta = float(len(self.data))
+        return data_nbeta if self.config.nbeta is None and self.nbeta != data_nbeta else None

@@ -18,6 +18,7 @@ from ..curvature.hessian import Curvature, LowRankPreconditioner, top_curvature
 from ..curvature.objective import Objective
 from ..example_sets import Batch, ExampleSet
 from ..functional import FunctionalModel, LossFn
+from ..tuning.minibatch import SMALLEST_MINIBATCH
 
 ProgressFn = Callable[[int, int], None]
 
@@ -169,11 +170,24 @@ class SGLDSampler:
         self.loss_fn = loss_fn
         self.config = config
         self.nbeta = nbeta
-        full = config.batch_size is None or config.batch_size >= len(data)
-        self.minibatch = len(data) if full else int(config.batch_size)
-        self._full_batch = data.gather(torch.arange(len(data)), fmodel.device) if full else None
+        self._full_batch: Batch | None = None
+        #: With ``batch_size="auto"``: the largest minibatch the tuning may choose (it sizes the curvature sample).
+        self.largest_minibatch = 0
+        self.use_minibatch(SMALLEST_MINIBATCH if config.batch_size == "auto" else config.batch_size)
         self._lowrank: LowRankPreconditioner | None = None
         self.cached_curvature: Curvature | None = None
+
+    def use_minibatch(self, batch_size: int | None) -> None:
+        """Draw minibatches of ``batch_size`` examples (``None`` or ≥ the data: the full batch) from now on.
+
+        ``batch_size="auto"`` samples with ``SMALLEST_MINIBATCH`` until the tuning sets the chosen size here.
+        """
+        full = batch_size is None or batch_size >= len(self.data)
+        self.minibatch = len(self.data) if full else int(batch_size)
+        if full and self._full_batch is None:
+            self._full_batch = self.data.gather(torch.arange(len(self.data)), self.fmodel.device)
+        elif not full:
+            self._full_batch = None
 
     def lowrank_preconditioner(self, buffers: dict[str, torch.Tensor]) -> LowRankPreconditioner:
         """The ``preconditioner="lowrank"`` operator, computed on first use and kept for later batches of chains.
@@ -204,10 +218,13 @@ class SGLDSampler:
 
     def curvature_sample(self) -> tuple[int, Batch]:
         """The examples whose Hessian describes the posterior's curvature: all SGLD data with full-batch
-        SGLD, else four minibatches' worth drawn with the sampler's seed. Returns ``(size, batch)``."""
+        SGLD, else four minibatches' worth drawn with the sampler's seed (with ``batch_size="auto"``, four
+        of the largest minibatch it may choose, :attr:`largest_minibatch`). Returns ``(size, batch)``."""
         if self._full_batch is not None:
             return len(self.data), self._full_batch
-        size = min(len(self.data), _CURVATURE_MINIBATCHES * self.minibatch)
+        size = min(len(self.data), _CURVATURE_MINIBATCHES * max(self.minibatch, self.largest_minibatch))
+        if size == len(self.data):
+            return size, self.data.gather(torch.arange(size), self.fmodel.device)
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed))
         return size, self.data.gather(order[:size], self.fmodel.device)
 

@@ -28,6 +28,7 @@ def summarize(
     tuning: Tuning,
     config: SGLDConfig,
     duration_s: float,
+    data_nbeta: float | None = None,
 ) -> BIFResult:
     """The influence, correlations, standard errors and diagnostics of the accumulated draws.
 
@@ -44,8 +45,12 @@ def summarize(
         tuning: What was chosen automatically and why.
         config: The resolved config.
         duration_s: The estimate's wall time (recorded, never decides anything).
+        data_nbeta: n, where the locality rule sampled at nβ > n (:mod:`lightning_bif.tuning.locality`): the
+            influence and its standard errors are then reported at the data's own nβ, -(nβ/n)·Cov, the same
+            linear response (-Cov scales as 1/nβ there); ``None``: -Cov as sampled.
     """
     stats = accumulator.statistics(split_half_probes=probes)
+    scale = nbeta / data_nbeta if data_nbeta is not None else 1.0
     healthy = stats.healthy
     rise = float(stats.mean_shift_train.mean()) if healthy.any() else math.nan
     diagnostics = Diagnostics(
@@ -67,12 +72,12 @@ def summarize(
     per_token = {}
     if tokens is not None:
         shape = (probes, tokens, -1)
-        per_token = {"token_influence": stats.influence[probes:].reshape(shape).float().cpu(),
-                     "token_stderr": stats.stderr[probes:].reshape(shape).float().cpu()}
+        per_token = {"token_influence": (scale * stats.influence[probes:]).reshape(shape).float().cpu(),
+                     "token_stderr": (scale * stats.stderr[probes:]).reshape(shape).float().cpu()}
     return BIFResult(
-        influence=stats.influence[:probes].float().cpu(),
+        influence=(scale * stats.influence[:probes]).float().cpu(),
         correlation=stats.correlation[:probes].float().cpu(),
-        stderr=stats.stderr[:probes].float().cpu(),
+        stderr=(scale * stats.stderr[:probes]).float().cpu(),
         train_loss=train_loss.float().cpu(),
         probe_loss=probe_loss[:probes].float().cpu(),
         diagnostics=diagnostics,

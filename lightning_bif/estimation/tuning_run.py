@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,13 +11,18 @@ import torch
 from ..config import SGLDConfig
 from ..curvature.cache import CachedCurvature, CurvatureCache
 from ..curvature.extremes import lanczos_extremes
+from ..curvature.gradient_noise import directional_gradient_variance
 from ..curvature.hessian import LowRankPreconditioner, curvature_products, top_curvature
 from ..curvature.objective import Objective
 from ..curvature.stiffness import STIFFNESS_STEPS, STIFFNESS_TOLERANCE, drift_stiffness
-from ..tuning.autotune import Tuning, lowrank_fits
+from ..tuning import minibatch as minibatch_rule
+from ..tuning.autotune import Tuning, lowrank_fits, rechoose_budget
 from ..tuning.horizon import STIFFNESS_STEP, HorizonCheck, horizon_config, horizon_localization
+from ..tuning.locality import choose_nbeta
 from ..tuning.localization import choose_localization, hutchinson_mean_eigenvalue
+from ..tuning.minibatch import choose_minibatch, gradient_noise_ratio, largest_minibatch
 from .control_variates import Subspace, projected_gradients
+from .nonlinearity import LOCALITY_PROBES, nonlinearity, posterior_deltas
 from .sampler import SGLDSampler, chain_seed
 from .tracked_losses import TrackedLosses
 
@@ -29,11 +35,13 @@ class TunedSettings:
         config: The config with every setting the tuning resolves set.
         horizon: The horizon check, with ``config.horizon_steps``; else ``None``.
         subspace: The control variates' eigenbasis, with ``config.control_variates``; else ``None``.
+        nbeta: The nβ the estimate samples at.
     """
 
     config: SGLDConfig
     horizon: HorizonCheck | None
     subspace: Subspace | None
+    nbeta: float
 
 
 class TuningRun:
@@ -43,18 +51,23 @@ class TuningRun:
         losses: The tracked losses at w* (functional model, buffers, loss functions, evaluation batches).
         sampler: The SGLD sampler of the estimate; its ``config`` follows the resolution, and it keeps the
             measured curvature for the low-rank preconditioner.
-        nbeta: The inverse temperature nβ.
+        nbeta: The inverse temperature nβ (the one chosen for this estimate when it is tuned again).
         tuning: The record of what was chosen and why; filled in place.
         cache: Curvature measured by earlier estimates, reused while fresh; the new measurement is stored in it.
+        data_nbeta: n, when ``SGLDConfig.nbeta`` is ``None``: nβ is then chosen from it
+            (:mod:`lightning_bif.tuning.locality`); ``None`` keeps ``nbeta``.
     """
 
     def __init__(
-        self, losses: TrackedLosses, sampler: SGLDSampler, nbeta: float, tuning: Tuning, cache: CurvatureCache | None
+        self, losses: TrackedLosses, sampler: SGLDSampler, nbeta: float, tuning: Tuning, cache: CurvatureCache | None,
+        data_nbeta: float | None = None,
     ) -> None:
         self.losses = losses
         self.fmodel = losses.fmodel
         self.sampler = sampler
         self.nbeta = nbeta
+        self.data_nbeta = data_nbeta
+        self._variance: float | None = None
         self.tuning = tuning
         self.cache = cache
 
@@ -70,7 +83,8 @@ class TuningRun:
             preconditioner = "lowrank" if fits else "none"
             tuning.choose("preconditioner", preconditioner, why)
         need_eigenpairs = preconditioner == "lowrank" or bool(cfg.control_variates)
-        need_extremes = cfg.step_size is None or cfg.horizon_steps is not None or cfg.localization is None
+        need_extremes = (cfg.step_size is None or cfg.horizon_steps is not None or cfg.localization is None
+                         or cfg.batch_size == "auto")
         try:
             measured = self._measure(cfg, need_extremes, need_eigenpairs)
         except RuntimeError as error:
@@ -92,18 +106,13 @@ class TuningRun:
                 tuning.mean_eigenvalue = measured.curvature.mean
                 tuning.top_eigenvalues = measured.curvature.values.tolist()
                 self.sampler.cached_curvature = measured.curvature
-        floor = 0.0
-        if cfg.localization is None:
-            cfg, floor = self._choose_localization(cfg, measured)
-        if cfg.horizon_steps is not None:
-            cfg, horizon = horizon_config(cfg, self.nbeta, *measured.extremes, floor=floor)
-            if config.step_size is None:
-                tuning.choose("step_size", cfg.step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ) with the horizon's γ")
-        elif cfg.step_size is None:
-            step_size = STIFFNESS_STEP / (self.nbeta * max(measured.extremes[1], 0.0) + cfg.localization)
-            cfg = cfg.replace(step_size=step_size)
-            tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ)")
-        self.sampler.config = cfg  # γ and ε are resolved before any chain runs
+        resolved, horizon = self._damping_and_step(cfg, config, measured)
+        if self.data_nbeta is not None:
+            resolved, horizon = self._choose_nbeta(cfg, config, resolved, horizon, measured)
+        cfg = resolved
+        if cfg.batch_size == "auto":
+            cfg = self._choose_minibatch(cfg, measured)
+        self.sampler.config = cfg  # γ, ε and m are resolved before any chain runs
         if cfg.preconditioner == "lowrank":  # here, not in the SGLD loop: it reads values on the host
             lowrank = self.sampler.lowrank_preconditioner(self.losses.buffers)
             if tuning.chosen.get("step_size") is not None:
@@ -111,7 +120,49 @@ class TuningRun:
         self.sampler.config = cfg
         if cfg.control_variates:
             subspace = self._subspace(self.sampler.curvature(self.losses.buffers).vectors)
-        return TunedSettings(cfg, horizon, subspace)
+        return TunedSettings(cfg, horizon, subspace, self.nbeta)
+
+    def _damping_and_step(
+        self, cfg: SGLDConfig, config: SGLDConfig, measured: CachedCurvature | None
+    ) -> tuple[SGLDConfig, HorizonCheck | None]:
+        """γ (the floor, the horizon's or the run's) and ε at the current nβ (``config``: as the user gave it)."""
+        floor, horizon = 0.0, None
+        if cfg.localization is None:
+            cfg, floor = self._choose_localization(cfg, measured)
+        if cfg.horizon_steps is not None:
+            cfg, horizon = horizon_config(cfg, self.nbeta, *measured.extremes, floor=floor)
+            if config.step_size is None:
+                self.tuning.choose("step_size", cfg.step_size,
+                                   f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ) with the horizon's γ")
+        elif cfg.step_size is None:
+            step_size = STIFFNESS_STEP / (self.nbeta * max(measured.extremes[1], 0.0) + cfg.localization)
+            cfg = cfg.replace(step_size=step_size)
+            self.tuning.choose("step_size", step_size, f"{STIFFNESS_STEP:g}/(nβ·λ_max + γ)")
+        return cfg, horizon
+
+    def _choose_nbeta(
+        self, cfg: SGLDConfig, config: SGLDConfig, resolved: SGLDConfig, horizon: HorizonCheck | None,
+        measured: CachedCurvature | None,
+    ) -> tuple[SGLDConfig, HorizonCheck | None]:
+        """nβ by :mod:`lightning_bif.tuning.locality` where it applies; γ and ε again at the new nβ."""
+        curvature = measured.curvature if measured is not None else None
+        if config.localization is not None or config.step_size is not None:  # set by the user for nβ = n
+            return resolved, horizon
+        if curvature is None:
+            self.tuning.choose("nbeta", self.nbeta, f"nβ = n = {self.nbeta:.6g}: the locality rule needs the top "
+                                                    "eigenpairs, which this estimate does not measure")
+            return resolved, horizon
+        deltas = posterior_deltas(curvature, self.fmodel.dim, self.data_nbeta, resolved.localization,
+                                  resolved.weight_decay, LOCALITY_PROBES, chain_seed(resolved.seed, -5),
+                                  self.fmodel.device, self.fmodel.center.dtype)
+        choice = choose_nbeta(self.data_nbeta, nonlinearity(self.losses, self.fmodel, deltas),
+                              noise_room=self._noise_room(resolved, measured))
+        self.tuning.nonlinearity = choice.nonlinearity
+        self.tuning.choose("nbeta", choice.nbeta, choice.reason)
+        if choice.nbeta == self.nbeta:
+            return resolved, horizon
+        self.nbeta = self.sampler.nbeta = choice.nbeta
+        return self._damping_and_step(cfg, config, measured)
 
     def _choose_localization(self, cfg: SGLDConfig, measured: CachedCurvature) -> tuple[SGLDConfig, float]:
         """γ by :mod:`lightning_bif.tuning.localization` (the horizon's γ itself is set later by ``horizon_config``).
@@ -126,6 +177,38 @@ class TuningRun:
         self.tuning.localization_floor = choice.floor
         self.tuning.choose("localization", choice.localization, choice.reason)
         return (cfg if horizon is not None else cfg.replace(localization=choice.localization)), choice.floor
+
+    def _noise_room(self, resolved: SGLDConfig, measured: CachedCurvature) -> float:
+        """How many times nβ may grow before the largest minibatch the estimate may use reaches the minibatch-noise
+        target (r ∝ nβ at a fixed ε·nβ): infinite with the full batch."""
+        examples = len(self.sampler.data)
+        largest = (self._largest_minibatch() if resolved.batch_size == "auto"
+                   else examples if resolved.batch_size is None else int(resolved.batch_size))
+        ratio = gradient_noise_ratio(resolved.step_size, self.nbeta, self._gradient_variance(resolved, measured),
+                                     largest, examples)
+        return minibatch_rule.GRADIENT_NOISE_RATIO / ratio if ratio > 0 else math.inf
+
+    def _gradient_variance(self, cfg: SGLDConfig, measured: CachedCurvature) -> float:
+        """vᵀCv along λ_max's Ritz vector on the curvature sample (measured once per tuning)."""
+        if self._variance is None:
+            size, batch = self.sampler.curvature_sample()
+            self._variance = directional_gradient_variance(self._objective(cfg), batch, size, measured.ritz[:, 1])
+        return self._variance
+
+    def _largest_minibatch(self) -> int:
+        return largest_minibatch(self.losses.train_count + sum(size for size, _ in self.losses.probes))
+
+    def _choose_minibatch(self, cfg: SGLDConfig, measured: CachedCurvature) -> SGLDConfig:
+        """m by :mod:`lightning_bif.tuning.minibatch` from the gradient spread along λ_max's Ritz vector (measured on
+        the curvature sample); ``thin`` and ``draws`` follow it where they are automatic."""
+        variance = self._gradient_variance(cfg, measured)
+        tracked = self.losses.train_count + sum(size for size, _ in self.losses.probes)
+        choice = choose_minibatch(cfg.step_size, self.nbeta, variance, len(self.sampler.data),
+                                  largest=self._largest_minibatch())
+        self.tuning.gradient_noise_variance, self.tuning.gradient_noise_ratio = variance, choice.noise_ratio
+        self.tuning.choose("batch_size", choice.batch_size, choice.reason)
+        self.sampler.use_minibatch(choice.batch_size)
+        return rechoose_budget(cfg.replace(batch_size=choice.batch_size), tracked, self.sampler.minibatch, self.tuning)
 
     def _preconditioned_step(
         self, cfg: SGLDConfig, lowrank: LowRankPreconditioner, measured: CachedCurvature

@@ -13,6 +13,9 @@ docs/self-tuning.md derives each rule; in short:
   preconditioner) and the estimate is not per-token.
 * ``localization``: the horizon's γ, or 100 without a horizon, raised to the floor
   nβ·(3·λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.tuning.localization`).
+* ``batch_size`` (``"auto"``): the smallest minibatch whose gradient noise along the stiffest direction is
+  at most ``GRADIENT_NOISE_RATIO`` of the injected noise, capped at the tracked examples' count
+  (:mod:`lightning_bif.tuning.minibatch`); ``thin`` and ``draws`` are then chosen again for it.
 * ``thin`` and ``draws``: a draw evaluates the N + P tracked losses (forward only), a step the
   gradient of m minibatch losses (forward and backward, about 3 forwards): ``thin`` =
   round((N + P)/(3·m)) in [1, 8] balances evaluation and sampling cost, and ``draws`` =
@@ -28,6 +31,7 @@ from typing import Any
 
 from ..config import SGLDConfig
 from ..curvature.hessian import KRYLOV_EXTRA
+from .minibatch import SMALLEST_MINIBATCH
 
 # Working memory the low-rank preconditioner may take for its eigen-decomposition (two [D, K + 70] blocks).
 LOWRANK_MEMORY_BUDGET = 512 * 2**20
@@ -56,6 +60,11 @@ class Tuning:
         drift_stiffness: λ_max(A) of the same minibatches without it: ε is the plain rule's times
             min(1, drift_stiffness/preconditioned_stiffness).
         lowrank_memory_mib: Working memory the low-rank preconditioner needs (or would need).
+        gradient_noise_variance: vᵀCv, the per-example gradients' variance along λ_max's Ritz vector, with
+            ``batch_size="auto"`` (:mod:`lightning_bif.tuning.minibatch`; else ``None``).
+        gradient_noise_ratio: r, the minibatch-to-injected noise ratio along it at the chosen minibatch.
+        nonlinearity: Q, the tracked losses' nonlinear-to-linear fluctuation across the posterior at nβ = n
+            (:mod:`lightning_bif.tuning.locality`; ``None`` when not measured).
         curvature_reused: Whether the curvature came from an earlier estimate (:mod:`lightning_bif.curvature.cache`).
         curvature_drift: The staleness check's Rayleigh-quotient drift (NaN when nothing was checked).
         curvature_reason: Why the curvature was measured again, or ``"reused"``.
@@ -73,6 +82,9 @@ class Tuning:
     lowrank_memory_mib: float | None = None
     preconditioned_stiffness: float | None = None
     drift_stiffness: float | None = None
+    gradient_noise_variance: float | None = None
+    nonlinearity: float | None = None
+    gradient_noise_ratio: float | None = None
     curvature_reused: bool = False
     curvature_drift: float = float("nan")
     curvature_reason: str = ""
@@ -92,13 +104,28 @@ AUTOMATIC = ("draws", "thin", "step_size", "preconditioner", "control_variates",
 
 
 def budget_minibatch(config: SGLDConfig, tracked_train: int) -> int:
-    """The m of the budget rule: ``batch_size``, or the tracked training examples' count with full-batch SGLD."""
+    """The m of the budget rule: ``batch_size``, the tracked training examples' count with full-batch SGLD, or
+    ``SMALLEST_MINIBATCH`` until ``"auto"`` is resolved (:func:`resolve_budget` runs again then)."""
+    if config.batch_size == "auto":
+        return SMALLEST_MINIBATCH
     return config.batch_size if config.batch_size is not None else tracked_train
 
 
 def resolve_budget(config: SGLDConfig, tracked: int, minibatch: int, tuning: Tuning) -> SGLDConfig:
     """Choose ``thin`` and ``draws`` when unset (see the module docstring); a set one is kept."""
     tuning.given.extend(name for name in AUTOMATIC if getattr(config, name) is not None)
+    if config.batch_size != "auto":
+        tuning.given.append("batch_size")
+    return _choose_budget(config, tracked, minibatch, tuning)
+
+
+def rechoose_budget(config: SGLDConfig, tracked: int, minibatch: int, tuning: Tuning) -> SGLDConfig:
+    """``thin`` and ``draws`` again for the minibatch ``batch_size="auto"`` chose, where they were automatic."""
+    unset = {name: None for name in ("thin", "draws") if name in tuning.chosen}
+    return _choose_budget(config.replace(**unset), tracked, minibatch, tuning)
+
+
+def _choose_budget(config: SGLDConfig, tracked: int, minibatch: int, tuning: Tuning) -> SGLDConfig:
     thin = config.thin
     if thin is None:
         ratio = tracked / (3 * minibatch)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import load_benchmark
 
+from lightning_bif.tuning import locality, minibatch
+
 pytest.importorskip("sklearn")
 
 lds_suite = load_benchmark("lds_suite")
@@ -167,3 +169,18 @@ def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path,
     assert all(high > low for low, high in zip(gammas["0"], gammas["30"], strict=True))  # c = 30 raises every γ
     assert all(math.isfinite(r["lds"]) for row in report["rows"].values() for r in row["checkpoints"].values())
     assert json.loads((tmp_path / "sweep.json").read_text())["setup"] == "midtrain"
+
+
+def test_the_rule_sweep_runs_every_sweep_and_restores_the_constants(tmp_path) -> None:
+    rule_sweep = load_benchmark("rule_sweep")
+    before = (locality.NONLINEARITY_LIMIT, minibatch.GRADIENT_NOISE_RATIO)
+    rows = rule_sweep.main(["--setups", "midtrain", "--tiny", "--levers", "--multiples", "1,10", "--limits", "1e9,1e-3",
+                            "--ratios", "0.1", "--out", str(tmp_path / "rows.json")])
+    assert (locality.NONLINEARITY_LIMIT, minibatch.GRADIENT_NOISE_RATIO) == before
+    assert len(rows) == 2 * (4 + 2 + 1) and json.loads((tmp_path / "rows.json").read_text()) == rows
+    levers = [r for r in rows if r["sweep"] == "levers"]
+    assert {(r["multiple"], r["batch"]) for r in levers} == {(1.0, 64), (10.0, 64), (1.0, None), (10.0, None)}
+    assert all(r["nbeta"] == r["multiple"] * r["n"] for r in levers)  # nβ given: the rule is off
+    unlimited = [r for r in rows if r["sweep"] == "limit" and r["limit"] == 1e9]
+    assert all(r["nbeta"] == r["n"] and r["nonlinearity"] is not None for r in unlimited)
+    assert all(math.isfinite(r["lds"]) for r in rows)

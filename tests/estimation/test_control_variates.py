@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import cross_entropy, mlp
+from helpers import NoForwardMode, cross_entropy, mlp
 from torch import nn
 
 from lightning_bif.estimation.control_variates import Subspace, projected_gradients
@@ -36,21 +36,6 @@ def test_projected_gradients_are_the_per_example_gradients_along_the_basis() -> 
     projected = projected_gradients(fmodel, batches, cross_entropy, fmodel.fresh_buffers(), basis, "loss_fn")
     assert projected.shape == (7, 3) and projected.dtype == torch.float64
     torch.testing.assert_close(projected, explicit_projection(model, [x, y], basis))
-
-
-class NoForwardMode(torch.autograd.Function):
-    """tanh as an autograd.Function without functorch support: jvp and vmap refuse it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        out = torch.tanh(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad * (1 - out.square())
 
 
 def test_without_forward_mode_the_derivatives_are_central_differences() -> None:

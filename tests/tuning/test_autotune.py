@@ -27,7 +27,7 @@ from lightning_bif.curvature.cache import CurvatureCache
 from lightning_bif.estimation.calibration import calibrate
 from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord, open_log
-from lightning_bif.tuning import autotune
+from lightning_bif.tuning import autotune, locality
 from lightning_bif.viewers.cli import main
 
 LOCALIZATION = 20.0
@@ -80,27 +80,32 @@ def test_unset_settings_are_chosen_and_recorded_and_set_ones_win() -> None:
     model, train, probes = _trained_mlp()
     auto = estimate_bif(model, cross_entropy, train, probes, config=SGLDConfig(chains=2, burn_in=2, draws=4))
     tuning = auto.diagnostics.tuning
-    assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates", "localization"}
+    assert set(tuning.chosen) == {"thin", "step_size", "preconditioner", "control_variates", "localization", "nbeta",
+                                  "batch_size"}
     assert tuning.given == ["draws"] and auto.config.draws == 4
-    # γ = max(100, nβ·(3·λ̄ + max(0, -λ_min))) without a horizon.
-    floor = 96 * (3 * tuning.mean_eigenvalue + max(0.0, -tuning.lambda_min))
+    nbeta = auto.diagnostics.nbeta  # n = 96, raised by the locality rule where the losses are not linear enough
+    assert tuning.chosen["nbeta"] == nbeta
+    assert nbeta == pytest.approx(96 * max(1.0, tuning.nonlinearity / locality.NONLINEARITY_LIMIT))
+    # γ = nβ·(3·λ̄ + max(0, -λ_min)) without a horizon.
+    floor = nbeta * (3 * tuning.mean_eigenvalue + max(0.0, -tuning.lambda_min))
     assert tuning.localization_floor == pytest.approx(floor)
     assert auto.config.localization == pytest.approx(floor)  # no horizon, no run: the floor itself
-    # (N + P)/(3·m) = 102/192 rounds to 1; ε = 1/(nβ·λ_max + γ), times λ_max(A)/λ_max(G·A) on the
+    # (N + P)/(3·m) = 102/(3·m) rounds to 1 for m ≥ 64; ε = 1/(nβ·λ_max + γ), times λ_max(A)/λ_max(G·A) on the
     # drift's minibatches where the preconditioner makes them stiffer.
     assert auto.config.thin == 1
     assert auto.config.step_size == pytest.approx(
         min(1.0, tuning.drift_stiffness / tuning.preconditioned_stiffness)
-        / (96 * tuning.lambda_max + auto.config.localization))
+        / (nbeta * tuning.lambda_max + auto.config.localization))
     assert tuning.lambda_min <= tuning.lambda_max and tuning.mean_eigenvalue > 0
     assert "MiB" in tuning.reasons["preconditioner"] and tuning.lowrank_memory_mib > 0
     given = estimate_bif(model, cross_entropy, train, probes,
-                         config=SGLDConfig(chains=2, burn_in=2, draws=4, thin=2, step_size=1e-4,
+                         config=SGLDConfig(chains=2, burn_in=2, draws=4, thin=2, step_size=1e-4, batch_size=64,
                                            preconditioner="none", control_variates=False, localization=7.0))
     assert given.config.step_size == 1e-4 and given.config.thin == 2 and given.config.preconditioner == "none"
     assert given.config.localization == 7.0 and given.diagnostics.tuning.localization_floor is None
     assert given.diagnostics.tuning.chosen == {}
-    assert set(given.diagnostics.tuning.given) == set(autotune.AUTOMATIC)
+    assert set(given.diagnostics.tuning.given) == {*autotune.AUTOMATIC, "batch_size"}
+    assert given.diagnostics.nbeta == 96 and given.diagnostics.tuning.nonlinearity is None
 
 
 def test_lowrank_falls_back_to_plain_sgld_over_the_memory_budget(monkeypatch) -> None:
