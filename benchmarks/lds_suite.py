@@ -103,6 +103,8 @@ DEFAULT = "BIF default"
 PLAIN = "BIF plain SGLD"
 DEVINTERP = "devinterp bif(), plain SGLD's settings"
 GRAD_DOT = "gradient dot product"
+# A recipe value that stands for the problem's training-set size n (``--bif fixed=nbeta=n,batch_size=64``).
+DATA_SIZE = "n"
 BEST_IF = "IF, exact H, best damping (oracle)"
 EKFAC = "kronfluence EK-FAC"
 TRACIN = "TracIn over the continuation (oracle)"
@@ -307,9 +309,12 @@ def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
 
 
 def _typed(value: str, hint: object, text: str) -> object:
-    """``value`` read as what a field's annotation ``hint`` allows: None, a literal, bool, int, float or str."""
+    """``value`` read as what a field's annotation ``hint`` allows: None, a literal, bool, int, float or str;
+    ``n`` (``DATA_SIZE``) is each problem's training-set size (``nbeta=n``: the data's own nβ, fixed)."""
     if value == "None":
         return None
+    if value == DATA_SIZE:
+        return DATA_SIZE
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     literals = [v for o in options if typing.get_origin(o) is typing.Literal for v in typing.get_args(o)]
     if value in literals:
@@ -526,6 +531,7 @@ def score_problem(problem: Problem, recipes: list[tuple[str, dict]], kronfluence
     config = callback_config(problem).replace(**(default_fields or {}))
     rows: dict[str, dict] = {DEFAULT: bif_rows(problem, DEFAULT, config, seeds)}
     for name, fields in recipes:
+        fields = {key: len(problem.train[0]) if value == DATA_SIZE else value for key, value in fields.items()}
         rows[f"BIF recipe {name}"] = bif_rows(problem, f"BIF recipe {name}", config.replace(**fields), seeds)
     if devinterp:
         rows.update(devinterp_rows(problem, config, seeds))
