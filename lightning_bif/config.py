@@ -65,7 +65,7 @@ class SGLDConfig:
         localization: Strength γ of the pull towards w*; γ/nβ acts as a damping of the curvature. ``None``
             (default): chosen per estimate (:mod:`lightning_bif.tuning.localization`): the horizon's γ (in a fit with
             no steps ahead, the run's own, :mod:`lightning_bif.tuning.run_damping`), raised where needed to the floor
-            nβ·(3·λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue at w*; without any horizon, the floor itself.
+            nβ·(λ̄ + max(0, -λ_min)), λ̄ the mean Hessian eigenvalue at w*; without any horizon, the floor itself.
             A number is used as given, without the floor (with a horizon, the horizon's γ is then used as it is).
         weight_decay: Strength λ of the L2 prior; set it to the weight decay the model was
             trained with so that w* is a stationary point of the posterior and chains do not drift.

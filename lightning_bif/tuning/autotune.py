@@ -12,7 +12,7 @@ docs/self-tuning.md derives each rule; in short:
 * ``control_variates``: on whenever the top eigenpairs are measured anyway (the low-rank
   preconditioner) and the estimate is not per-token.
 * ``localization``: the horizon's γ, or 100 without a horizon, raised to the floor
-  nβ·(3·λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.tuning.localization`).
+  nβ·(λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.tuning.localization`).
 * ``batch_size`` (``"auto"``): the smallest minibatch whose gradient noise along the stiffest direction is
   at most ``GRADIENT_NOISE_RATIO`` of the injected noise, capped at the tracked examples' count
   (:mod:`lightning_bif.tuning.minibatch`); ``thin`` and ``draws`` are then chosen again for it.

@@ -17,8 +17,8 @@ tuning record). ``BIFCallback`` gives a snapshot with no steps ahead the run its
 (:mod:`lightning_bif.tuning.run_damping`). Without any horizon (``estimate_bif`` on a checkpoint,
 no run known) the question is what retraining asks, whose first-order answer is the classical
 influence function (the H → ∞ limit of the unrolled response): the least damping the chains can
-estimate, the floor itself, measured at w*. A number the user sets is used as given. Why c = 3,
-and where it was chosen and checked, is in docs/self-tuning.md, "The localization floor";
+estimate, the floor itself, measured at w*. A number the user sets is used as given. Why c = 1 (3 until
+issue 24's rules), and where it was chosen and checked, is in docs/self-tuning.md, "The localization floor";
 the no-run rule in docs/horizon.md, "Damping from the run itself".
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 # c of the floor d ≥ c·λ̄ + max(0, -λ_min) on the damping d = γ/nβ.
-LOCALIZATION_FACTOR = 3.0
+LOCALIZATION_FACTOR = 1.0
 # Rademacher probes of the Hutchinson estimate of tr(H + λ)/D when no eigen-decomposition measured it.
 MEAN_EIGENVALUE_PROBES = 30
 

@@ -27,7 +27,7 @@ from lightning_bif.curvature.cache import CurvatureCache
 from lightning_bif.estimation.calibration import calibrate
 from lightning_bif.estimation.estimator import BIFEstimator
 from lightning_bif.log import LogWriter, RunIdentity, SnapshotRecord, open_log
-from lightning_bif.tuning import autotune, locality
+from lightning_bif.tuning import autotune, locality, localization
 from lightning_bif.viewers.cli import main
 
 LOCALIZATION = 20.0
@@ -86,8 +86,8 @@ def test_unset_settings_are_chosen_and_recorded_and_set_ones_win() -> None:
     nbeta = auto.diagnostics.nbeta  # n = 96, raised by the locality rule where the losses are not linear enough
     assert tuning.chosen["nbeta"] == nbeta
     assert nbeta == pytest.approx(96 * max(1.0, tuning.nonlinearity / locality.NONLINEARITY_LIMIT))
-    # γ = nβ·(3·λ̄ + max(0, -λ_min)) without a horizon.
-    floor = nbeta * (3 * tuning.mean_eigenvalue + max(0.0, -tuning.lambda_min))
+    # γ = nβ·(c·λ̄ + max(0, -λ_min)) without a horizon.
+    floor = nbeta * (localization.LOCALIZATION_FACTOR * tuning.mean_eigenvalue + max(0.0, -tuning.lambda_min))
     assert tuning.localization_floor == pytest.approx(floor)
     assert auto.config.localization == pytest.approx(floor)  # no horizon, no run: the floor itself
     # (N + P)/(3·m) = 102/(3·m) rounds to 1 for m ≥ 64; ε = 1/(nβ·λ_max + γ), times λ_max(A)/λ_max(G·A) on the

@@ -1,4 +1,4 @@
-"""The localization floor: γ ≥ nβ·(3·λ̄ + max(0, -λ_min)), against exact spectra and the exact Gaussian posterior."""
+"""The localization floor: γ ≥ nβ·(c·λ̄ + max(0, -λ_min)), against exact spectra and the exact Gaussian posterior."""
 
 from __future__ import annotations
 
@@ -25,17 +25,19 @@ from lightning_bif.tuning.localization import (
 
 
 def test_floor_is_the_bulk_plus_the_negative_curvature() -> None:
-    assert localization_floor(10.0, 2.0, 0.5) == pytest.approx(10 * 3 * 2.0)
-    assert localization_floor(10.0, 2.0, -4.0) == pytest.approx(10 * (3 * 2.0 + 4.0))  # a saddle
+    c = LOCALIZATION_FACTOR
+    assert localization_floor(10.0, 2.0, 0.5) == pytest.approx(10 * c * 2.0)
+    assert localization_floor(10.0, 2.0, -4.0) == pytest.approx(10 * (c * 2.0 + 4.0))  # a saddle
+    assert localization_floor(10.0, 2.0, 0.5, factor=3.0) == pytest.approx(60.0)
     assert localization_floor(10.0, -1.0, -1.0, factor=5.0) == pytest.approx(10.0)  # λ̄ < 0 adds nothing
 
 
 def test_choice_is_the_larger_of_the_horizon_and_the_floor_and_without_a_horizon_the_floor() -> None:
     none = choose_localization(nbeta=10.0, mean_eigenvalue=1.0, lambda_min=0.1, horizon_localization=None)
-    assert none.localization == none.floor == pytest.approx(30.0)  # no constant: retraining's question, the floor
+    assert none.localization == none.floor == pytest.approx(10 * LOCALIZATION_FACTOR)  # retraining: the floor
     assert "no horizon and no run" in none.reason
     high = choose_localization(nbeta=100.0, mean_eigenvalue=1.0, lambda_min=-2.0, horizon_localization=50.0)
-    assert high.localization == pytest.approx(100 * (3 + 2)) and high.floor == high.localization
+    assert high.localization == pytest.approx(100 * (LOCALIZATION_FACTOR + 2)) and high.floor == high.localization
     assert "the floor" in high.reason and "horizon's γ 50" in high.reason
     horizon = choose_localization(nbeta=1.0, mean_eigenvalue=1.0, lambda_min=0.5, horizon_localization=7.0,
                                   horizon_source="run damping 1/S")
@@ -86,7 +88,7 @@ def test_a_long_horizon_is_raised_to_the_floor_and_the_sampler_matches_the_exact
     """The exact-Gaussian check under the automatic γ: SGLD's discretised stationary covariance, closed form."""
     problem, x, eigenvalues = _problem(n=40)
     n = len(x)
-    # δ = (1 - μ)/(η·H) = 0.5/(0.05·2000) = 0.005: far below 3·λ̄ ≈ 2.4, so the floor sets γ.
+    # δ = (1 - μ)/(η·H) = 0.5/(0.05·2000) = 0.005: far below c·λ̄ ≈ 0.8 (c = 1), so the floor sets γ.
     config = SGLDConfig(chains=16, draws=250, thin=4, burn_in=100, batch_size=None, seed=0,
                         horizon_steps=2000, learning_rate=0.05, momentum=0.5)
     result = estimate_bif(problem.model, half_squared_error, (problem.x, problem.y), (problem.xp, problem.yp),
