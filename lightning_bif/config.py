@@ -87,8 +87,8 @@ class SGLDConfig:
             than the stiffest (δ = γ/nβ equalises all of them; a larger δ equalises less).
         batch_size: SGLD minibatch size m; ``None`` uses the whole data each step (full batch). ``"auto"``
             (default): the smallest m ≥ 64 whose gradient noise along the stiffest direction stays below a tenth
-            of the noise SGLD injects, at most the tracked examples' count, the full batch where that covers the
-            data (:mod:`lightning_bif.tuning.minibatch`). Minibatch gradient noise grows with ε·nβ²/m.
+            of the noise SGLD injects, at most the tracked examples' count (the full batch where the SGLD data are at
+            most four times that; :mod:`lightning_bif.tuning.minibatch`). Minibatch gradient noise grows with ε·nβ²/m.
         eval_batch_size: Batch size of the per-draw evaluation of tracked losses.
         seed: Seed of the sampler's own random generators; chain c always gets the same stream.
         sample_params: Glob patterns (``fnmatch``) of parameter names to sample; the others stay

@@ -182,7 +182,7 @@ class BIFEstimator:
                                     self.loss_fn, self.probe_fn, cfg.per_token)
         self.sampler = SGLDSampler(self.fmodel, self.data, self.loss_fn, cfg, self.nbeta)
         if cfg.batch_size == "auto":
-            self.sampler.largest_minibatch = largest_minibatch(len(self.train) + len(self.probes))
+            self.sampler.largest_minibatch = largest_minibatch(len(self.train) + len(self.probes), len(self.data))
 
     def _choose_vectorized(self) -> None:
         """Set :attr:`vectorized` and :attr:`sequential_reason`: the decision passed to the constructor, or

@@ -219,12 +219,11 @@ class SGLDSampler:
     def curvature_sample(self) -> tuple[int, Batch]:
         """The examples whose Hessian describes the posterior's curvature: all SGLD data with full-batch
         SGLD, else four minibatches' worth drawn with the sampler's seed. With ``batch_size="auto"``, all
-        SGLD data where they are at most four of the largest minibatch the rule may choose
-        (:attr:`largest_minibatch`: the full batch may follow), else four minibatches of 64 as before.
-        Returns ``(size, batch)``."""
+        SGLD data where the rule may choose the full batch (:attr:`largest_minibatch` covers them), else
+        four minibatches of 64 as before. Returns ``(size, batch)``."""
         if self._full_batch is not None:
             return len(self.data), self._full_batch
-        if len(self.data) <= _CURVATURE_MINIBATCHES * self.largest_minibatch:
+        if self.largest_minibatch >= len(self.data):
             return len(self.data), self.data.gather(torch.arange(len(self.data)), self.fmodel.device)
         size = min(len(self.data), _CURVATURE_MINIBATCHES * self.minibatch)
         order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.config.seed))

@@ -196,7 +196,8 @@ class TuningRun:
         return self._variance
 
     def _largest_minibatch(self) -> int:
-        return largest_minibatch(self.losses.train_count + sum(size for size, _ in self.losses.probes))
+        tracked = self.losses.train_count + sum(size for size, _ in self.losses.probes)
+        return largest_minibatch(tracked, len(self.sampler.data))
 
     def _choose_minibatch(self, cfg: SGLDConfig, measured: CachedCurvature) -> SGLDConfig:
         """m by :mod:`lightning_bif.tuning.minibatch` from the gradient spread along λ_max's Ritz vector (measured on

@@ -17,10 +17,11 @@ and chooses the smallest m (at least ``SMALLEST_MINIBATCH``) with r(m) ≤ ``GRA
     m = ε·nβ²·vᵀCv / (2·GRADIENT_NOISE_RATIO);
 
 m ≥ n is the full batch. With ε = 1/(nβ·λ_max + γ) and nβ = n, r(m) is about n·vᵀCv/(2m·λ_max): on
-a few hundred examples and m = 64, noise several times the posterior's own. The cost is capped: m is at most
-``largest`` (the estimator passes the tracked examples N + P, so a step's gradient costs no more than
-a few draws' evaluations), and where the cap binds the record says which r was reached. Why 0.1 and
-where it was chosen: docs/self-tuning.md, "The minibatch size".
+a few hundred examples and m = 64, noise several times the posterior's own. The cost is capped
+(:func:`largest_minibatch`): m is at most the tracked examples' count N + P (a step's gradient then costs
+about three draws' evaluations), except that all n SGLD examples may be used where n ≤
+``FULL_BATCH_FACTOR``·(N + P); where the cap binds the record says which r was reached. Why 0.1 and
+where it was chosen: docs/self-tuning.md, "The inverse temperature and the minibatch".
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from dataclasses import dataclass
 GRADIENT_NOISE_RATIO = 0.1
 # The least minibatch the rule chooses (the fixed default before it).
 SMALLEST_MINIBATCH = 64
+# The full batch is affordable where the SGLD data are at most this many times the tracked examples (the four
+# minibatches' worth of examples the curvature is measured on).
+FULL_BATCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,11 @@ class MinibatchChoice:
     reason: str
 
 
-def largest_minibatch(tracked: int) -> int:
-    """The cost cap on m: the tracked examples' count N + P (at least ``SMALLEST_MINIBATCH``)."""
-    return max(tracked, SMALLEST_MINIBATCH)
+def largest_minibatch(tracked: int, examples: int) -> int:
+    """The cost cap on m: all ``examples`` where they are at most ``FULL_BATCH_FACTOR`` times the tracked count
+    N + P (at least ``SMALLEST_MINIBATCH``), else that count."""
+    cap = max(tracked, SMALLEST_MINIBATCH)
+    return examples if examples <= FULL_BATCH_FACTOR * cap else cap
 
 
 def gradient_noise_ratio(step_size: float, nbeta: float, variance: float, minibatch: int, examples: int) -> float:
@@ -70,7 +76,7 @@ def choose_minibatch(step_size: float, nbeta: float, variance: float, examples: 
         nbeta: nβ.
         variance: vᵀCv along the stiffest direction.
         examples: n, the SGLD examples.
-        largest: The cost cap on m.
+        largest: The cost cap on m (:func:`largest_minibatch`).
         ratio: The target r; ``None``: ``GRADIENT_NOISE_RATIO`` (read at call time, so a sweep can set it).
 
     Returns:
@@ -79,15 +85,15 @@ def choose_minibatch(step_size: float, nbeta: float, variance: float, examples: 
     target = GRADIENT_NOISE_RATIO if ratio is None else ratio
     scale = step_size * nbeta**2 * max(variance, 0.0) / 2.0
     need = 1 if scale <= 0 else math.ceil(scale / target - 1e-9)
-    cap = largest_minibatch(largest)
+    cap = max(largest, SMALLEST_MINIBATCH)
     size = min(max(need, SMALLEST_MINIBATCH), cap)
     size_text = "the full batch" if size >= examples else f"m = {size}"
     reached = gradient_noise_ratio(step_size, nbeta, variance, size, examples)
     evidence = (f"minibatch noise r(m) = ε·nβ²·vᵀCv/(2m) along the stiffest direction (vᵀCv = {variance:.4g}, "
                 f"n = {examples}): r ≤ {target:g} needs m ≥ {min(need, examples)}")
     if need > cap and cap < examples:
-        reason = (f"{evidence}; capped at {size_text} (the tracked examples' count, so a step costs no more than a "
-                  f"draw's evaluations): r = {reached:.3g} there")
+        reason = (f"{evidence}; capped at {size_text} (the tracked examples' count N + P: a step costs about three "
+                  f"draws' evaluations): r = {reached:.3g} there")
     else:
         reason = f"{evidence}: {size_text} (r = {reached:.3g})"
     return MinibatchChoice(None if size >= examples else size, reached, reason)

@@ -54,3 +54,9 @@ def test_a_bad_batch_size_is_refused_with_the_choices(bad: object) -> None:
     with pytest.raises(ValueError, match=r"batch_size must be a positive integer, None \(full batch\) or 'auto'"):
         SGLDConfig(batch_size=bad)
     assert SGLDConfig().batch_size == "auto"
+
+
+def test_the_cap_is_the_tracked_count_or_all_the_data_where_it_is_at_most_four_times_that() -> None:
+    assert minibatch.largest_minibatch(250, 1000) == 1000  # the full batch is affordable
+    assert minibatch.largest_minibatch(250, 1001) == 250
+    assert minibatch.largest_minibatch(10, 256) == 256 and minibatch.largest_minibatch(10, 300) == SMALLEST_MINIBATCH
