@@ -37,6 +37,7 @@ from .snapshot_warnings import (
     below_target,
     calibration_rejected,
     low_split_half,
+    minibatch_noise,
     several_steps_per_batch,
     skipped_snapshot,
     unusable_snapshot,
@@ -274,7 +275,7 @@ class BIFCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warned -= {"split_half", "calibration", "below_target"}  # these warnings are once per fit
+        self._warned -= {"split_half", "calibration", "below_target", "minibatch_noise"}  # once per fit
         self._config = self._resolve_config(trainer)
         with snapshot_threads(self.num_threads):
             self._check_losses_at_start(pl_module)
@@ -535,6 +536,9 @@ class BIFCallback(Callback):
         message = below_target(record, self.overhead)
         if message is not None:
             self._warn_once("below_target", message)
+        message = minibatch_noise(record)
+        if message is not None:
+            self._warn_once("minibatch_noise", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import shown_setting
+from ..tuning.minibatch import FULL_BATCH_FACTOR, SMALLEST_MINIBATCH
 
 
 def unusable_snapshot(record: SnapshotRecord) -> str:
@@ -68,6 +69,29 @@ def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
     return (f"BIFCallback: the snapshot at step {record.step} stopped below its split-half target: "
             f"{precision.shortfall()}. Fix: {fix}, or lower SGLDConfig.target_split_half. (Shown once per fit; "
             "the log's below_target and chains_used columns have every snapshot's.)")
+
+
+def minibatch_noise(record: SnapshotRecord) -> str | None:
+    """A snapshot whose automatic minibatch carries more gradient noise than SGLD injects (r > 1): the fix and its cost.
+
+    ``batch_size="auto"`` caps the minibatch at the tracked examples' count where the SGLD data are more than four
+    times that (:mod:`lightning_bif.tuning.minibatch`); beyond r = 1 the chains sample a distribution wider than
+    the posterior along the stiff directions, a bias no number of chains removes.
+    """
+    tuning = None if record.result is None else record.result.diagnostics.tuning
+    ratio = None if tuning is None else tuning.gradient_noise_ratio
+    if ratio is None or not ratio > 1 or "batch_size" not in tuning.chosen:
+        return None
+    config = record.result.config
+    m, tracked = config.batch_size, record.result.influence.shape[1] + record.result.influence.shape[0]
+    return (f"BIFCallback: at step {record.step} the SGLD minibatch (m = {m}, capped at the tracked examples' count) "
+            f"carries {ratio:.1f}x the noise SGLD injects along the stiffest direction, so the chains sample a "
+            f"distribution about {1 + ratio:.0f}x wider than the posterior there; more chains do not remove that. "
+            "Fix: SGLDConfig(batch_size=None) for the full batch (each SGLD step then takes the gradient of all the "
+            f"SGLD data instead of {m} examples), or BIFCallback(data=...) a subset of at most "
+            f"{FULL_BATCH_FACTOR * max(tracked, SMALLEST_MINIBATCH)} training "
+            "examples (the automatic minibatch then covers it). (Shown once per fit; the log's tuning column has "
+            "every snapshot's gradient_noise_ratio.)")
 
 
 def skipped_snapshot(step: int, overhead: float | None) -> str:

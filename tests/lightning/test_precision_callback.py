@@ -114,3 +114,28 @@ def test_the_below_target_warning_comes_once_in_each_fit(tmp_path):
         assert sum("below its split-half target" in str(w.message) for w in caught) == 1
     with open_log(tmp_path / "bif.h5") as log:
         assert log.steps.tolist() == [4, 8, 12, 16]
+
+
+def test_a_noisy_automatic_minibatch_is_warned_once_with_the_fix(tmp_path):
+    """1024 SGLD examples, 16 tracked: the automatic minibatch stops at 64, and its gradient noise exceeds SGLD's."""
+    data = toy_dataset(n=1024)
+    train, probes = tracked_sets(data)
+    config = FAST.replace(batch_size="auto", step_size=None, localization=None)
+    callback = BIFCallback(train, probes, log_path=tmp_path / "bif.h5", every_n_steps=4, config=config,
+                           min_split_half=None)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(callbacks=[callback], max_steps=8, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with every_warning() as caught:
+        trainer.fit(ToyClassifier(), loader(data))
+    messages = [str(w.message) for w in caught if "carries" in str(w.message)]
+    assert len(messages) == 1
+    assert "SGLDConfig(batch_size=None)" in messages[0] and "at most 256 training examples" in messages[0]
+    with open_log(tmp_path / "bif.h5") as log:
+        ratios = [t["gradient_noise_ratio"] for t in log.tuning]
+        assert all(r > 1 for r in ratios) and all(t["chosen"]["batch_size"] == 64 for t in log.tuning)
+    quiet = BIFCallback(TRAIN, PROBES, log_path=tmp_path / "quiet.h5", every_n_steps=4, config=config,
+                        min_split_half=None)  # 192 examples: within 4 x 64, the full batch
+    with every_warning() as caught:
+        fit(tmp_path, [quiet])
+    assert not [w for w in caught if "carries" in str(w.message)]
