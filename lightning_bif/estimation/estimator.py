@@ -146,7 +146,6 @@ class BIFEstimator:
         start = time.perf_counter()
         automatic = self.config.nbeta is None and "nbeta" not in self.tuning.chosen  # chosen once per estimate
         data_nbeta = float(len(self.data)) if automatic else None
-        self.sampler.nbeta = self.nbeta
         run = TuningRun(self.losses, self.sampler, self.nbeta, self.tuning, self.cache, data_nbeta)
         settings = run.run(self.config)
         self.config, self.horizon, self.subspace = settings.config, settings.horizon, settings.subspace

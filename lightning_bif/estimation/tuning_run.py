@@ -20,7 +20,7 @@ from ..tuning.autotune import Tuning, lowrank_fits, rechoose_budget
 from ..tuning.horizon import STIFFNESS_STEP, HorizonCheck, horizon_config, horizon_localization
 from ..tuning.locality import choose_nbeta
 from ..tuning.localization import choose_localization, hutchinson_mean_eigenvalue
-from ..tuning.minibatch import choose_minibatch, gradient_noise_ratio, largest_minibatch
+from ..tuning.minibatch import choose_minibatch, gradient_noise_ratio
 from .control_variates import Subspace, projected_gradients
 from .nonlinearity import LOCALITY_PROBES, nonlinearity, posterior_deltas
 from .sampler import SGLDSampler, chain_seed
@@ -182,7 +182,7 @@ class TuningRun:
         """How many times nβ may grow before the largest minibatch the estimate may use reaches the minibatch-noise
         target (r ∝ nβ at a fixed ε·nβ): infinite with the full batch."""
         examples = len(self.sampler.data)
-        largest = (self._largest_minibatch() if resolved.batch_size == "auto"
+        largest = (self.sampler.largest_minibatch if resolved.batch_size == "auto"
                    else examples if resolved.batch_size is None else int(resolved.batch_size))
         ratio = gradient_noise_ratio(resolved.step_size, self.nbeta, self._gradient_variance(resolved, measured),
                                      largest, examples)
@@ -195,17 +195,13 @@ class TuningRun:
             self._variance = directional_gradient_variance(self._objective(cfg), batch, size, measured.ritz[:, 1])
         return self._variance
 
-    def _largest_minibatch(self) -> int:
-        tracked = self.losses.train_count + sum(size for size, _ in self.losses.probes)
-        return largest_minibatch(tracked, len(self.sampler.data))
-
     def _choose_minibatch(self, cfg: SGLDConfig, measured: CachedCurvature) -> SGLDConfig:
         """m by :mod:`lightning_bif.tuning.minibatch` from the gradient spread along λ_max's Ritz vector (measured on
         the curvature sample); ``thin`` and ``draws`` follow it where they are automatic."""
         variance = self._gradient_variance(cfg, measured)
         tracked = self.losses.train_count + sum(size for size, _ in self.losses.probes)
         choice = choose_minibatch(cfg.step_size, self.nbeta, variance, len(self.sampler.data),
-                                  largest=self._largest_minibatch())
+                                  largest=self.sampler.largest_minibatch)
         self.tuning.gradient_noise_variance, self.tuning.gradient_noise_ratio = variance, choice.noise_ratio
         self.tuning.choose("batch_size", choice.batch_size, choice.reason)
         self.sampler.use_minibatch(choice.batch_size)
