@@ -136,6 +136,7 @@ def _print_tuning(log: InfluenceLog, out: TextIO) -> None:
         print(f"  {name} = {shown}  ({tuning.get('reasons', {}).get(name, '')})", file=out)
     evidence = {"λ_min": tuning.get("lambda_min"), "λ_max": tuning.get("lambda_max"),
                 "mean eigenvalue": tuning.get("mean_eigenvalue"), "γ floor": tuning.get("localization_floor"),
+                "nonlinearity Q": tuning.get("nonlinearity"), "minibatch noise r": tuning.get("gradient_noise_ratio"),
                 "tuning s": tuning.get("seconds")}
     print("  evidence: " + ", ".join(f"{k} {v:.3g}" for k, v in evidence.items() if v is not None)
           + f"; curvature {tuning.get('curvature_reason') or 'measured'}; reused in {reused} of {len(rows)} "

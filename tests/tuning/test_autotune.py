@@ -180,6 +180,8 @@ def test_tuning_is_logged_and_summarized_and_a_version_1_log_reads_none(tmp_path
     assert main(["summary", str(path)]) == 0
     out = capsys.readouterr().out
     assert "automatic settings at step 0" in out and "preconditioner = lowrank" in out and "λ_max" in out
+    assert f"nonlinearity Q {result.diagnostics.tuning.nonlinearity:.3g}" in out and "minibatch noise r 0" in out
+    assert "nbeta = " in out and "batch_size = None" in out  # 96 examples: the full batch, r = 0
     with h5py.File(path, "a") as file:  # what a version-1 writer left: no tuning column
         del file["tuning"]
     with open_log(path) as log:
