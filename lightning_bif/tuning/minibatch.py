@@ -90,7 +90,7 @@ def choose_minibatch(step_size: float, nbeta: float, variance: float, examples: 
     size_text = "the full batch" if size >= examples else f"m = {size}"
     reached = gradient_noise_ratio(step_size, nbeta, variance, size, examples)
     evidence = (f"minibatch noise r(m) = ε·nβ²·vᵀCv/(2m) along the stiffest direction (vᵀCv = {variance:.4g}, "
-                f"n = {examples}): r ≤ {target:g} needs m ≥ {min(need, examples)}")
+                f"n = {examples}): r ≤ {target:g} needs m ≥ {need}")
     if need > cap and cap < examples:
         reason = (f"{evidence}; capped at {size_text} (the tracked examples' count N + P: a step costs about three "
                   f"draws' evaluations): r = {reached:.3g} there")
