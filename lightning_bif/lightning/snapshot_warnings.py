@@ -10,7 +10,7 @@ from typing import Any
 
 from ..snapshot.record import SnapshotRecord
 from ..snapshot.snapshotter import shown_setting
-from ..tuning.minibatch import FULL_BATCH_FACTOR, SMALLEST_MINIBATCH
+from ..tuning import locality, minibatch
 
 
 def unusable_snapshot(record: SnapshotRecord) -> str:
@@ -72,26 +72,34 @@ def below_target(record: SnapshotRecord, overhead: float | None) -> str | None:
 
 
 def minibatch_noise(record: SnapshotRecord) -> str | None:
-    """A snapshot whose automatic minibatch carries more gradient noise than SGLD injects (r > 1): the fix and its cost.
+    """A snapshot whose automatic minibatch was capped before its gradient noise reached the target: the fix.
 
     ``batch_size="auto"`` caps the minibatch at the tracked examples' count where the SGLD data are more than four
-    times that (:mod:`lightning_bif.tuning.minibatch`); beyond r = 1 the chains sample a distribution wider than
-    the posterior along the stiff directions, a bias no number of chains removes.
+    times that (:mod:`lightning_bif.tuning.minibatch`). The capped minibatch's gradient noise then stays above its
+    target, and nβ cannot be raised to make the tracked losses linear across the posterior (that would grow the
+    noise): the estimate is the weaker one of the two, measured on the suite in docs/self-tuning.md.
     """
     tuning = None if record.result is None else record.result.diagnostics.tuning
     ratio = None if tuning is None else tuning.gradient_noise_ratio
-    if ratio is None or not ratio > 1 or "batch_size" not in tuning.chosen:
+    if ratio is None or not ratio > minibatch.GRADIENT_NOISE_RATIO or "batch_size" not in tuning.chosen:
         return None
-    config = record.result.config
-    m, tracked = config.batch_size, record.result.influence.shape[1] + record.result.influence.shape[0]
-    return (f"BIFCallback: at step {record.step} the SGLD minibatch (m = {m}, capped at the tracked examples' count) "
-            f"carries {ratio:.1f}x the noise SGLD injects along the stiffest direction, so the chains sample a "
-            f"distribution about {1 + ratio:.0f}x wider than the posterior there; more chains do not remove that. "
-            "Fix: SGLDConfig(batch_size=None) for the full batch (each SGLD step then takes the gradient of all the "
-            f"SGLD data instead of {m} examples), or BIFCallback(data=...) a subset of at most "
-            f"{FULL_BATCH_FACTOR * max(tracked, SMALLEST_MINIBATCH)} training "
-            "examples (the automatic minibatch then covers it). (Shown once per fit; the log's tuning column has "
-            "every snapshot's gradient_noise_ratio.)")
+    config, influence = record.result.config, record.result.influence
+    m, tracked = config.batch_size, influence.shape[0] + influence.shape[1]
+    wider = (f", so the chains sample a distribution about {1 + ratio:.0f}x wider than the posterior there"
+             if ratio > 1 else "")
+    linear = ""
+    if tuning.nonlinearity is not None and tuning.nonlinearity > locality.NONLINEARITY_LIMIT:
+        linear = (f"; and nβ stayed at {record.result.diagnostics.nbeta:.4g}, where the tracked losses are not linear "
+                  f"across the posterior (Q = {tuning.nonlinearity:.2g}, target {locality.NONLINEARITY_LIMIT:g}), "
+                  "because raising it would grow that noise")
+    return (f"BIFCallback: at step {record.step} the SGLD minibatch was capped at the tracked examples' count "
+            f"(m = {m}) and carries {ratio:.2g}x the noise SGLD injects along the stiffest direction (target "
+            f"{minibatch.GRADIENT_NOISE_RATIO:g}){wider}{linear}. More chains do not fix this. Fix: "
+            "SGLDConfig(batch_size=None) for the full batch (each SGLD step then takes the gradient of all the SGLD "
+            f"data instead of {m} examples), or BIFCallback(data=...) a subset of at most "
+            f"{minibatch.FULL_BATCH_FACTOR * max(tracked, minibatch.SMALLEST_MINIBATCH)} training examples (the "
+            "automatic minibatch then covers it). (Shown once per fit; the log's tuning column has every snapshot's "
+            "gradient_noise_ratio and nonlinearity.)")
 
 
 def skipped_snapshot(step: int, overhead: float | None) -> str:

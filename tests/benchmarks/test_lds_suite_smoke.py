@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import load_benchmark
 
-from lightning_bif.tuning import locality, minibatch
+from lightning_bif.tuning import locality, localization, minibatch
 
 pytest.importorskip("sklearn")
 
@@ -171,13 +171,22 @@ def test_localization_sweep_runs_each_factor_and_restores_the_constant(tmp_path,
     assert json.loads((tmp_path / "sweep.json").read_text())["setup"] == "midtrain"
 
 
-def test_the_rule_sweep_runs_every_sweep_and_restores_the_constants(tmp_path) -> None:
+def test_the_rule_sweep_runs_every_sweep_and_restores_the_constants(tmp_path, monkeypatch) -> None:
     rule_sweep = load_benchmark("rule_sweep")
     before = (locality.NONLINEARITY_LIMIT, minibatch.GRADIENT_NOISE_RATIO)
     rows = rule_sweep.main(["--setups", "midtrain", "--tiny", "--levers", "--multiples", "1,10", "--limits", "1e9,1e-3",
-                            "--ratios", "0.1", "--out", str(tmp_path / "rows.json")])
+                            "--ratios", "0.1", "--factors", "1,3", "--before", "--out", str(tmp_path / "rows.json")])
     assert (locality.NONLINEARITY_LIMIT, minibatch.GRADIENT_NOISE_RATIO) == before
-    assert len(rows) == 2 * (4 + 2 + 1) and json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert localization.LOCALIZATION_FACTOR == 1.0
+    assert len(rows) == 2 * (1 + 4 + 2 + 1 + 2) and json.loads((tmp_path / "rows.json").read_text()) == rows
+    assert all(r["nbeta"] == r["n"] and r["batch_size"] == 64 for r in rows if r["sweep"] == "before")
+    original, caps = rule_sweep.estimator_module.largest_minibatch, []
+    score = rule_sweep.lds_suite.bif_score
+    monkeypatch.setattr(rule_sweep.lds_suite, "bif_score", lambda *a: caps.append(
+        rule_sweep.estimator_module.largest_minibatch(100, 1000)) or score(*a))
+    capped = rule_sweep.main(["--setups", "midtrain", "--tiny", "--limits", "1e9", "--cap", "8"])
+    assert caps == [8, 8] and all(r["cap"] == 8 for r in capped)  # every estimate ran with the cap
+    assert rule_sweep.estimator_module.largest_minibatch is original  # restored
     levers = [r for r in rows if r["sweep"] == "levers"]
     assert {(r["multiple"], r["batch"]) for r in levers} == {(1.0, 64), (10.0, 64), (1.0, None), (10.0, None)}
     assert all(r["nbeta"] == r["multiple"] * r["n"] for r in levers)  # nβ given: the rule is off

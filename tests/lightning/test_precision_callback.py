@@ -116,7 +116,7 @@ def test_the_below_target_warning_comes_once_in_each_fit(tmp_path):
         assert log.steps.tolist() == [4, 8, 12, 16]
 
 
-def test_a_noisy_automatic_minibatch_is_warned_once_with_the_fix(tmp_path):
+def test_a_capped_automatic_minibatch_is_warned_once_with_the_fix(tmp_path):
     """1024 SGLD examples, 16 tracked: the automatic minibatch stops at 64, and its gradient noise exceeds SGLD's."""
     data = toy_dataset(n=1024)
     train, probes = tracked_sets(data)
@@ -128,9 +128,10 @@ def test_a_noisy_automatic_minibatch_is_warned_once_with_the_fix(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     with every_warning() as caught:
         trainer.fit(ToyClassifier(), loader(data))
-    messages = [str(w.message) for w in caught if "carries" in str(w.message)]
+    messages = [str(w.message) for w in caught if "minibatch was capped" in str(w.message)]
     assert len(messages) == 1
     assert "SGLDConfig(batch_size=None)" in messages[0] and "at most 256 training examples" in messages[0]
+    assert "wider than the posterior" in messages[0]  # r > 1 here
     with open_log(tmp_path / "bif.h5") as log:
         ratios = [t["gradient_noise_ratio"] for t in log.tuning]
         assert all(r > 1 for r in ratios) and all(t["chosen"]["batch_size"] == 64 for t in log.tuning)
@@ -138,4 +139,4 @@ def test_a_noisy_automatic_minibatch_is_warned_once_with_the_fix(tmp_path):
                         min_split_half=None)  # 192 examples: within 4 x 64, the full batch
     with every_warning() as caught:
         fit(tmp_path, [quiet])
-    assert not [w for w in caught if "carries" in str(w.message)]
+    assert not [w for w in caught if "minibatch was capped" in str(w.message)]
