@@ -11,11 +11,15 @@ docs/self-tuning.md derives each rule; in short:
   the error as the reason, when Hessian-vector products of ``loss_fn`` fail.
 * ``control_variates``: on whenever the top eigenpairs are measured anyway (the low-rank
   preconditioner) and the estimate is not per-token.
-* ``localization``: the horizon's γ, or 100 without a horizon, raised to the floor
-  nβ·(λ̄ + max(0, -λ_min)) where it is below (:mod:`lightning_bif.tuning.localization`).
+* ``localization``: the horizon's γ (the run's own where no steps follow), raised to the floor
+  nβ·(λ̄ + max(0, -λ_min)) where it is below; without any horizon, the floor
+  (:mod:`lightning_bif.tuning.localization`).
+* ``nbeta``: n, raised until the tracked losses are close to linear across the posterior
+  (:mod:`lightning_bif.tuning.locality`).
 * ``batch_size`` (``"auto"``): the smallest minibatch whose gradient noise along the stiffest direction is
-  at most ``GRADIENT_NOISE_RATIO`` of the injected noise, capped at the tracked examples' count
-  (:mod:`lightning_bif.tuning.minibatch`); ``thin`` and ``draws`` are then chosen again for it.
+  at most ``GRADIENT_NOISE_RATIO`` of the injected noise, capped at the tracked examples' count unless the
+  full batch is affordable (:mod:`lightning_bif.tuning.minibatch`); ``thin`` and ``draws`` are then chosen
+  again for it.
 * ``thin`` and ``draws``: a draw evaluates the N + P tracked losses (forward only), a step the
   gradient of m minibatch losses (forward and backward, about 3 forwards): ``thin`` =
   round((N + P)/(3·m)) in [1, 8] balances evaluation and sampling cost, and ``draws`` =
